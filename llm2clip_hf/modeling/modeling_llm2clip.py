@@ -1,0 +1,208 @@
+"""LLM2CLIP: an EVA02 vision tower and an LLM text side (embedded, or as precomputed embeddings) in one space."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+from transformers import initialization as init
+from transformers.utils import ModelOutput
+
+from .configuration_llm2clip import LLM2CLIPConfig
+from .contrastive import local_clip_loss
+from .modeling_eva02 import EVA02VisionModel, init_linear_and_layer_norm
+from .modeling_llm2clip_text import LLM2CLIPTextModel, LLM2CLIPTextOutput, load_tokenizer_if_saved
+from .processing_llm2clip import LLM2CLIPProcessor, clip_image_processor
+from .text_adapter import TextAdapter
+
+# Auto classes written into every saved config besides AutoConfig/AutoModel, so pipelines find the model.
+EXTRA_AUTO_CLASSES = ("AutoModelForZeroShotImageClassification",)
+
+
+@dataclass
+class LLM2CLIPOutput(ModelOutput):
+    """Output of :class:`LLM2CLIPModel`, laid out as transformers' ``CLIPOutput``.
+
+    Args:
+        loss: symmetric contrastive loss, when ``return_loss=True``.
+        logits_per_image: ``(images, texts)`` scaled cosine similarities.
+        logits_per_text: its transpose.
+        text_embeds / image_embeds: L2-normalised joint-space embeddings.
+        text_model_output: output of the embedded text encoder, when it ran.
+        vision_model_output: output of the vision tower, when it ran.
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits_per_image: torch.FloatTensor | None = None
+    logits_per_text: torch.FloatTensor | None = None
+    text_embeds: torch.FloatTensor | None = None
+    image_embeds: torch.FloatTensor | None = None
+    text_model_output: LLM2CLIPTextOutput | None = None
+    vision_model_output: Any = None
+
+    def to_tuple(self) -> tuple[Any, ...]:
+        return tuple(v.to_tuple() if isinstance(v, ModelOutput) else v for v in self.values())
+
+
+class LLM2CLIPPreTrainedModel(PreTrainedModel):
+    """Weight initialisation shared by the LLM2CLIP classes."""
+
+    config_class = LLM2CLIPConfig
+    base_model_prefix = "llm2clip"
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _no_split_modules = ["EVA02Block"]
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if init_linear_and_layer_norm(module, self.config.initializer_range):
+            return
+        if isinstance(module, LLM2CLIPModel):
+            init.constant_(module.logit_scale, self.config.logit_scale_init_value)
+
+
+class LLM2CLIPModel(LLM2CLIPPreTrainedModel):
+    """CLIP whose text side is an LLM: EVA02 + ``visual_projection`` for images, ``text_adapter`` for texts.
+
+    Texts enter either as LLM sentence embeddings (``get_text_features(llm_embeddings)``, as the official model
+    card calls it, and as stage 2 trains on cached embeddings) or, when ``config.text_config`` embeds a text
+    encoder, as tokens (``input_ids`` / ``attention_mask`` / ``pooling_mask``).
+    """
+
+    def __init__(self, config: LLM2CLIPConfig) -> None:
+        super().__init__(config)
+        vision = config.vision_config
+        self.vision_model = EVA02VisionModel(vision)
+        self.visual_projection = nn.Linear(vision.hidden_size, config.projection_dim)
+        self.text_adapter = TextAdapter(
+            config.text_embedding_dim, config.projection_dim, config.adapter_num_blocks, config.adapter_expansion
+        )
+        self.text_model = LLM2CLIPTextModel(config.text_config) if config.text_config is not None else None
+        self.logit_scale = nn.Parameter(torch.tensor(float(config.logit_scale_init_value)))
+        self.post_init()
+
+    # ------------------------------------------------------------------------------------------- features
+    def get_image_features(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
+        """Joint-space image features ``(batch, projection_dim)``, not normalised (eva_clip ``encode_image``)."""
+        pooled = self.vision_model(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding).pooler_output
+        return self.visual_projection(pooled)
+
+    def get_text_features(
+        self,
+        llm_embeddings: torch.Tensor | None = None,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        pooling_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Joint-space text features ``(batch, projection_dim)``, not normalised.
+
+        Pass LLM sentence embeddings (``text_model.encode(...)`` or cached ones) positionally, as the official
+        model card does, or token inputs when a text encoder is embedded.
+        """
+        return self.text_adapter(self.llm_embeddings(llm_embeddings, input_ids, attention_mask, pooling_mask)[0])
+
+    def llm_embeddings(
+        self,
+        llm_embeddings: torch.Tensor | None = None,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        pooling_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, LLM2CLIPTextOutput | None]:
+        """LLM sentence embeddings in the adapter's dtype, from either input form, and the encoder output."""
+        if (llm_embeddings is None) == (input_ids is None):
+            raise ValueError("Pass exactly one of `llm_embeddings` (precomputed LLM embeddings) or `input_ids`.")
+        text_output = None
+        if input_ids is not None:
+            if self.text_model is None:
+                raise ValueError(
+                    "This LLM2CLIPModel has no embedded text encoder (config.text_config is None), so it cannot "
+                    "read input_ids. Embed the texts with LLM2CLIPTextModel.encode(...) and pass the embeddings as "
+                    "llm_embeddings, or build the model with a text_config."
+                )
+            text_output = self.text_model(input_ids=input_ids, attention_mask=attention_mask, pooling_mask=pooling_mask)
+            llm_embeddings = text_output.text_embeds
+        if llm_embeddings.dim() != 2 or llm_embeddings.shape[-1] != self.config.text_embedding_dim:
+            raise ValueError(
+                f"llm_embeddings must have shape (batch, {self.config.text_embedding_dim}) for this adapter; got "
+                f"{tuple(llm_embeddings.shape)}. Were they made by a different LLM than the one this model was "
+                "trained with?"
+            )
+        return llm_embeddings.to(self.logit_scale.dtype), text_output
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        attention_mask: torch.LongTensor | None = None,
+        pooling_mask: torch.LongTensor | None = None,
+        llm_embeddings: torch.FloatTensor | None = None,
+        return_loss: bool = False,
+        interpolate_pos_encoding: bool = False,
+        return_dict: bool = True,
+    ) -> LLM2CLIPOutput | tuple:
+        """Image-text logits (CLIP layout), and the symmetric contrastive loss with ``return_loss=True``."""
+        if pixel_values is None:
+            raise ValueError("LLM2CLIPModel.forward needs pixel_values; use get_text_features for texts alone.")
+        vision_output = self.vision_model(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding)
+        image_embeds = F.normalize(self.visual_projection(vision_output.pooler_output), dim=-1)
+        embeddings, text_output = self.llm_embeddings(llm_embeddings, input_ids, attention_mask, pooling_mask)
+        text_embeds = F.normalize(self.text_adapter(embeddings), dim=-1)
+        scale = self.logit_scale.exp()
+        logits_per_image = scale * image_embeds @ text_embeds.t()
+        loss = None
+        if return_loss:
+            if image_embeds.shape[0] != text_embeds.shape[0]:
+                raise ValueError("return_loss=True needs one text per image (paired batches).")
+            loss = local_clip_loss(image_embeds, text_embeds, image_embeds, text_embeds, scale)
+        output = LLM2CLIPOutput(
+            loss=loss, logits_per_image=logits_per_image, logits_per_text=logits_per_image.t(),
+            text_embeds=text_embeds, image_embeds=image_embeds, text_model_output=text_output,
+            vision_model_output=vision_output,
+        )
+        return output if return_dict else output.to_tuple()
+
+    # ------------------------------------------------------------------------------------------- saving
+    def build_processor(self) -> LLM2CLIPProcessor | None:
+        """The processor matching this model (its tokenizer, template, length and image size)."""
+        tokenizer = self.text_model.tokenizer if self.text_model is not None else None
+        if tokenizer is None:
+            return None
+        text = self.config.text_config
+        return LLM2CLIPProcessor(
+            image_processor=clip_image_processor(self.config.vision_config.image_size), tokenizer=tokenizer,
+            text_template=text.text_template, max_length=text.max_seq_length, pooling_mode=text.pooling_mode,
+        )
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> None:
+        """Save weights, config and remote code, plus the processor (or the image processor alone)."""
+        if self._auto_class is not None:
+            module = type(self).__module__.split(".")[-1]
+            auto_map = dict(getattr(self.config, "auto_map", None) or {})
+            auto_map.update({name: f"{module}.{type(self).__name__}" for name in EXTRA_AUTO_CLASSES})
+            self.config.auto_map = auto_map
+        super().save_pretrained(save_directory, *args, **kwargs)
+        if not kwargs.get("is_main_process", True):
+            return
+        processor = self.build_processor()
+        if processor is not None:
+            processor.save_pretrained(save_directory)
+        else:
+            clip_image_processor(self.config.vision_config.image_size).save_pretrained(save_directory)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args: Any, **kwargs: Any):
+        """``PreTrainedModel.from_pretrained`` that also attaches the saved tokenizer to the text encoder."""
+        model = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        if model.text_model is not None and pretrained_model_name_or_path is not None:
+            model.text_model.tokenizer = load_tokenizer_if_saved(
+                pretrained_model_name_or_path, kwargs, model.config.text_config.llm_config
+            )
+        return model
+
+
+LLM2CLIPModel.register_for_auto_class("AutoModel")

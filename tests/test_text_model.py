@@ -1,0 +1,171 @@
+import pytest
+import torch
+from transformers import AutoModel, AutoTokenizer
+
+from llm2clip_hf import TEXT_TEMPLATES, LLM2CLIPTextConfig, LLM2CLIPTextModel
+from llm2clip_hf.modeling.caption_tokenization import tokenize_texts
+from reference_impl import llm2vec_encode
+
+INSTRUCTION = "Given a sentence, retrieve a detailed relevant sentence"
+
+
+def _reference_llm(path, bidirectional=True):
+    llm = AutoModel.from_pretrained(path).eval()
+    llm.config.is_causal = not bidirectional
+    return llm
+
+
+def test_attention_is_bidirectional(text_model):
+    ids = torch.tensor([[5, 17, 42, 9, 33, 21]])
+    changed = ids.clone()
+    changed[0, 4] = 77
+    with torch.no_grad():
+        a = text_model.llm(input_ids=ids).last_hidden_state
+        b = text_model.llm(input_ids=changed).last_hidden_state
+    assert (a[0, 1] - b[0, 1]).abs().max() > 1e-4  # a later token changes an earlier token's state
+
+
+def test_causal_control_does_not_see_the_future(tiny_llm_dir):
+    causal = LLM2CLIPTextModel.from_llm(tiny_llm_dir, bidirectional=False)
+    ids = torch.tensor([[5, 17, 42, 9, 33, 21]])
+    changed = ids.clone()
+    changed[0, 4] = 77
+    with torch.no_grad():
+        a, b = (causal.llm(input_ids=x).last_hidden_state for x in (ids, changed))
+    torch.testing.assert_close(a[0, :4], b[0, :4])
+
+
+def test_padding_does_not_change_embeddings(text_model, captions):
+    together = text_model.encode(captions, batch_size=len(captions))
+    alone = torch.cat([text_model.encode([c]) for c in captions])
+    torch.testing.assert_close(together, alone, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("pooling_mode", ["mean", "weighted_mean"])
+@pytest.mark.parametrize("instruction", [None, INSTRUCTION])
+@pytest.mark.parametrize("bos", [True, False])
+def test_encode_equals_llm2vec_semantics(tiny_llm_dir, tiny_llm_nobos_dir, captions, pooling_mode, instruction, bos):
+    path = tiny_llm_dir if bos else tiny_llm_nobos_dir
+    model = LLM2CLIPTextModel.from_llm(path, pooling_mode=pooling_mode)
+    got = model.encode(captions, instruction=instruction, batch_size=2)
+    expected = llm2vec_encode(_reference_llm(path), AutoTokenizer.from_pretrained(path), captions,
+                              instruction=instruction, pooling_mode=pooling_mode)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+
+
+def test_template_wraps_text_and_pools_caption_plus_suffix(tiny_llm_dir, captions):
+    model = LLM2CLIPTextModel.from_llm(tiny_llm_dir, text_template="llama-3-instruct")
+    assert model.config.text_template == TEXT_TEMPLATES["llama-3-instruct"]
+    got = model.encode(captions, instruction=INSTRUCTION)
+    expected = llm2vec_encode(_reference_llm(tiny_llm_dir), AutoTokenizer.from_pretrained(tiny_llm_dir), captions,
+                              instruction=INSTRUCTION, template=TEXT_TEMPLATES["llama-3-instruct"])
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+    batch = model.tokenize(["a dog"])
+    eot = model.tokenizer.convert_tokens_to_ids("<|eot_id|>")
+    pooled = batch["input_ids"][batch["pooling_mask"].bool()].tolist()
+    assert pooled == model.tokenizer("a dog", add_special_tokens=False)["input_ids"] + [eot]
+
+
+def test_pooling_excludes_instruction_and_padding(text_model, captions):
+    # llm2vec's rule pools as many trailing tokens as the caption has when tokenized alone. With byte-level
+    # BPE a first word can split differently alone ("the" vs " the"), moving the boundary by a token exactly as
+    # in the official code; these captions start with words whose count does not change.
+    captions = [c for c in captions if c.split()[0] in ("a", "two")]
+    batch = text_model.tokenize(captions, instruction=INSTRUCTION)
+    for row, caption in enumerate(captions):
+        pooled_ids = batch["input_ids"][row][batch["pooling_mask"][row].bool()].tolist()
+        # llm2vec counts the caption's tokens alone; in context its first word carries the joining space.
+        assert len(pooled_ids) == len(text_model.tokenizer(caption, add_special_tokens=False)["input_ids"])
+        assert text_model.tokenizer.decode(pooled_ids).strip() == caption
+        assert not (batch["pooling_mask"][row].bool() & ~batch["attention_mask"][row].bool()).any()
+    with torch.no_grad():
+        hidden = text_model.llm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        embeds = text_model(**batch).text_embeds
+    row = 1
+    n = int(batch["pooling_mask"][row].sum())
+    torch.testing.assert_close(embeds[row], hidden[row, -n:].mean(0))
+
+
+def test_last_token_and_eos_pooling(tiny_llm_dir):
+    last = LLM2CLIPTextModel.from_llm(tiny_llm_dir, pooling_mode="last_token")
+    batch = last.tokenize(["a dog", "a photo of a cat"])
+    with torch.no_grad():
+        hidden = last.llm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        torch.testing.assert_close(last(**batch).text_embeds, hidden[:, -1])
+    eos = LLM2CLIPTextModel.from_llm(tiny_llm_dir, pooling_mode="eos_token")
+    batch = eos.tokenize(["a dog", "a photo of a cat"])
+    assert (batch["input_ids"][:, -1] == eos.tokenizer.eos_token_id).all()
+
+
+def test_encode_keeps_input_order_and_returns_fp32_cpu(text_model, captions):
+    embeddings = text_model.encode(captions, batch_size=2)
+    assert embeddings.dtype == torch.float32 and embeddings.device.type == "cpu"
+    for index in (0, 2, 4):
+        torch.testing.assert_close(embeddings[index], text_model.encode([captions[index]])[0], rtol=0, atol=1e-5)
+
+
+def test_plain_tokenizer_inputs_are_retokenized_like_encode(tiny_llm_dir, captions):
+    model = LLM2CLIPTextModel.from_llm(tiny_llm_dir, text_template="llama-3-instruct")
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llm_dir)
+    tokenizer.padding_side = "right"
+    tokenizer.pad_token = tokenizer.eos_token
+    plain = tokenizer(captions, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        got = model(input_ids=plain["input_ids"], attention_mask=plain["attention_mask"]).text_embeds
+    torch.testing.assert_close(got, model.encode(captions), rtol=0, atol=1e-5)
+
+
+def test_save_and_reload_round_trip(text_model, captions, tmp_path):
+    text_model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").exists() and (tmp_path / "tokenizer.json").exists()
+    reloaded = LLM2CLIPTextModel.from_pretrained(tmp_path)
+    torch.testing.assert_close(reloaded.encode(captions), text_model.encode(captions), rtol=0, atol=1e-6)
+    assert reloaded.config.llm_config.is_causal is False
+
+
+def test_from_llm_refuses_a_saved_text_model(text_model, tmp_path):
+    text_model.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="from_pretrained"):
+        LLM2CLIPTextModel.from_llm(tmp_path)
+
+
+def test_official_llama_bi_model_checkpoint_loads_into_llama(tiny_llm_dir, tmp_path, captions):
+    import json
+    import shutil
+
+    shutil.copytree(tiny_llm_dir, tmp_path / "bi", dirs_exist_ok=True)
+    config = json.loads((tmp_path / "bi" / "config.json").read_text())
+    config["architectures"] = ["LlamaBiModel"]
+    config["auto_map"] = {"AutoModel": "modeling_llama_encoder.LlamaEncoderModel"}
+    (tmp_path / "bi" / "config.json").write_text(json.dumps(config))
+    model = LLM2CLIPTextModel.from_llm(tmp_path / "bi")
+    assert type(model.llm).__name__ == "LlamaModel"
+    torch.testing.assert_close(model.encode(captions), LLM2CLIPTextModel.from_llm(tiny_llm_dir).encode(captions))
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"pooling_mode": "max"}, "Unknown pooling_mode 'max'"),
+        ({"text_template": "no placeholder"}, "exactly once"),
+        ({"max_length": 1}, "max_length"),
+    ],
+)
+def test_bad_settings_are_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        LLM2CLIPTextConfig(**kwargs)
+
+
+def test_bad_texts_are_refused_naming_the_entry(text_model):
+    with pytest.raises(ValueError, match="index 1 is empty"):
+        text_model.encode(["a dog", "   "])
+    with pytest.raises(TypeError, match="index 0 is NoneType"):
+        text_model.encode([None])
+    with pytest.raises(ValueError, match="2 instructions for 1 texts"):
+        tokenize_texts(text_model.tokenizer, ["a"], ["x", "y"])
+
+
+def test_missing_tokenizer_is_explained(text_model):
+    text_model.tokenizer = None
+    with pytest.raises(ValueError, match="has no tokenizer"):
+        text_model.encode(["a dog"])
