@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 
 import torch
+from PIL import Image, ImageDraw
 from transformers import LlamaConfig, LlamaModel, PreTrainedTokenizerFast
 
 from .modeling import EVA02VisionConfig, LLM2CLIPConfig, LLM2CLIPTextConfig
@@ -86,3 +87,59 @@ def tiny_llm2clip_config(text_config: LLM2CLIPTextConfig | None = None, text_emb
         vision_config=tiny_vision_config(**vision_kwargs), text_config=text_config,
         text_embedding_dim=text_embedding_dim, projection_dim=projection_dim,
     )
+
+
+_COLORS = {
+    "red": (220, 30, 30), "green": (30, 160, 60), "blue": (30, 60, 220), "yellow": (240, 220, 40),
+    "black": (10, 10, 10), "white": (250, 250, 250), "purple": (130, 40, 150), "orange": (250, 140, 20),
+}
+_SHAPES = ("square", "circle", "triangle", "stripe")
+
+
+def _draw(color: tuple[int, int, int], shape: str, size: int) -> Image.Image:
+    background = (128, 128, 128)
+    image = Image.new("RGB", (size, size), background)
+    draw = ImageDraw.Draw(image)
+    box = (size // 6, size // 6, size - size // 6, size - size // 6)
+    if shape == "square":
+        draw.rectangle(box, fill=color)
+    elif shape == "circle":
+        draw.ellipse(box, fill=color)
+    elif shape == "triangle":
+        draw.polygon([(size // 2, box[1]), (box[2], box[3]), (box[0], box[3])], fill=color)
+    else:
+        draw.rectangle((0, size // 3, size, 2 * size // 3), fill=color)
+    return image
+
+
+def tiny_image_caption_rows(image_size: int = 40) -> list[dict]:
+    """32 synthetic images (8 colours x 4 shapes) with a short and a long caption each."""
+    return [
+        {
+            "image": _draw(rgb, shape, image_size),
+            "short_caption": f"a {color} {shape}",
+            "long_caption": f"a photo of a {color} {shape} drawn on a plain grey background, nothing else",
+        }
+        for color, rgb in _COLORS.items()
+        for shape in _SHAPES
+    ]
+
+
+_COLOR_PARAPHRASES = {
+    "red": "the colour of ripe tomatoes", "green": "the colour of fresh grass", "blue": "the colour of a clear sky",
+    "yellow": "the colour of lemons", "black": "the colour of coal", "white": "the colour of snow",
+    "purple": "the colour of plums", "orange": "the colour of pumpkins",
+}
+_SHAPE_PARAPHRASES = {
+    "square": "four equal sides and four corners", "circle": "a round outline without corners",
+    "triangle": "three sides meeting at three points", "stripe": "a wide band running across",
+}
+
+
+def tiny_caption_pair_rows() -> list[dict]:
+    """32 caption pairs whose long caption paraphrases the short one (few shared words), for stage-1 tests."""
+    return [
+        {"short_caption": f"a {color} {shape}",
+         "long_caption": f"a drawing with {_SHAPE_PARAPHRASES[shape]}, painted in {_COLOR_PARAPHRASES[color]}"}
+        for color in _COLORS for shape in _SHAPES
+    ]

@@ -33,6 +33,8 @@ class LLM2CLIPConfig(PretrainedConfig):
             given (4096 for Llama-3-8B, 2048 for Llama-3.2-1B).
         adapter_num_blocks / adapter_expansion: residual MLP blocks of the adapter and their widening (4, 2).
         logit_scale_init_value: initial ``logit_scale`` (ln(1/0.07)); training clamps it to ``logit_scale_max``.
+        text_model_fingerprint / text_model_name_or_path: the text model whose embeddings the adapter was trained
+            on, recorded by stage-2 training so later runs refuse embeddings of another model.
     """
 
     model_type = "llm2clip"
@@ -49,6 +51,8 @@ class LLM2CLIPConfig(PretrainedConfig):
         logit_scale_init_value: float = math.log(1 / 0.07),
         logit_scale_max: float = math.log(100.0),
         initializer_range: float = 0.02,
+        text_model_fingerprint: str | None = None,
+        text_model_name_or_path: str | None = None,
         **kwargs: Any,
     ) -> None:
         self.vision_config = _as_config(vision_config, EVA02VisionConfig)
@@ -68,6 +72,8 @@ class LLM2CLIPConfig(PretrainedConfig):
         self.logit_scale_init_value = logit_scale_init_value
         self.logit_scale_max = logit_scale_max
         self.initializer_range = initializer_range
+        self.text_model_fingerprint = text_model_fingerprint
+        self.text_model_name_or_path = text_model_name_or_path
         super().__init__(**kwargs)
 
 

@@ -13,6 +13,7 @@ from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.utils import ModelOutput
 
+from .configuration_eva02 import EVA02VisionConfig
 from .configuration_llm2clip import LLM2CLIPConfig
 from .contrastive import local_clip_loss
 from .modeling_eva02 import EVA02VisionModel, init_linear_and_layer_norm
@@ -85,6 +86,32 @@ class LLM2CLIPModel(LLM2CLIPPreTrainedModel):
         self.text_model = LLM2CLIPTextModel(config.text_config) if config.text_config is not None else None
         self.logit_scale = nn.Parameter(torch.tensor(float(config.logit_scale_init_value)))
         self.post_init()
+
+    @classmethod
+    def from_text_model(
+        cls,
+        text_model: LLM2CLIPTextModel,
+        vision_config: EVA02VisionConfig | dict | None = None,
+        embed_text_model: bool = True,
+        **config_kwargs: Any,
+    ) -> "LLM2CLIPModel":
+        """A new model (random vision tower and adapter) for ``text_model``'s embeddings.
+
+        With ``embed_text_model`` the text encoder (weights and tokenizer) becomes part of the model, so it can
+        read raw text and ships with a processor; otherwise only its embedding width and fingerprint are kept and
+        the model reads precomputed embeddings.
+        """
+        if embed_text_model:
+            config = LLM2CLIPConfig(vision_config=vision_config, text_config=text_model.config.to_dict(), **config_kwargs)
+        else:
+            config = LLM2CLIPConfig(vision_config=vision_config, text_embedding_dim=text_model.config.hidden_size,
+                                    **config_kwargs)
+        config.text_model_name_or_path = text_model.name_or_path
+        model = cls(config)
+        if embed_text_model:
+            model.text_model.load_state_dict(text_model.state_dict())
+            model.text_model.tokenizer = text_model.tokenizer
+        return model.to(next(text_model.parameters()).device)
 
     # ------------------------------------------------------------------------------------------- features
     def get_image_features(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:

@@ -94,6 +94,7 @@ class LLM2CLIPTextModel(PreTrainedModel):
                                         **from_pretrained_kwargs)
         llm.config.is_causal = not bidirectional
         config.llm_config = llm.config
+        config.name_or_path = str(name_or_path)
         with torch.device("meta"):
             model = cls(config)
         model.llm = llm

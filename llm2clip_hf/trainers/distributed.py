@@ -1,0 +1,55 @@
+"""All-gather that keeps gradients, for contrastive losses whose negatives come from every process."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+
+# A gather returns (all processes' rows concatenated in rank order, index of this process's first row).
+Gather = Callable[[torch.Tensor], tuple[torch.Tensor, int]]
+
+
+class _AllGatherWithGrad(torch.autograd.Function):
+    """Forward: all-gather rows (``counts`` per process, padded for the collective). Backward: sum the gradient
+    of the gathered tensor over processes and return this process's slice, so every process's loss reaches
+    every process's inputs."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor, counts: list[int], group) -> torch.Tensor:
+        padded = tensor.new_zeros((max(counts), *tensor.shape[1:]))
+        padded[: tensor.shape[0]] = tensor
+        gathered = [torch.empty_like(padded) for _ in counts]
+        dist.all_gather(gathered, padded.contiguous(), group=group)
+        ctx.group, ctx.counts, ctx.rank = group, counts, dist.get_rank(group)
+        return torch.cat([g[:n] for g, n in zip(gathered, counts)])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad = grad.contiguous()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
+        start = sum(ctx.counts[: ctx.rank])
+        return grad[start:start + ctx.counts[ctx.rank]], None, None
+
+
+def all_gather_with_grad(tensor: torch.Tensor, group=None) -> tuple[torch.Tensor, int]:
+    """Gather ``tensor`` from all processes (keeping gradients); return it and this process's row offset."""
+    if not dist.is_available() or not dist.is_initialized() or dist.get_world_size(group) == 1:
+        return tensor, 0
+    size = torch.tensor([tensor.shape[0]], device=tensor.device)
+    sizes = [torch.zeros_like(size) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(sizes, size, group=group)
+    counts = [int(s.item()) for s in sizes]
+    gathered = _AllGatherWithGrad.apply(tensor, counts, group)
+    return gathered, sum(counts[: dist.get_rank(group)])
+
+
+def local_gather(tensor: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """The one-process gather: the tensor itself at offset 0."""
+    return tensor, 0
+
+
+def default_gather(world_size: int) -> Gather:
+    """``all_gather_with_grad`` when several processes train, else the identity."""
+    return all_gather_with_grad if world_size > 1 else local_gather

@@ -1,0 +1,53 @@
+"""The two contrastive objectives of LLM2CLIP as modules. Each gathers candidates from every process itself
+(with gradients), so the loss of a distributed run equals the loss of one process on the global batch."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..modeling.contrastive import local_clip_loss
+from .distributed import Gather, default_gather
+
+
+class _GatheringLoss(nn.Module):
+    def __init__(self, world_size: int = 1, rank: int = 0, gather: Gather | None = None) -> None:
+        super().__init__()
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world_size {world_size}.")
+        self.world_size, self.rank = world_size, rank
+        self.gather = gather if gather is not None else default_gather(world_size)
+
+
+class CaptionContrastiveLoss(_GatheringLoss):
+    """Stage 1: one-directional InfoNCE, query -> all gathered positives and hard negatives.
+
+    Cosine similarities are multiplied by ``scale`` (50, i.e. temperature 0.02); query ``i`` of this process
+    matches gathered positive ``offset + i``. The mean over local queries is returned, so averaging the processes'
+    losses (as DDP averages their gradients) gives the loss of the global batch.
+    """
+
+    def __init__(self, scale: float = 50.0, world_size: int = 1, rank: int = 0, gather: Gather | None = None) -> None:
+        super().__init__(world_size, rank, gather)
+        self.scale = scale
+
+    def forward(self, query: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor | None = None) -> torch.Tensor:
+        positives, offset = self.gather(F.normalize(positive, dim=-1))
+        candidates = [positives]
+        if negative is not None:
+            candidates.append(self.gather(F.normalize(negative, dim=-1))[0])
+        scores = self.scale * F.normalize(query, dim=-1) @ torch.cat(candidates).t()
+        labels = torch.arange(query.shape[0], device=query.device) + offset
+        return F.cross_entropy(scores, labels)
+
+
+class CLIPContrastiveLoss(_GatheringLoss):
+    """Stage 2: symmetric image-text InfoNCE with a learnable temperature, local batch against the global one."""
+
+    def forward(self, image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+        image_embeds = F.normalize(image_embeds, dim=-1)
+        text_embeds = F.normalize(text_embeds, dim=-1)
+        all_images, offset = self.gather(image_embeds)
+        all_texts, _ = self.gather(text_embeds)
+        return local_clip_loss(image_embeds, text_embeds, all_images, all_texts, logit_scale.exp(), offset)

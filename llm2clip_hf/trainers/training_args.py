@@ -1,0 +1,99 @@
+"""Training arguments for both LLM2CLIP stages, defaulting to the official settings of each stage."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+from transformers import TrainingArguments
+
+CAPTION_STAGE, CLIP_STAGE = "caption", "clip"
+DEFAULT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+# Official settings that differ between the stages (llm_caption_contrastive configs / llm2clip run.sh).
+STAGE_DEFAULTS = {
+    CAPTION_STAGE: dict(learning_rate=2e-4, warmup_steps=300, weight_decay=0.0, max_grad_norm=1.0,
+                        lr_scheduler_type="linear"),
+    CLIP_STAGE: dict(learning_rate=1e-5, warmup_steps=0, weight_decay=0.05, max_grad_norm=5.0,
+                     lr_scheduler_type="cosine"),
+}
+
+
+@dataclass
+class LLM2CLIPTrainingArguments(TrainingArguments):
+    """``TrainingArguments`` plus the settings of LLM2CLIP's two contrastive stages.
+
+    ``stage="caption"`` fine-tunes an :class:`LLM2CLIPTextModel` with LoRA on caption pairs; ``stage="clip"``
+    trains an :class:`LLM2CLIPModel`'s vision tower, adapter and ``logit_scale``. Learning rate, warmup,
+    weight decay, gradient clipping and schedule default to the official values of the chosen stage when left
+    unset.
+    """
+
+    stage: Literal["caption", "clip"] = field(default=CAPTION_STAGE, metadata={"help": "caption (stage 1) or clip (stage 2)."})
+    # ---- stage 1: caption contrastive fine-tuning
+    loss_scale: float = field(default=50.0, metadata={"help": "Cosine-similarity scale (1 / temperature)."})
+    short_query_instruction: str = field(
+        default="Given a sentence, retrieve a detailed relevant sentence",
+        metadata={"help": "Instruction on a short-caption query (excluded from pooling)."},
+    )
+    long_query_instruction: str = field(
+        default="Given a detailed sentence, retrieve a short relevant sentence",
+        metadata={"help": "Instruction on a long-caption query (excluded from pooling)."},
+    )
+    instruction_separator: str = field(default="; ", metadata={"help": "Joins instruction and query text."})
+    hard_negatives: bool = field(default=True, metadata={"help": "Add another row's caption as a hard negative."})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank (when no peft_config is given)."})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout."})
+    lora_target_modules: list[str] = field(
+        default_factory=lambda: list(DEFAULT_LORA_TARGETS), metadata={"help": "Modules that receive LoRA."}
+    )
+    # ---- stage 2: CLIP training against the frozen LLM
+    image_column: str = field(default="image", metadata={"help": "Column of images (PIL images or paths)."})
+    caption_columns: list[str] = field(
+        default_factory=lambda: ["short_caption", "long_caption"],
+        metadata={"help": "Caption columns; one is sampled per example (cached embeddings or raw text)."},
+    )
+    caption_sampling_weights: list[float] | None = field(
+        default=None, metadata={"help": "Sampling weight per caption column (default: uniform, officially 50/50)."}
+    )
+    text_source: Literal["cached", "frozen", "lora"] = field(
+        default="cached",
+        metadata={"help": "cached: precomputed LLM embeddings; frozen / lora: run the embedded LLM each step "
+                          "(frozen, or LoRA-tuned) for comparison."},
+    )
+    layer_decay: float = field(default=0.85, metadata={"help": "Layer-wise lr decay of the vision tower (1 = off)."})
+    logit_scale_max: float = field(default=math.log(100.0), metadata={"help": "Clamp of logit_scale after each step."})
+    image_augmentation: bool = field(
+        default=True, metadata={"help": "RandomResizedCrop(scale 0.9-1, bicubic) when training; else center crop."}
+    )
+    # ---- overrides of TrainingArguments defaults (None = the stage's official value)
+    learning_rate: float | None = field(default=None, metadata={"help": "Default: 2e-4 (caption), 1e-5 (clip)."})
+    warmup_steps: float | None = field(default=None, metadata={"help": "Default: 300 (caption), 0 (clip)."})
+    weight_decay: float | None = field(default=None, metadata={"help": "Default: 0 (caption), 0.05 (clip)."})
+    max_grad_norm: float | None = field(default=None, metadata={"help": "Default: 1.0 (caption), 5.0 (clip)."})
+    lr_scheduler_type: str | None = field(default=None, metadata={"help": "Default: linear (caption), cosine (clip)."})
+    remove_unused_columns: bool = field(default=False, metadata={"help": "Kept False: the collators read raw columns."})
+    report_to: str | list[str] = field(default="none", metadata={"help": "Integrations to report to."})
+    hub_strategy: str = field(
+        default="end", metadata={"help": "Push only the final model (checkpoints hold LoRA adapters, not models)."}
+    )
+
+    def __post_init__(self) -> None:
+        if self.stage not in STAGE_DEFAULTS:
+            raise ValueError(f"stage must be 'caption' or 'clip', got {self.stage!r}.")
+        for name, value in STAGE_DEFAULTS[self.stage].items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
+        if self.caption_sampling_weights is not None:
+            if len(self.caption_sampling_weights) != len(self.caption_columns):
+                raise ValueError(
+                    f"caption_sampling_weights has {len(self.caption_sampling_weights)} entries for "
+                    f"{len(self.caption_columns)} caption_columns {self.caption_columns}; give one weight per column."
+                )
+            if min(self.caption_sampling_weights) < 0 or sum(self.caption_sampling_weights) <= 0:
+                raise ValueError("caption_sampling_weights must be non-negative and not all zero.")
+        if not 0 < self.layer_decay <= 1:
+            raise ValueError(f"layer_decay must be in (0, 1], got {self.layer_decay}.")
+        super().__post_init__()

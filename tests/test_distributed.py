@@ -1,0 +1,54 @@
+"""A real 2-process run (accelerate launch, gloo on CPU) against one process on the same global batch."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+sys.path.insert(0, str(Path(__file__).parent))
+import distributed_worker  # noqa: E402
+
+WORKER = Path(__file__).with_name("distributed_worker.py")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launch_two_processes(stage, llm_dir, output_dir):
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+        str(WORKER), stage, str(llm_dir), str(output_dir), "2",
+    ]
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+
+
+@pytest.mark.parametrize("stage", ["caption", "clip"])
+def test_two_process_run_equals_one_process_on_the_global_batch(stage, tiny_llm_dir, tmp_path):
+    launch_two_processes(stage, tiny_llm_dir, tmp_path / "two")
+    distributed_worker.run(stage, str(tiny_llm_dir), str(tmp_path / "one"), 1)
+
+    one_losses = json.loads((tmp_path / "one" / "losses.json").read_text())
+    two_losses = json.loads((tmp_path / "two" / "losses.json").read_text())
+    assert len(one_losses) == len(two_losses) == distributed_worker.STEPS
+    # The loss does not scale with the number of processes: it is the global-batch loss in both runs.
+    assert two_losses == pytest.approx(one_losses, rel=1e-5, abs=1e-6)
+
+    one = load_file(tmp_path / "one" / "tensors.safetensors")
+    two = load_file(tmp_path / "two" / "tensors.safetensors")
+    assert one.keys() == two.keys()
+    gradients = [k for k in one if k.startswith("step")]
+    assert gradients and any(one[k].abs().sum() > 0 for k in gradients)
+    for key in one:
+        assert torch.allclose(one[key], two[key], rtol=1e-4, atol=1e-6), (key, (one[key] - two[key]).abs().max())
