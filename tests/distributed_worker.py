@@ -34,7 +34,7 @@ class RecordGradients(TrainerCallback):
                 self.gradients[f"step{state.global_step + 1}/{name}"] = parameter.grad.detach().clone()
 
 
-def run(stage: str, llm_dir: str, output_dir: str, world_size: int) -> None:
+def run(stage: str, llm_dir: str, output_dir: str, world_size: int, gradcache_chunk_size: int | None = None) -> None:
     torch.manual_seed(0)
     text_model = LLM2CLIPTextModel.from_llm(llm_dir)
     if stage == "caption":
@@ -50,7 +50,7 @@ def run(stage: str, llm_dir: str, output_dir: str, world_size: int) -> None:
         output_dir=output_dir, stage=stage, per_device_train_batch_size=GLOBAL_BATCH // world_size,
         max_steps=STEPS, optim="sgd", learning_rate=0.5, warmup_steps=0, lr_scheduler_type="constant",
         max_grad_norm=0.0, weight_decay=0.0, lora_dropout=0.0, logging_steps=1, save_strategy="no",
-        use_cpu=True, disable_tqdm=True, seed=0, dataloader_drop_last=True,
+        use_cpu=True, disable_tqdm=True, seed=0, dataloader_drop_last=True, gradcache_chunk_size=gradcache_chunk_size,
     )
     recorder = RecordGradients()
     trainer = LLM2CLIPTrainer(model=model, args=args, train_dataset=data, callbacks=[recorder])
@@ -69,4 +69,5 @@ def run(stage: str, llm_dir: str, output_dir: str, world_size: int) -> None:
 
 if __name__ == "__main__":
     stage_arg, llm_dir_arg, output_arg, world_size_arg = sys.argv[1:5]
-    run(stage_arg, llm_dir_arg, output_arg, int(world_size_arg))
+    chunk_arg = int(sys.argv[5]) if len(sys.argv) > 5 else None
+    run(stage_arg, llm_dir_arg, output_arg, int(world_size_arg), chunk_arg)

@@ -23,20 +23,21 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def launch_two_processes(stage, llm_dir, output_dir):
+def launch_two_processes(stage, llm_dir, output_dir, gradcache_chunk_size=None):
     command = [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
         "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
         str(WORKER), stage, str(llm_dir), str(output_dir), "2",
-    ]
+    ] + ([str(gradcache_chunk_size)] if gradcache_chunk_size else [])
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
 
 
-@pytest.mark.parametrize("stage", ["caption", "clip"])
-def test_two_process_run_equals_one_process_on_the_global_batch(stage, tiny_llm_dir, tmp_path):
-    launch_two_processes(stage, tiny_llm_dir, tmp_path / "two")
+@pytest.mark.parametrize("stage, gradcache_chunk_size", [("caption", None), ("clip", None), ("caption", 3)])
+def test_two_process_run_equals_one_process_on_the_global_batch(stage, gradcache_chunk_size, tiny_llm_dir, tmp_path):
+    """Also with GradCache in the 2-process run (chunks of 3 of each process's 4 rows) against plain 1-process."""
+    launch_two_processes(stage, tiny_llm_dir, tmp_path / "two", gradcache_chunk_size)
     distributed_worker.run(stage, str(tiny_llm_dir), str(tmp_path / "one"), 1)
 
     one_losses = json.loads((tmp_path / "one" / "losses.json").read_text())

@@ -112,6 +112,7 @@ def test_clip_stage_on_cached_embeddings_learns(text_model, cached, tmp_path):
 
     def in_batch_accuracy():
         batch = trainer.data_collator([dict(row, __llm2clip_row__=i) for i, row in enumerate(cached)])
+        batch.pop("__llm2clip_row__")
         with torch.no_grad():
             out = model(**batch)
         return top1_accuracy(out.image_embeds, out.text_embeds)

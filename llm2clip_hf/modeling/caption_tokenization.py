@@ -44,6 +44,7 @@ class TokenizedText:
 
     input_ids: list[int]
     num_pooled: int
+    truncated: bool = False
 
 
 def tokenize_texts(
@@ -83,6 +84,10 @@ def tokenize_texts(
     limit = max_length - 1 if append_eos else max_length
     full = tokenizer(full_texts, truncation=True, max_length=limit)["input_ids"]
     pooled = tokenizer(tails, truncation=True, max_length=limit, add_special_tokens=False)["input_ids"]
+    # Only inputs that reach the limit can have been cut; tokenize those again without truncation to know.
+    at_limit = [i for i, ids in enumerate(full) if len(ids) >= limit]
+    untruncated = tokenizer([full_texts[i] for i in at_limit])["input_ids"] if at_limit else []
+    cut = {i for i, ids in zip(at_limit, untruncated) if len(ids) > limit}
     encoded = []
     for index, (ids, tail) in enumerate(zip(full, pooled)):
         if append_eos:
@@ -93,7 +98,7 @@ def tokenize_texts(
             raise ValueError(
                 f"Text at index {index} ({texts[index]!r}) has no tokens to pool; remove empty captions first."
             )
-        encoded.append(TokenizedText(list(ids), min(len(tail) + int(append_eos), len(ids))))
+        encoded.append(TokenizedText(list(ids), min(len(tail) + int(append_eos), len(ids)), index in cut))
     return encoded
 
 

@@ -168,12 +168,25 @@ class LLM2CLIPTextModel(PreTrainedModel):
         instruction: str | Sequence[str | None] | None = None,
         instruction_separator: str = " ",
     ) -> list[TokenizedText]:
-        """Per-text token ids and pooled-token counts under this model's template, length and pooling mode."""
-        return tokenize_texts(
+        """Per-text token ids and pooled-token counts under this model's template, length and pooling mode.
+
+        Inputs longer than ``max_seq_length`` tokens are truncated and counted in ``num_truncated_captions``.
+        """
+        items = tokenize_texts(
             self.require_tokenizer(), texts, instruction, text_template=self.config.text_template,
             max_length=self.config.max_seq_length, instruction_separator=instruction_separator,
             append_eos=self.config.pooling_mode == "eos_token",
         )
+        self.num_truncated_captions = getattr(self, "num_truncated_captions", 0) + sum(i.truncated for i in items)
+        return items
+
+    def warn_truncation(self, truncated: int, total: int) -> None:
+        """Log one warning saying how many of ``total`` captions were cut to ``max_seq_length`` tokens."""
+        if truncated:
+            logger.warning(
+                f"{truncated} of {total} captions are longer than max_length={self.config.max_seq_length} tokens and "
+                "were truncated. Raise max_length when building the text model if their ends matter."
+            )
 
     @torch.no_grad()
     def encode(
@@ -194,6 +207,7 @@ class LLM2CLIPTextModel(PreTrainedModel):
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}.")
         items = self.tokenize_items(texts, instruction)
+        self.warn_truncation(sum(item.truncated for item in items), len(items))
         order = sorted(range(len(items)), key=lambda i: -len(items[i].input_ids))
         if show_progress_bar is None:
             show_progress_bar = hf_logging.is_progress_bar_enabled() and len(items) > batch_size

@@ -6,22 +6,14 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import torch
 from datasets import Dataset
 
+from ..data_loading import ROW_INDEX, require_columns
 from ..modeling import LLM2CLIPTextModel
 from ..modeling.caption_tokenization import collate_left_padded
 
 QUERY, POSITIVE, NEGATIVE, QUERY_IS_SHORT = "query", "positive", "negative", "query_is_short"
-
-
-def require_columns(dataset: Dataset, columns: Sequence[str], purpose: str) -> None:
-    """Raise a ``ValueError`` naming missing columns and listing the columns that exist."""
-    missing = [c for c in columns if c not in dataset.column_names]
-    if missing:
-        raise ValueError(
-            f"{purpose} needs the column(s) {missing}, but the dataset has {dataset.column_names}. "
-            "Rename the columns or point the arguments (e.g. --caption-columns) at the right ones."
-        )
 
 
 def build_caption_pairs(dataset: Dataset, short_column: str, long_column: str, seed: int,
@@ -85,4 +77,7 @@ class CaptionPairCollator:
         }
         if NEGATIVE in rows[0]:
             batch[NEGATIVE] = self.text_model.tokenize_items([row[NEGATIVE] for row in rows])
-        return {role: collate_left_padded(items, pad) for role, items in batch.items()}
+        collated: dict = {role: collate_left_padded(items, pad) for role, items in batch.items()}
+        if ROW_INDEX in rows[0]:
+            collated[ROW_INDEX] = torch.tensor([int(row[ROW_INDEX]) for row in rows])
+        return collated

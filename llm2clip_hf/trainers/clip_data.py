@@ -7,13 +7,15 @@ from typing import Any
 
 import numpy as np
 import torch
+from transformers.utils import logging as hf_logging
 
+from ..data_loading import ROW_INDEX
 from ..modeling import LLM2CLIPTextModel
 from ..modeling.caption_tokenization import collate_left_padded
 from .embedding_cache import embedding_column
 from .image_transforms import CLIPImageTransform
 
-ROW_INDEX = "__llm2clip_row__"
+logger = hf_logging.get_logger(__name__)
 
 
 class CLIPCollator:
@@ -25,7 +27,8 @@ class CLIPCollator:
     """
 
     def __init__(self, image_column: str, caption_columns: Sequence[str], image_transform: CLIPImageTransform,
-                 seed: int, weights: Sequence[float] | None = None, text_model: LLM2CLIPTextModel | None = None) -> None:
+                 seed: int, weights: Sequence[float] | None = None, text_model: LLM2CLIPTextModel | None = None,
+                 skip_bad_rows: bool = True) -> None:
         self.image_column = image_column
         self.caption_columns = list(caption_columns)
         weights = np.ones(len(caption_columns)) if weights is None else np.asarray(weights, dtype=np.float64)
@@ -34,20 +37,52 @@ class CLIPCollator:
         self.seed = seed
         self.text_model = text_model
         self.epoch = 0
+        self.skip_bad_rows = skip_bad_rows
+        self.skipped_rows: list[int] = []  # rows whose image could not be read (when skipping)
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        pixels, chosen = [], []
+        pixels, chosen, rngs = [], [], []
         for row in rows:
-            rng = np.random.default_rng([self.seed, self.epoch, int(row[ROW_INDEX])])
+            index = int(row[ROW_INDEX])
+            rng = np.random.default_rng([self.seed, self.epoch, index])
             column = self.caption_columns[rng.choice(len(self.caption_columns), p=self.probabilities)]
+            try:
+                pixels.append(self.image_transform(row[self.image_column], rng))
+            except Exception as error:  # noqa: BLE001 - any unreadable image is a bad row
+                self._bad_row(index, error)
+                continue
+            rngs.append(rng)
             chosen.append((row, column))
-            pixels.append(self.image_transform(row[self.image_column], rng))
-        batch: dict[str, torch.Tensor] = {"pixel_values": torch.stack(pixels)}
+        if not pixels:
+            raise ValueError(f"Every row of this batch has an unreadable image (rows {self.skipped_rows[-len(rows):]}).")
+        batch: dict[str, torch.Tensor] = {"pixel_values": torch.stack(pixels),
+                                          ROW_INDEX: torch.tensor([int(row[ROW_INDEX]) for row, _ in chosen])}
         if self.text_model is None:
-            batch["llm_embeddings"] = torch.tensor(
-                np.stack([np.asarray(row[embedding_column(column)], dtype=np.float32) for row, column in chosen])
-            )
+            vectors = [_one_of(row[embedding_column(column)], rng, is_vector=True) for (row, column), rng in
+                       zip(chosen, rngs)]
+            batch["llm_embeddings"] = torch.tensor(np.stack(vectors))
         else:
-            items = self.text_model.tokenize_items([row[column] for row, column in chosen])
+            items = self.text_model.tokenize_items([_one_of(row[column], rng) for (row, column), rng in
+                                                    zip(chosen, rngs)])
             batch.update(collate_left_padded(items, self.text_model.require_tokenizer().pad_token_id))
         return batch
+
+
+    def _bad_row(self, index: int, error: Exception) -> None:
+        reason = f"row {index}: cannot read the image ({type(error).__name__}: {error})"
+        if not self.skip_bad_rows:
+            raise ValueError(f"{reason}. Fix or drop the row, or train with skip_bad_rows=True.") from error
+        if not self.skipped_rows:
+            logger.warning(f"Skipping {reason}; further bad rows are skipped and counted (skip_bad_rows=True).")
+        self.skipped_rows.append(index)
+
+
+def _one_of(value: Any, rng: np.random.Generator, is_vector: bool = False) -> Any:
+    """The cell itself, or one random element when the cell holds several captions (or their embeddings)."""
+    array_like = isinstance(value, (list, tuple, np.ndarray))
+    several = (array_like and len(value) > 0 and isinstance(value[0], (list, tuple, np.ndarray))) if is_vector \
+        else array_like
+    if not several:
+        return np.asarray(value, dtype=np.float32) if is_vector else value
+    choice = value[int(rng.integers(len(value)))]
+    return np.asarray(choice, dtype=np.float32) if is_vector else choice

@@ -53,3 +53,15 @@ def local_gather(tensor: torch.Tensor) -> tuple[torch.Tensor, int]:
 def default_gather(world_size: int) -> Gather:
     """``all_gather_with_grad`` when several processes train, else the identity."""
     return all_gather_with_grad if world_size > 1 else local_gather
+
+
+def average_gradients(parameters, group=None) -> None:
+    """All-reduce the gradients of ``parameters`` to their mean over processes (what DDP does after backward),
+    for gradients computed outside a DDP forward/backward (GradCache)."""
+    if not dist.is_available() or not dist.is_initialized() or dist.get_world_size(group) == 1:
+        return
+    world_size = dist.get_world_size(group)
+    for parameter in parameters:
+        if parameter.grad is not None:
+            dist.all_reduce(parameter.grad, op=dist.ReduceOp.SUM, group=group)
+            parameter.grad.div_(world_size)

@@ -10,7 +10,8 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ import numpy as np
 import torch
 from datasets import Dataset, Sequence as ArrowSequence, Value, load_from_disk
 
+from ..data_loading import caption_texts, require_columns
 from ..modeling import LLM2CLIPTextModel
 
 EMBEDDING_SUFFIX = "_llm_embedding"
@@ -105,25 +107,42 @@ def precompute_text_embeddings(
 ) -> Dataset:
     """Embed every caption column with the frozen text model and add the embeddings as float32 columns.
 
-    With ``output_dir`` the result is written as Arrow (``save_to_disk``) and returned memory-mapped; the folder
-    appears only once complete, and a folder made by the same text model is reused as is. The text model's
-    fingerprint is stored with the data and checked when stage 2 reads it.
+    With ``output_dir`` the result is written as Arrow (``save_to_disk``) and returned memory-mapped. The folder
+    appears only once complete (written aside, then renamed); a run killed midway leaves only a hidden partial
+    folder, which the next run removes before starting again. A lock file serialises writers: a second process
+    waits, then reuses the finished cache. A folder made by the same text model is reused as is; one made by
+    another is refused. The text model's fingerprint is stored with the data and checked when stage 2 reads it.
     """
-    from .caption_pairs import require_columns
-
     require_columns(dataset, caption_columns, "Embedding captions")
+    if output_dir is None:
+        return _embed_columns(dataset, text_model, caption_columns, batch_size, show_progress_bar)
+    output_dir = Path(output_dir)
+    with _exclusive_lock(output_dir):  # a second writer waits here, then reuses the finished cache
+        if output_dir.exists():
+            cached = load_from_disk(str(output_dir))
+            check_embedding_cache(cached, caption_columns, expected_fingerprint=text_model_fingerprint(text_model))
+            return cached
+        for stale in output_dir.parent.glob(f".{output_dir.name}.partial-*"):  # left by a killed run: restart
+            shutil.rmtree(stale, ignore_errors=True)
+        result = _embed_columns(dataset, text_model, caption_columns, batch_size, show_progress_bar)
+        return _save_atomically(result, output_dir, read_cache_metadata(result))
+
+
+def _embed_columns(dataset: Dataset, text_model: LLM2CLIPTextModel, caption_columns: Sequence[str], batch_size: int,
+                   show_progress_bar: bool | None) -> Dataset:
     fingerprint = text_model_fingerprint(text_model)
-    if output_dir is not None and Path(output_dir).exists():
-        cached = load_from_disk(str(output_dir))
-        check_embedding_cache(cached, caption_columns, expected_fingerprint=fingerprint)
-        return cached
 
     dim = text_model.config.hidden_size
     result = dataset
     for column in caption_columns:
-        embeddings = text_model.encode(list(dataset[column]), batch_size=batch_size, show_progress_bar=show_progress_bar)
-        result = result.add_column(embedding_column(column), _as_arrow_rows(embeddings.numpy()),
-                                   feature=ArrowSequence(Value("float32"), length=dim))
+        texts, rows = caption_texts(dataset, [column])
+        embeddings = text_model.encode(texts, batch_size=batch_size, show_progress_bar=show_progress_bar).numpy()
+        vector = ArrowSequence(Value("float32"), length=dim)
+        if len(texts) == len(dataset) and not _holds_lists(dataset, column):
+            values, feature = list(embeddings.astype(np.float32, copy=False)), vector
+        else:  # several captions per row: a list of vectors per row
+            values, feature = _group_rows(embeddings, rows, len(dataset)), ArrowSequence(vector)
+        result = result.add_column(embedding_column(column), values, feature=feature)
     metadata = {
         "fingerprint": fingerprint, "embedding_dim": dim, "caption_columns": list(caption_columns),
         "text_model": text_model.name_or_path, "pooling_mode": text_model.config.pooling_mode,
@@ -131,13 +150,33 @@ def precompute_text_embeddings(
         "num_rows": len(dataset),
     }
     result.info.description = json.dumps({METADATA_KEY: metadata})
-    if output_dir is None:
-        return result
-    return _save_atomically(result, Path(output_dir), metadata)
+    return result
 
 
-def _as_arrow_rows(array: np.ndarray) -> list[np.ndarray]:
-    return list(array.astype(np.float32, copy=False))
+@contextmanager
+def _exclusive_lock(output_dir: Path) -> Iterator[None]:
+    """An advisory lock on ``<output_dir>.lock`` held while the cache is checked or written."""
+    import fcntl
+
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    with open(output_dir.with_name(output_dir.name + ".lock"), "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _holds_lists(dataset: Dataset, column: str) -> bool:
+    feature = dataset.features[column]
+    return not isinstance(feature, Value)
+
+
+def _group_rows(embeddings: np.ndarray, rows: list[int], num_rows: int) -> list[list[list[float]]]:
+    grouped: list[list[list[float]]] = [[] for _ in range(num_rows)]
+    for vector, row in zip(embeddings.astype(np.float32, copy=False), rows):
+        grouped[row].append(vector.tolist())
+    return grouped
 
 
 def _save_atomically(dataset: Dataset, output_dir: Path, metadata: dict[str, Any]) -> Dataset:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Any
 
@@ -11,16 +12,25 @@ from peft import LoraConfig, PeftModel, get_peft_model, inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
 from torch import nn
 from transformers import Trainer, TrainerCallback
+from transformers.utils import logging as hf_logging
 
+import datasets as hf_datasets
+
+from ..data_loading import ROW_INDEX, drop_bad_caption_rows, with_row_index
 from ..modeling import LLM2CLIPModel, LLM2CLIPTextModel
 from .caption_pairs import QUERY, CaptionPairCollator, build_caption_pairs, require_columns
-from .clip_data import ROW_INDEX, CLIPCollator
+from .clip_data import CLIPCollator
+from .distributed import average_gradients
 from .embedding_cache import check_embedding_cache, text_model_fingerprint
+from .grad_cache import grad_cache_backward
 from .image_transforms import CLIPImageTransform
 from .layer_decay import layer_decay_parameter_groups
 from .losses import CaptionContrastiveLoss, CLIPContrastiveLoss
 from .model_card import build_model_card
 from .training_args import CAPTION_STAGE, CLIP_STAGE, LLM2CLIPTrainingArguments
+
+
+logger = hf_logging.get_logger(__name__)
 
 
 class LogitScaleClampCallback(TrainerCallback):
@@ -130,8 +140,12 @@ class LLM2CLIPTrainer(Trainer):
             model = get_peft_model(model, peft_config or default_lora_config(args))
         self.text_model = base
         short, long = args.caption_columns
-        datasets = [build_caption_pairs(d, short, long, args.seed, args.hard_negatives)
-                    if d is not None and QUERY not in d.column_names else d for d in (train_dataset, eval_dataset)]
+        datasets = []
+        for dataset, skip in ((train_dataset, args.skip_bad_rows), (eval_dataset, False)):
+            if dataset is not None and QUERY not in dataset.column_names:
+                dataset = drop_bad_caption_rows(with_row_index(dataset), [short, long], skip)
+                dataset = build_caption_pairs(dataset, short, long, args.seed, args.hard_negatives)
+            datasets.append(dataset)
         collator = CaptionPairCollator(base, args.short_query_instruction, args.long_query_instruction,
                                        args.instruction_separator)
         return model, collator, datasets[0], datasets[1]
@@ -150,23 +164,26 @@ class LLM2CLIPTrainer(Trainer):
             model.text_model.requires_grad_(False)
             if args.text_source == "lora":
                 inject_adapter_in_model(peft_config or default_lora_config(args), model.text_model)
-        for dataset in (train_dataset, eval_dataset):
-            if dataset is None:
-                continue
-            require_columns(dataset, [args.image_column], "CLIP training")
-            if in_loop:
-                require_columns(dataset, args.caption_columns, "CLIP training with the LLM in the loop")
-            else:
-                self._check_cache(model, dataset, args, text_model)
+        prepared = []
+        for dataset, skip in ((train_dataset, args.skip_bad_rows), (eval_dataset, False)):
+            if dataset is not None:
+                require_columns(dataset, [args.image_column], "CLIP training")
+                dataset = with_row_index(dataset)
+                if in_loop:
+                    dataset = drop_bad_caption_rows(dataset, args.caption_columns, skip)
+                else:
+                    self._check_cache(model, dataset, args, text_model)
+                if isinstance(dataset.features[args.image_column], hf_datasets.Image):
+                    # decode in the collator, where an unreadable image can be skipped or named
+                    dataset = dataset.cast_column(args.image_column, hf_datasets.Image(decode=False))
+            prepared.append(dataset)
         collator = CLIPCollator(
             args.image_column, args.caption_columns,
             CLIPImageTransform(model.config.vision_config.image_size, augment=args.image_augmentation),
             seed=args.seed, weights=args.caption_sampling_weights,
-            text_model=model.text_model if in_loop else None,
+            text_model=model.text_model if in_loop else None, skip_bad_rows=args.skip_bad_rows,
         )
-        indexed = [d.add_column(ROW_INDEX, list(range(len(d)))) if d is not None and ROW_INDEX not in d.column_names
-                   else d for d in (train_dataset, eval_dataset)]
-        return collator, indexed[0], indexed[1]
+        return collator, prepared[0], prepared[1]
 
     @staticmethod
     def _check_cache(model: LLM2CLIPModel, dataset: Dataset, args, text_model: LLM2CLIPTextModel | None) -> None:
@@ -178,6 +195,7 @@ class LLM2CLIPTrainer(Trainer):
 
     # --------------------------------------------------------------------------------------------- loss
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        inputs = {k: v for k, v in inputs.items() if k != ROW_INDEX}
         if self.args.stage == CAPTION_STAGE:
             embeddings = {role: model(**batch).text_embeds for role, batch in inputs.items()}
             loss = self.loss(embeddings["query"], embeddings["positive"], embeddings.get("negative"))
@@ -187,11 +205,109 @@ class LLM2CLIPTrainer(Trainer):
         loss = self.loss(outputs.image_embeds, outputs.text_embeds, logit_scale)
         return (loss, outputs) if return_outputs else loss
 
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        """The Trainer's step, or with ``gradcache_chunk_size`` a GradCache step: the exact gradient of the loss
+        over the whole batch, with activations held for one chunk at a time."""
+        rows = inputs.get(ROW_INDEX)
+        loss = self._gradcache_step(model, inputs) if self.args.gradcache_chunk_size else \
+            super().training_step(model, inputs, num_items_in_batch)
+        if not torch.isfinite(loss):
+            self._stop_on_non_finite_loss(loss, rows)
+        return loss
+
+    def _stop_on_non_finite_loss(self, loss: torch.Tensor, rows: torch.Tensor | None) -> None:
+        """Save the last good state (this step's update has not been applied) and stop, naming step and rows."""
+        self._save_checkpoint(self.model, trial=None)
+        checkpoint = os.path.join(self.args.output_dir, f"checkpoint-{self.state.global_step}")
+        raise FloatingPointError(
+            f"Non-finite loss ({loss.item()}) at step {self.state.global_step + 1}; batch rows "
+            f"{rows.tolist() if rows is not None else 'unknown'}. The last good state is saved in {checkpoint}. "
+            "Check those rows (and the learning rate), then resume with resume_from_checkpoint."
+        )
+
+    def _gradcache_step(self, model, inputs) -> torch.Tensor:
+        chunk_size = self.args.gradcache_chunk_size
+        model.train()
+        inputs = {k: v for k, v in self._prepare_inputs(inputs).items() if k != ROW_INDEX}
+        unwrapped = self.accelerator.unwrap_model(model)
+        encoders, batches, loss_fn = self._grad_cache_parts(unwrapped, inputs)
+        # Gradients are computed outside DDP's forward: skip its reducer and average them ourselves afterwards.
+        no_sync = model.no_sync if hasattr(model, "no_sync") else contextlib.nullcontext
+        with self.compute_loss_context_manager(), no_sync():
+            loss = grad_cache_backward(encoders, batches, loss_fn, chunk_size,
+                                       gradient_scale=1.0 / self.current_gradient_accumulation_steps)
+        average_gradients(p for p in unwrapped.parameters() if p.requires_grad)
+        return loss / self.current_gradient_accumulation_steps
+
+    def _grad_cache_parts(self, model, inputs):
+        """Per-role encoders and inputs, and the loss on their embeddings, for :func:`grad_cache_backward`."""
+        if self.args.stage == CAPTION_STAGE:
+            encoders = {role: (lambda batch: model(**batch).text_embeds) for role in inputs}
+
+            def caption_loss(embeddings):
+                return self.loss(embeddings["query"], embeddings["positive"], embeddings.get("negative"))
+
+            return encoders, inputs, caption_loss
+        text_inputs = {k: v for k, v in inputs.items() if k != "pixel_values"}
+        encoders = {"image": lambda batch: model.get_image_features(pixel_values=batch["pixel_values"]),
+                    "text": lambda batch: model.get_text_features(**batch)}
+
+        def clip_loss(embeddings):
+            return self.loss(embeddings["image"], embeddings["text"], model.logit_scale)
+
+        return encoders, {"image": {"pixel_values": inputs["pixel_values"]}, "text": text_inputs}, clip_loss
+
+    def train(self, *args: Any, **kwargs: Any):
+        """``Trainer.train``; the result's metrics also count skipped bad rows and truncated captions."""
+        text_model = self._text_encoder()
+        truncated_before = getattr(text_model, "num_truncated_captions", 0)
+        result = super().train(*args, **kwargs)
+        skipped = len(getattr(self.data_collator, "skipped_rows", []))
+        truncated = getattr(text_model, "num_truncated_captions", 0) - truncated_before
+        result.metrics.update(skipped_rows=skipped, truncated_captions=truncated)
+        if skipped:
+            logger.warning(f"Skipped {skipped} rows with unreadable images: {self.data_collator.skipped_rows[:20]}.")
+        if truncated:
+            logger.warning(f"{truncated} training captions were longer than max_length="
+                           f"{text_model.config.max_seq_length} tokens and were truncated.")
+        return result
+
+    def _text_encoder(self) -> LLM2CLIPTextModel | None:
+        model = self.accelerator.unwrap_model(self.model)
+        model = model.get_base_model() if isinstance(model, PeftModel) else model
+        return model if isinstance(model, LLM2CLIPTextModel) else getattr(model, "text_model", None)
+
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = self._prepare_inputs(inputs)
         with torch.no_grad():
             loss = self.compute_loss(model, inputs)
         return loss.detach(), None, None
+
+    def evaluate(self, eval_dataset: Dataset | None = None, ignore_keys: list[str] | None = None,
+                 metric_key_prefix: str = "eval") -> dict[str, float]:
+        """The Trainer's evaluation loss plus the stage's retrieval metrics, logged together: caption retrieval
+        accuracy (``cra``) between the caption columns in stage "caption"; image<->text recall@k in stage "clip"."""
+        metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
+        if not self.args.retrieval_metrics or not isinstance(dataset, Dataset):
+            return metrics
+        extra = {f"{metric_key_prefix}_{name}": value for name, value in self.retrieval_metrics(dataset).items()}
+        self.log(extra)
+        metrics.update(extra)
+        return metrics
+
+    def retrieval_metrics(self, dataset: Dataset) -> dict[str, float]:
+        """Stage metrics of the current model on ``dataset`` (see :meth:`evaluate`)."""
+        from ..evaluation import evaluate_caption_retrieval, evaluate_retrieval
+
+        model = self.accelerator.unwrap_model(self.model)
+        batch_size = self.args.per_device_eval_batch_size
+        if self.args.stage == CAPTION_STAGE:
+            base = model.get_base_model() if isinstance(model, PeftModel) else model
+            return evaluate_caption_retrieval(base, dataset, self.args.caption_columns, batch_size=batch_size,
+                                              show_progress_bar=False)
+        return evaluate_retrieval(model, dataset, self.args.image_column, self.args.caption_columns,
+                                  batch_size=batch_size, show_progress_bar=False)
 
     def create_optimizer(self):
         if self.args.stage == CLIP_STAGE and self.optimizer is None:

@@ -68,6 +68,20 @@ class LLM2CLIPTrainingArguments(TrainingArguments):
     image_augmentation: bool = field(
         default=True, metadata={"help": "RandomResizedCrop(scale 0.9-1, bicubic) when training; else center crop."}
     )
+    skip_bad_rows: bool = field(
+        default=True, metadata={"help": "Skip training rows with an unreadable image or an empty / non-string caption "
+                                        "(counted and logged); False stops at the first one, naming the row. "
+                                        "Evaluation never skips rows."}
+    )
+    gradcache_chunk_size: int | None = field(
+        default=None, metadata={"help": "GradCache: embed the batch in chunks of this many rows without graphs, "
+                                        "take the loss on the whole batch, then backpropagate chunk by chunk. Exact "
+                                        "full-batch gradients with the activation memory of one chunk."}
+    )
+    retrieval_metrics: bool = field(
+        default=True, metadata={"help": "At each evaluation also compute caption retrieval accuracy (caption stage) "
+                                        "or image<->text recall@1/5/10 (clip stage) on the eval dataset."}
+    )
     # ---- overrides of TrainingArguments defaults (None = the stage's official value)
     learning_rate: float | None = field(default=None, metadata={"help": "Default: 2e-4 (caption), 1e-5 (clip)."})
     warmup_steps: float | None = field(default=None, metadata={"help": "Default: 300 (caption), 0 (clip)."})
@@ -75,7 +89,6 @@ class LLM2CLIPTrainingArguments(TrainingArguments):
     max_grad_norm: float | None = field(default=None, metadata={"help": "Default: 1.0 (caption), 5.0 (clip)."})
     lr_scheduler_type: str | None = field(default=None, metadata={"help": "Default: linear (caption), cosine (clip)."})
     remove_unused_columns: bool = field(default=False, metadata={"help": "Kept False: the collators read raw columns."})
-    report_to: str | list[str] = field(default="none", metadata={"help": "Integrations to report to."})
     hub_strategy: str = field(
         default="end", metadata={"help": "Push only the final model (checkpoints hold LoRA adapters, not models)."}
     )

@@ -1,0 +1,35 @@
+"""Metrics of the evaluation suite: retrieval recall, zero-shot classification and caption retrieval accuracy,
+all computed from embeddings in chunks, plus a local ``evaluate`` metric wrapping :func:`retrieval_recall`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .model_evaluation import (
+    embed_images,
+    evaluate_caption_retrieval,
+    evaluate_retrieval,
+    evaluate_zero_shot,
+)
+from .caption_retrieval import caption_retrieval_accuracy, caption_retrieval_metrics
+from .ranking import best_correct_rank
+from .retrieval import retrieval_recall
+from .zero_shot import DEFAULT_TEMPLATES, build_classifier, zero_shot_accuracy
+
+_METRIC_DIR = Path(__file__).with_name("metric")
+
+
+def metric_path(name: str = "llm2clip_retrieval") -> str:
+    """Directory of a bundled ``evaluate`` metric, for ``evaluate.load(metric_path())`` (works offline)."""
+    path = _METRIC_DIR / name
+    if not (path / f"{name}.py").is_file():
+        available = sorted(p.name for p in _METRIC_DIR.iterdir() if (p / f"{p.name}.py").is_file())
+        raise ValueError(f"No bundled evaluate metric named {name!r}; available: {available}.")
+    return str(path)
+
+
+__all__ = [
+    "DEFAULT_TEMPLATES", "best_correct_rank", "build_classifier", "caption_retrieval_accuracy",
+    "caption_retrieval_metrics", "embed_images", "evaluate_caption_retrieval", "evaluate_retrieval",
+    "evaluate_zero_shot", "metric_path", "retrieval_recall", "zero_shot_accuracy",
+]

@@ -1,0 +1,187 @@
+"""Run the metrics on models and datasets: embed images and captions in batches, then rank in chunks.
+
+Every row is used: a row that cannot be embedded stops the evaluation with its index, so reported numbers always
+cover the whole dataset.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from datasets import Dataset
+from transformers.utils import logging as hf_logging
+
+from ..data_loading import caption_texts, require_columns
+from ..modeling import LLM2CLIPModel, LLM2CLIPTextModel
+from ..modeling.processing_llm2clip import clip_image_processor
+from .caption_retrieval import caption_retrieval_metrics
+from .retrieval import retrieval_recall
+from .zero_shot import DEFAULT_TEMPLATES, build_classifier, zero_shot_accuracy
+
+
+@torch.no_grad()
+def embed_images(model: LLM2CLIPModel, images: Sequence, batch_size: int = 32,
+                 show_progress_bar: bool | None = None) -> torch.Tensor:
+    """Joint-space image features (float32, CPU) with the evaluation preprocessing (resize + center crop)."""
+    from ..trainers.image_transforms import load_image
+
+    processor = clip_image_processor(model.config.vision_config.image_size)
+    device, dtype = model.logit_scale.device, model.visual_projection.weight.dtype
+    was_training = model.training
+    model.eval()
+    features = []
+    disable = not (show_progress_bar if show_progress_bar is not None else len(images) > batch_size)
+    for start in hf_logging.tqdm(range(0, len(images), batch_size), desc="Embedding images", unit="batch",
+                                 disable=disable):
+        batch = []
+        for row in range(start, min(start + batch_size, len(images))):
+            try:
+                batch.append(load_image(images[row]))
+            except Exception as error:  # noqa: BLE001 - any unreadable image: name the row, keep the cause
+                raise ValueError(f"Row {row}: cannot read the image ({type(error).__name__}: {error}). Fix or drop "
+                                 "that row; evaluation does not skip rows.") from error
+        pixels = processor(batch, return_tensors="pt")["pixel_values"].to(device, dtype)
+        features.append(model.get_image_features(pixel_values=pixels).float().cpu())
+    model.train(was_training)
+    return torch.cat(features)
+
+
+@torch.no_grad()
+def embed_llm_outputs(model: LLM2CLIPModel, llm_embeddings: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
+    """Joint-space text features from LLM sentence embeddings (the adapter), float32 on CPU."""
+    device = model.logit_scale.device
+    was_training = model.training
+    model.eval()
+    out = [model.get_text_features(llm_embeddings[i:i + batch_size].to(device)).float().cpu()
+           for i in range(0, len(llm_embeddings), batch_size)]
+    model.train(was_training)
+    return torch.cat(out)
+
+
+def llm_embeddings_for(texts: list[str], model: LLM2CLIPModel, text_model: LLM2CLIPTextModel | None,
+                       batch_size: int = 32, show_progress_bar: bool | None = None) -> torch.Tensor:
+    """LLM embeddings of ``texts`` from ``text_model``, else from the model's embedded text encoder."""
+    encoder = text_model if text_model is not None else model.text_model
+    if encoder is None:
+        raise ValueError(
+            "This LLM2CLIPModel has no embedded text encoder and no text model was given. Pass the text model its "
+            "adapter was trained on (--text-model, or text_model=...), or a dataset with cached embeddings."
+        )
+    return encoder.encode(texts, batch_size=batch_size, show_progress_bar=show_progress_bar)
+
+
+def cached_llm_embeddings(dataset: Dataset, caption_columns: Sequence[str], model: LLM2CLIPModel) -> torch.Tensor | None:
+    """Cached embeddings of ``caption_columns`` in :func:`caption_texts` order, when the dataset has them and they
+    were made by the model's text encoder (fingerprint check); ``None`` when the dataset carries no cache."""
+    from ..trainers.embedding_cache import check_embedding_cache, embedding_column, read_cache_metadata
+
+    if read_cache_metadata(dataset) is None or any(embedding_column(c) not in dataset.column_names
+                                                   for c in caption_columns):
+        return None
+    check_embedding_cache(dataset, caption_columns, model.config.text_model_fingerprint, model.config.text_embedding_dim)
+    vectors = []
+    for cells in zip(*[dataset[embedding_column(c)] for c in caption_columns]):
+        for cell in cells:
+            array = np.asarray(cell, dtype=np.float32)
+            vectors.extend(array if array.ndim == 2 else [array])
+    return torch.from_numpy(np.stack(vectors))
+
+
+def evaluate_retrieval(
+    model: LLM2CLIPModel,
+    dataset: Dataset,
+    image_column: str,
+    caption_columns: Sequence[str],
+    text_model: LLM2CLIPTextModel | None = None,
+    batch_size: int = 32,
+    ks: Sequence[int] = (1, 5, 10),
+    chunk_size: int = 1024,
+    show_progress_bar: bool | None = None,
+) -> dict[str, float]:
+    """Image<->text recall@k on ``dataset`` (every caption of every caption column belongs to its row's image).
+
+    Caption embeddings come from the dataset's cache when present (checked against the model), else from
+    ``text_model`` or the embedded text encoder. Also reports the number of images and captions.
+    """
+    require_columns(dataset, [image_column, *caption_columns], "Retrieval evaluation")
+    texts, text_to_image = caption_texts(dataset, caption_columns)
+    llm = cached_llm_embeddings(dataset, caption_columns, model)
+    if llm is None:
+        llm = llm_embeddings_for(texts, model, text_model, batch_size, show_progress_bar)
+    text_features = embed_llm_outputs(model, llm)
+    image_features = embed_images(model, dataset[image_column], batch_size, show_progress_bar)
+    metrics = retrieval_recall(image_features, text_features, text_to_image, ks=ks, chunk_size=chunk_size,
+                               show_progress_bar=show_progress_bar)
+    return {**metrics, "num_images": len(dataset), "num_captions": len(texts)}
+
+
+def evaluate_zero_shot(
+    model: LLM2CLIPModel,
+    dataset: Dataset,
+    image_column: str,
+    label_column: str,
+    class_names: Sequence[str] | None = None,
+    templates: Sequence[str] = DEFAULT_TEMPLATES,
+    text_model: LLM2CLIPTextModel | None = None,
+    batch_size: int = 32,
+    show_progress_bar: bool | None = None,
+) -> dict[str, float]:
+    """Zero-shot classification accuracy: class names x templates embedded and averaged per class.
+
+    ``label_column`` holds class indices (a ``ClassLabel``, whose names are used by default) or class-name strings.
+    """
+    require_columns(dataset, [image_column, label_column], "Zero-shot evaluation")
+    labels = list(dataset[label_column])
+    feature = dataset.features[label_column]
+    if class_names is None:
+        class_names = getattr(feature, "names", None) or sorted(set(map(str, labels)))
+    class_names = list(class_names)
+    if labels and isinstance(labels[0], str):
+        index = {name: i for i, name in enumerate(class_names)}
+        unknown = sorted(set(labels) - set(index))
+        if unknown:
+            raise ValueError(f"Labels {unknown[:10]} are not among the class names {class_names[:10]}...; pass "
+                             "class_names covering every label.")
+        labels = [index[name] for name in labels]
+
+    def encode(texts: list[str]) -> torch.Tensor:
+        return embed_llm_outputs(model, llm_embeddings_for(texts, model, text_model, batch_size, False))
+
+    classifier = build_classifier(class_names, templates, encode, show_progress_bar=show_progress_bar)
+    image_features = embed_images(model, dataset[image_column], batch_size, show_progress_bar)
+    metrics = zero_shot_accuracy(image_features, torch.tensor(labels), classifier)
+    return {**metrics, "num_images": len(dataset), "num_classes": len(class_names)}
+
+
+def evaluate_caption_retrieval(
+    text_model: LLM2CLIPTextModel,
+    dataset: Dataset,
+    caption_columns: Sequence[str],
+    query_instruction: str | None = None,
+    batch_size: int = 32,
+    chunk_size: int = 1024,
+    show_progress_bar: bool | None = None,
+) -> dict[str, float]:
+    """Caption retrieval accuracy (CRA) between two caption columns of the same rows, both directions, in percent.
+
+    ``query_instruction`` (excluded from pooling) is put on the query side of each direction, as stage 1 trains.
+    """
+    if len(caption_columns) != 2:
+        raise ValueError(f"Caption retrieval needs exactly two caption columns, got {list(caption_columns)}.")
+    require_columns(dataset, caption_columns, "Caption retrieval evaluation")
+    first, second = (caption_texts(dataset, [c])[0] for c in caption_columns)
+    if len(first) != len(dataset) or len(second) != len(dataset):
+        raise ValueError("Caption retrieval needs one caption per row in each column (found lists of captions).")
+    plain = [text_model.encode(t, batch_size=batch_size, show_progress_bar=show_progress_bar) for t in (first, second)]
+    if query_instruction is None:
+        metrics = caption_retrieval_metrics(plain[0], plain[1], chunk_size=chunk_size)
+    else:
+        queries = [text_model.encode(t, instruction=query_instruction, batch_size=batch_size,
+                                     show_progress_bar=show_progress_bar) for t in (first, second)]
+        forward = caption_retrieval_metrics(queries[0], plain[1], chunk_size=chunk_size)
+        backward = caption_retrieval_metrics(queries[1], plain[0], chunk_size=chunk_size)
+        metrics = {"cra_a_to_b": forward["cra_a_to_b"], "cra_b_to_a": backward["cra_a_to_b"]}
+        metrics["cra"] = (metrics["cra_a_to_b"] + metrics["cra_b_to_a"]) / 2
+    return {**metrics, "num_pairs": len(dataset)}

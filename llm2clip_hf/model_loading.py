@@ -1,0 +1,94 @@
+"""Load the models the CLI and the demo name: a plain LLM or a saved text encoder, and saved LLM2CLIP models.
+
+Loading errors say how to provide the model, and with ``HF_HUB_OFFLINE=1`` nothing tries the network.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from huggingface_hub import constants as hub_constants
+from transformers import AutoConfig
+
+from .assets import SMOLLM2_HUB_ID, smollm2_gguf
+from .modeling import LLM2CLIPConfig, LLM2CLIPModel, LLM2CLIPTextConfig, LLM2CLIPTextModel
+
+DEFAULT_TEXT_MODEL = "smollm2"  # SmolLM2-135M-Instruct: the offline GGUF asset if installed, else the Hub id
+
+
+def hub_is_offline() -> bool:
+    """Whether ``HF_HUB_OFFLINE`` forbids network calls in this process."""
+    return bool(hub_constants.HF_HUB_OFFLINE) or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+
+
+def _missing_model_error(name: str, what: str, error: Exception) -> OSError:
+    if Path(name).expanduser().exists():
+        return OSError(f"{name} exists but is not a loadable {what}: {error}")
+    where = ("HF_HUB_OFFLINE=1 is set, so only local folders and models already in the Hugging Face cache can be "
+             "used: download it where the Hub is reachable (huggingface-cli download " f"{name}) or pass a local "
+             "folder.") if hub_is_offline() else "Check the Hub id, your network and token, or pass a local folder."
+    return OSError(f"Cannot load the {what} {name!r}: it is not a local folder, and {where} (cause: {error})")
+
+
+def load_text_model(
+    name_or_path: str | None = None,
+    gguf_file: str | None = None,
+    pooling_mode: str | None = None,
+    text_template: str | None = None,
+    max_length: int | None = None,
+    **from_pretrained_kwargs: Any,
+) -> LLM2CLIPTextModel:
+    """A text encoder from a saved :class:`LLM2CLIPTextModel` or from a plain LLM (made bidirectional).
+
+    ``None`` / ``"smollm2"`` selects SmolLM2-135M-Instruct (the offline GGUF asset when installed). The pooling,
+    template and length options apply when wrapping a plain LLM; a saved text encoder keeps its own, and giving a
+    different value is an error rather than a silent change of its embeddings.
+    """
+    if name_or_path in (None, DEFAULT_TEXT_MODEL):
+        try:
+            directory, default_gguf = smollm2_gguf()
+            name_or_path, gguf_file = str(directory), gguf_file or default_gguf
+        except FileNotFoundError:
+            if hub_is_offline():
+                raise
+            name_or_path = SMOLLM2_HUB_ID
+    if gguf_file is not None:
+        from_pretrained_kwargs["gguf_file"] = gguf_file
+    hub_kwargs = {k: v for k, v in from_pretrained_kwargs.items() if k in ("gguf_file", "revision", "token")}
+    try:
+        config = AutoConfig.from_pretrained(name_or_path, **hub_kwargs)
+    except (OSError, ValueError) as error:
+        raise _missing_model_error(str(name_or_path), "text model", error) from error
+    if isinstance(config, LLM2CLIPTextConfig):
+        requested = {"pooling_mode": pooling_mode, "text_template": text_template, "max_seq_length": max_length}
+        conflicts = {k: (v, getattr(config, k)) for k, v in requested.items() if v is not None and v != getattr(config, k)}
+        if conflicts:
+            details = ", ".join(f"{k}={v[0]!r} (saved: {v[1]!r})" for k, v in conflicts.items())
+            raise ValueError(
+                f"{name_or_path} is a saved LLM2CLIP text encoder trained with its own settings; {details} would "
+                "change its embeddings. Drop these options, or wrap the base LLM instead."
+            )
+        return LLM2CLIPTextModel.from_pretrained(name_or_path, **from_pretrained_kwargs)
+    if isinstance(config, LLM2CLIPConfig):
+        raise ValueError(f"{name_or_path} is a full LLM2CLIP model; pass it as --model, and its text model (if "
+                         "any) as --text-model.")
+    return LLM2CLIPTextModel.from_llm(
+        name_or_path, pooling_mode=pooling_mode or "mean", text_template=text_template,
+        max_length=max_length or 512, **from_pretrained_kwargs,
+    )
+
+
+def load_clip_model(name_or_path: str, **from_pretrained_kwargs: Any) -> LLM2CLIPModel:
+    """A saved :class:`LLM2CLIPModel` (a folder or Hub id written by ``save_pretrained`` or ``llm2clip-hf convert``)."""
+    try:
+        config = AutoConfig.from_pretrained(name_or_path)
+    except (OSError, ValueError) as error:
+        raise _missing_model_error(name_or_path, "LLM2CLIP model", error) from error
+    if not isinstance(config, LLM2CLIPConfig):
+        raise ValueError(
+            f"{name_or_path} holds a {type(config).__name__}, not an LLM2CLIP model. Convert official checkpoints "
+            "with `llm2clip-hf convert`, or train one with `llm2clip-hf train --stage clip`."
+        )
+    return LLM2CLIPModel.from_pretrained(name_or_path, **from_pretrained_kwargs)

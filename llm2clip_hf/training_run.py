@@ -1,0 +1,78 @@
+"""`llm2clip-hf train`: data, models and cache from command-line arguments, then ``LLM2CLIPTrainer``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from accelerate import PartialState
+from datasets import Dataset
+
+from .data_loading import load_dataset_from_spec
+from .model_loading import load_clip_model
+from .modeling import LLM2CLIPModel
+from .trainers import LLM2CLIPTrainer, LLM2CLIPTrainingArguments, precompute_text_embeddings
+from .trainers.embedding_cache import embedding_column, read_cache_metadata
+from .trainers.training_args import CAPTION_STAGE
+
+
+def has_cache(dataset: Dataset, caption_columns: list[str]) -> bool:
+    """Whether ``dataset`` already carries cached embeddings of every caption column."""
+    return read_cache_metadata(dataset) is not None and all(
+        embedding_column(c) in dataset.column_names for c in caption_columns)
+
+
+def train_from_cli(text: Any, data: Any, clip: Any, args: LLM2CLIPTrainingArguments) -> dict[str, Any] | None:
+    """Run one training stage as the CLI describes it; return (and save) the metrics on the main process."""
+    state = PartialState()
+    image_column = args.image_column if args.stage != CAPTION_STAGE else None
+    train = load_dataset_from_spec(data.dataset, data.split, image_column)
+    if data.max_samples:
+        train = train.select(range(min(data.max_samples, len(train))))
+    evaluation = None
+    if data.eval_dataset or data.eval_split:
+        evaluation = load_dataset_from_spec(data.eval_dataset or data.dataset, data.eval_split or data.split,
+                                            image_column)
+    output_dir = Path(args.output_dir)
+    text_model = None
+    if args.stage == CAPTION_STAGE:
+        model = text_model = text.load()
+    else:
+        cached = args.text_source == "cached"
+        needs_text_model = clip.model is None or text.text_model is not None or (
+            cached and not has_cache(train, args.caption_columns))
+        text_model = text.load() if needs_text_model else None
+        if clip.model is not None:
+            model = load_clip_model(clip.model)
+        else:
+            model = LLM2CLIPModel.from_text_model(
+                text_model, clip.vision_config(),
+                embed_text_model=clip.embed_text_model or not cached, projection_dim=clip.projection_dim)
+        if cached:
+            cache_dir = Path(data.embedding_cache) if data.embedding_cache else output_dir / "_embedding_cache"
+            with state.main_process_first():  # one process writes the cache, the others reuse it
+                if not has_cache(train, args.caption_columns):
+                    train = precompute_text_embeddings(train, text_model, args.caption_columns, cache_dir,
+                                                       batch_size=args.per_device_eval_batch_size)
+                if evaluation is not None and not has_cache(evaluation, args.caption_columns):
+                    evaluation = precompute_text_embeddings(
+                        evaluation, text_model, args.caption_columns, cache_dir.with_name(cache_dir.name + "_eval"),
+                        batch_size=args.per_device_eval_batch_size)
+    if evaluation is None and data.eval_fraction > 0:
+        parts = train.train_test_split(test_size=data.eval_fraction, seed=args.seed)
+        train, evaluation = parts["train"], parts["test"]
+    trainer = LLM2CLIPTrainer(model=model, args=args, train_dataset=train, eval_dataset=evaluation,
+                              text_model=text_model if args.stage != CAPTION_STAGE else None)
+    resume = args.resume_from_checkpoint
+    result = trainer.train(resume_from_checkpoint=True if resume in ("true", "True") else resume)
+    trainer.save_model()
+    metrics: dict[str, Any] = {"stage": args.stage, "output_dir": str(output_dir), **result.metrics}
+    if evaluation is not None:
+        metrics.update(trainer.evaluate())
+    if args.push_to_hub:
+        trainer.push_to_hub()
+    if not state.is_main_process:
+        return None
+    (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
+    return metrics
