@@ -75,9 +75,10 @@ def _losses(trainer: LLM2CLIPTrainer) -> list[tuple[int, float]]:
     return [(entry["step"], entry["loss"]) for entry in trainer.state.log_history if "loss" in entry]
 
 
-def _common_args(args: DemoArguments, directory: Path, **settings: Any) -> LLM2CLIPTrainingArguments:
+def _common_args(args: DemoArguments, directory: Path, logging_steps: int,
+                 **settings: Any) -> LLM2CLIPTrainingArguments:
     return LLM2CLIPTrainingArguments(
-        output_dir=str(directory), save_strategy="no", logging_steps=1 if args.smoke else 5, use_cpu=True,
+        output_dir=str(directory), save_strategy="no", logging_steps=logging_steps, use_cpu=True,
         seed=args.seed, dataloader_drop_last=True, **settings,
     )
 
@@ -102,7 +103,7 @@ def run(args: DemoArguments) -> dict[str, Any]:
     # ---- stage 1: caption contrastive fine-tuning, CRA on held-out pairs before and after
     cra_before = evaluate_caption_retrieval(text_model, test, [SHORT, LONG])
     stage1_args = _common_args(
-        args, out / "stage1", stage="caption", caption_columns=[SHORT, LONG],
+        args, out / "stage1", 1, stage="caption", caption_columns=[SHORT, LONG],
         max_steps=2 if args.smoke else args.stage1_steps,
         per_device_train_batch_size=8 if args.smoke else args.stage1_batch_size,
         learning_rate=args.stage1_learning_rate, warmup_steps=0 if args.smoke else 2,
@@ -125,7 +126,7 @@ def run(args: DemoArguments) -> dict[str, Any]:
                                           projection_dim=64 if args.smoke else 256)
     retrieval_before = evaluate_retrieval(model, cached_test, "image", [SHORT, LONG])
     stage2_args = _common_args(
-        args, out / "stage2", stage="clip", caption_columns=[SHORT, LONG],
+        args, out / "stage2", 1 if args.smoke else 5, stage="clip", caption_columns=[SHORT, LONG],
         max_steps=3 if args.smoke else args.stage2_steps,
         per_device_train_batch_size=16 if args.smoke else args.stage2_batch_size,
         learning_rate=args.stage2_learning_rate, warmup_steps=0 if args.smoke else 20, weight_decay=0.05,
