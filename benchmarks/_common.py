@@ -21,7 +21,7 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -37,8 +37,6 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # run from a checkout without `pip install -e .`
     sys.path.insert(1, str(REPO_ROOT))
-
-from transformers import TrainerCallback  # noqa: E402
 
 WORKER_FLAG = "--_worker"  # internal: run one configuration in this (fresh) process and print its result
 RESULT_PREFIX = "BENCHMARK_RESULT "
@@ -134,27 +132,36 @@ def time_interleaved(fns: dict[str, Callable[[], Any]], repeats: int, warmup: in
     return times
 
 
-class StepTimer(TrainerCallback):
-    """Wall time between consecutive ``on_step_end`` events: a whole training step as the Trainer runs it
-    (fetching and collating the batch, forward, backward, clipping, optimizer and scheduler, callbacks, logging)."""
+@functools.lru_cache(maxsize=None)
+def step_timer_class() -> type:
+    """The ``StepTimer`` callback class (defined on first use: importing transformers takes seconds, which a script
+    can spend in parallel with its worker processes)."""
+    from transformers import TrainerCallback
 
-    def __init__(self) -> None:
-        self.last: float | None = None
-        self.intervals: list[float] = []
+    class StepTimer(TrainerCallback):
+        """Wall time between consecutive ``on_step_end`` events: a whole training step as the Trainer runs it
+        (fetching and collating the batch, forward, backward, clipping, optimizer and scheduler, callbacks,
+        logging)."""
 
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.last = None  # the first step of a train() call also pays for the dataloader's start: not counted
+        def __init__(self) -> None:
+            self.last: float | None = None
+            self.intervals: list[float] = []
 
-    def on_step_end(self, args, state, control, **kwargs):
-        now = time.perf_counter()
-        if self.last is not None:
-            self.intervals.append(now - self.last)
-        self.last = now
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.last = None  # the first step of a train() call also pays for the dataloader's start: not counted
+
+        def on_step_end(self, args, state, control, **kwargs):
+            now = time.perf_counter()
+            if self.last is not None:
+                self.intervals.append(now - self.last)
+            self.last = now
+
+    return StepTimer
 
 
-def attach_step_timer(trainer) -> StepTimer:
-    """Add a :class:`StepTimer` to ``trainer`` and return it."""
-    timer = StepTimer()
+def attach_step_timer(trainer) -> Any:
+    """Add a ``StepTimer`` (see :func:`step_timer_class`) to ``trainer`` and return it."""
+    timer = step_timer_class()()
     trainer.add_callback(timer)
     return timer
 
@@ -276,6 +283,14 @@ def run_workers(script: str | Path, configs: Sequence[Any], parallel: int = 2,
 
     with ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
         return list(pool.map(run, configs))
+
+
+def start_workers(script: str | Path, configs: Sequence[Any], parallel: int = 2) -> Future:
+    """:func:`run_workers` in a background thread; ``.result()`` of the returned future waits for it."""
+    pool = ThreadPoolExecutor(max_workers=1)
+    future = pool.submit(run_workers, script, configs, parallel)
+    pool.shutdown(wait=False)
+    return future
 
 
 def report_worker_result(result: dict[str, Any]) -> None:
