@@ -1,5 +1,29 @@
-"""Straightforward re-derivations of the official computations, written from the formulas in REFERENCE.md and
-the official code's semantics, independent of llm2clip_hf. Tests compare the package against these."""
+"""Straightforward re-derivations of the official computations, independent of llm2clip_hf. Tests compare the
+package against these.
+
+Each function follows the official source named here (paths as in the GitHub repositories, checked against
+microsoft/LLM2CLIP at commit cba3b45 and McGill-NLP/llm2vec at commit 312adcf):
+
+* ``rope_angle`` / ``rope_rotate``: microsoft/LLM2CLIP ``llm2clip/eva_clip/rope.py``, class
+  ``VisionRotaryEmbeddingFast`` (``freqs_for='lang'`` frequencies ``theta ** -(arange(0, dim, 2) / dim)`` over
+  half the head, positions ``arange(ft_seq_len) / ft_seq_len * pt_seq_len``, each frequency repeated for a
+  channel pair, rows then columns) and ``rotate_half`` in the same file; applied to every token but the class
+  token in ``Attention.forward`` of ``llm2clip/eva_clip/eva_vit_model.py``.
+* ``eva02_image_features``: microsoft/LLM2CLIP ``llm2clip/eva_clip/eva_vit_model.py``, class
+  ``EVAVisionTransformer`` (``forward_features``: patch embed, class token, absolute position embedding, blocks,
+  ``norm``, class token; ``forward``: ``head``) with its ``Attention`` (``q_proj``/``k_proj``/``v_proj``, the
+  k projection without bias, ``inner_attn_ln``, ``proj``) and ``SwiGLU`` (``w1``, ``w2``, ``ffn_ln``, ``w3``)
+  classes; LayerNorm eps 1e-6 as ``_build_vision_tower`` in ``llm2clip/eva_clip/model.py`` passes it.
+* ``text_adapter_features``: microsoft/LLM2CLIP ``llm2clip/eva_clip/model.py``, classes ``TextProj``
+  (``forward``: L2-normalise, then ``text_adaptor`` = 4 ``LinearBlock``, ``nn.LayerNorm``, ``nn.Linear``) and
+  ``LinearBlock`` (``x + fn(ln(x))``, ``fn`` = Linear, GELU, Dropout, Linear).
+* ``official_state_dict``: key names of the modules above, as ``CustomCLIP`` in ``llm2clip/eva_clip/model.py``
+  nests them (``visual.*``, ``text.text_adaptor.*``); ``q_bias_naming`` gives the ``attn.q_bias``/``attn.v_bias``
+  parameters of ``Attention``'s fused-qkv branch.
+* ``llm2vec_encode``: McGill-NLP/llm2vec ``llm2vec/llm2vec.py``, class ``LLM2Vec`` (``_convert_to_str``,
+  ``prepare_for_tokenization``, ``tokenize``, ``get_pooling``, ``encode``). microsoft/LLM2CLIP vendors this
+  file as ``llm2clip/llm2vec/llm2vec.py`` with ``doc_max_length`` forced to 512.
+"""
 
 from __future__ import annotations
 
@@ -99,7 +123,7 @@ def text_adapter_features(sd: dict[str, torch.Tensor], embeddings: torch.Tensor)
 
 def official_state_dict(width: int, depth: int, patch: int, grid: int, mlp: int, proj: int, llm_dim: int,
                         seed: int = 0, q_bias_naming: bool = False) -> dict[str, torch.Tensor]:
-    """Random tensors under the official eva_clip key names and shapes (REFERENCE.md layout)."""
+    """Random tensors under the official eva_clip key names and shapes (see the module docstring)."""
     g = torch.Generator().manual_seed(seed)
 
     def r(*shape, scale=0.05):
@@ -148,14 +172,34 @@ def official_state_dict(width: int, depth: int, patch: int, grid: int, mlp: int,
 SEPARATOR = "!@#$%^&*()"
 
 
+def llm2vec_cut_text(tokenizer, text, max_length=512, doc_max_length=400):
+    """``LLM2Vec._convert_to_str``'s word cut: count the text's tokens (alone, no special tokens, truncated at
+    ``max_length``); while above ``doc_max_length``, keep ``int(len(text.split()) * doc_max_length / count)``
+    words joined by single spaces and count again."""
+    def count(t):
+        return len(tokenizer(t, return_tensors="pt", padding=True, truncation=True, max_length=max_length,
+                             add_special_tokens=False)["input_ids"][0])
+
+    length = count(text)
+    while length > doc_max_length:
+        reduction_ratio = doc_max_length / length
+        reduced_length = int(len(text.split()) * reduction_ratio)
+        text = " ".join(text.split()[:reduced_length])
+        length = count(text)
+    return text
+
+
 def llm2vec_encode(llm, tokenizer, texts, instruction=None, pooling_mode="mean", max_length=512,
-                   template=None, batch_size=4) -> torch.Tensor:
-    """llm2vec ``LLM2Vec.encode`` semantics: ``instruction.strip() + " " + SEP + text``, optional chat wrapper
-    around the stripped string, split at SEP, pool the last ``len(tokenize(tail, no special tokens))`` positions
-    of the left-padded batch. ``llm`` is a bidirectional transformers base model."""
+                   template=None, batch_size=4, doc_max_length=512) -> torch.Tensor:
+    """llm2vec ``LLM2Vec.encode`` semantics: cut each text to ``doc_max_length`` tokens by words
+    (``llm2vec_cut_text``; upstream's default is 400, LLM2CLIP's vendored copy 512), then
+    ``instruction.strip() + " " + SEP + text``, optional chat wrapper around the stripped string, split at SEP,
+    pool the last ``len(tokenize(tail, no special tokens))`` positions of the left-padded batch. ``llm`` is a
+    bidirectional transformers base model."""
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    texts = [llm2vec_cut_text(tokenizer, t, max_length, doc_max_length) for t in texts]
     joined = [f"{instruction.strip()} {SEPARATOR}{t}" if instruction else f"{SEPARATOR}{t}" for t in texts]
     if template is not None:
         prefix, suffix = template.split("{text}")

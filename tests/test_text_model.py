@@ -2,9 +2,11 @@ import pytest
 import torch
 from transformers import AutoModel, AutoTokenizer
 
-from llm2clip_hf import TEXT_TEMPLATES, LLM2CLIPTextConfig, LLM2CLIPTextModel
+from llm2clip_hf import TEXT_TEMPLATES, LLM2CLIPModel, LLM2CLIPProcessor, LLM2CLIPTextConfig, LLM2CLIPTextModel
 from llm2clip_hf.modeling.caption_tokenization import tokenize_texts
-from reference_impl import llm2vec_encode
+from llm2clip_hf.modeling.processing_llm2clip import clip_image_processor
+from llm2clip_hf.testing import _CORPUS, tiny_vision_config
+from reference_impl import llm2vec_cut_text, llm2vec_encode
 
 INSTRUCTION = "Given a sentence, retrieve a detailed relevant sentence"
 
@@ -149,6 +151,8 @@ def test_official_llama_bi_model_checkpoint_loads_into_llama(tiny_llm_dir, tmp_p
         ({"pooling_mode": "max"}, "Unknown pooling_mode 'max'"),
         ({"text_template": "no placeholder"}, "exactly once"),
         ({"max_length": 1}, "max_length"),
+        ({"doc_max_length": 0}, "doc_max_length must be None .* or a positive integer"),
+        ({"doc_max_length": 400.0}, "doc_max_length must be None .* or a positive integer"),
     ],
 )
 def test_bad_settings_are_refused(kwargs, message):
@@ -169,3 +173,88 @@ def test_missing_tokenizer_is_explained(text_model):
     text_model.tokenizer = None
     with pytest.raises(ValueError, match="has no tokenizer"):
         text_model.encode(["a dog"])
+
+
+# ------------------------------------------------------------------------ upstream llm2vec doc_max_length word cut
+# 600 words the tiny tokenizer knows (about 1,100 tokens): past max_length=512, so the count the cut starts from
+# is the truncated 512 and the cut takes several rounds, as upstream's does.
+LONG_CAPTION = " ".join(_CORPUS.split()[i % len(_CORPUS.split())] for i in range(600))
+# A short caption (unchanged by the cut, spaces kept) and a long one with irregular spacing (re-joined by " ").
+DOC_CAPTIONS = [LONG_CAPTION, "a  dog runs on green grass ", "two people walk\n" + LONG_CAPTION.replace(" of ", "  of ")]
+
+
+@pytest.mark.parametrize("instruction", [None, INSTRUCTION])
+def test_doc_max_length_400_equals_upstream_llm2vec(tiny_llm_dir, instruction):
+    model = LLM2CLIPTextModel.from_llm(tiny_llm_dir, max_length=512, doc_max_length=400)
+    assert model.config.doc_max_length == 400
+    got = model.encode(DOC_CAPTIONS, instruction=instruction, batch_size=2)
+    expected = llm2vec_encode(_reference_llm(tiny_llm_dir), AutoTokenizer.from_pretrained(tiny_llm_dir), DOC_CAPTIONS,
+                              instruction=instruction, max_length=512, doc_max_length=400)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+    # The cut matters here: without it (LLM2CLIP's setting) the long captions embed differently.
+    model.config.doc_max_length = None
+    uncut = model.encode(DOC_CAPTIONS, instruction=instruction, batch_size=2)
+    assert (got[0] - uncut[0]).abs().max() > 1e-3 and (got[2] - uncut[2]).abs().max() > 1e-3
+    torch.testing.assert_close(got[1], uncut[1], rtol=0, atol=1e-5)
+
+
+def test_doc_max_length_none_equals_llm2clip_setting_512(tiny_llm_dir):
+    model = LLM2CLIPTextModel.from_llm(tiny_llm_dir, max_length=512)
+    assert model.config.doc_max_length is None
+    got = model.encode(DOC_CAPTIONS, instruction=INSTRUCTION, batch_size=2)
+    expected = llm2vec_encode(_reference_llm(tiny_llm_dir), AutoTokenizer.from_pretrained(tiny_llm_dir), DOC_CAPTIONS,
+                              instruction=INSTRUCTION, max_length=512, doc_max_length=512)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+
+
+def test_doc_max_length_tokens_are_those_of_the_cut_text(text_model):
+    tokenizer = text_model.tokenizer
+    cut = llm2vec_cut_text(tokenizer, LONG_CAPTION, max_length=512, doc_max_length=400)
+    count = len(tokenizer(cut, add_special_tokens=False)["input_ids"])
+    assert count <= 400 and len(cut.split()) < 600
+    # A single round from the truncated count would keep int(600 * 400 / 512) = 468 words, still too long.
+    assert len(tokenizer(" ".join(LONG_CAPTION.split()[:468]), add_special_tokens=False)["input_ids"]) > 400
+    items = tokenize_texts(tokenizer, [LONG_CAPTION, "a  dog "], max_length=512, doc_max_length=400)
+    assert items[0].input_ids == tokenizer(cut)["input_ids"] and items[0].num_pooled == count
+    assert items[1].input_ids == tokenizer("a  dog ")["input_ids"]
+    # doc_max_length >= max_length can never trigger (the count is truncated at max_length).
+    for limit in (None, 512, 600):
+        items = tokenize_texts(tokenizer, [LONG_CAPTION], max_length=512, doc_max_length=limit)
+        assert items[0].input_ids == tokenizer(LONG_CAPTION, truncation=True, max_length=512)["input_ids"]
+
+
+def test_doc_max_length_refuses_a_cut_to_nothing(text_model):
+    with pytest.raises(ValueError, match="cut to no words by doc_max_length=3"):
+        tokenize_texts(text_model.tokenizer, ["a", "sunset" * 10], doc_max_length=3)
+
+
+def test_doc_max_length_config_round_trip(tiny_llm_dir, tmp_path):
+    model = LLM2CLIPTextModel.from_llm(tiny_llm_dir, doc_max_length=400)
+    model.save_pretrained(tmp_path)
+    assert LLM2CLIPTextConfig.from_pretrained(tmp_path).doc_max_length == 400
+    reloaded = LLM2CLIPTextModel.from_pretrained(tmp_path)
+    assert reloaded.config.doc_max_length == 400
+    torch.testing.assert_close(reloaded.encode(DOC_CAPTIONS), model.encode(DOC_CAPTIONS), rtol=0, atol=1e-6)
+    assert LLM2CLIPTextConfig().doc_max_length is None
+
+
+def test_doc_max_length_processor_round_trip(tiny_llm_dir, tmp_path):
+    text_model = LLM2CLIPTextModel.from_llm(tiny_llm_dir, doc_max_length=400)
+    expected = text_model.tokenize(DOC_CAPTIONS, instruction=INSTRUCTION)
+    # Built by LLM2CLIPModel.build_processor and saved with the model.
+    clip = LLM2CLIPModel.from_text_model(text_model, tiny_vision_config())
+    assert clip.build_processor().doc_max_length == 400
+    clip.save_pretrained(tmp_path / "clip")
+    assert LLM2CLIPModel.from_pretrained(tmp_path / "clip").config.text_config.doc_max_length == 400
+    # Built directly, saved and loaded alone.
+    direct = LLM2CLIPProcessor(clip_image_processor(32), text_model.tokenizer, doc_max_length=400)
+    direct.save_pretrained(tmp_path / "direct")
+    for path in (tmp_path / "clip", tmp_path / "direct"):
+        processor = LLM2CLIPProcessor.from_pretrained(path)
+        assert processor.doc_max_length == 400
+        batch = processor(text=DOC_CAPTIONS, instruction=INSTRUCTION)
+        for key in ("input_ids", "attention_mask", "pooling_mask"):
+            assert torch.equal(batch[key], expected[key]), key
+    assert LLM2CLIPProcessor(clip_image_processor(32), text_model.tokenizer).doc_max_length is None
+    with pytest.raises(ValueError, match="doc_max_length"):
+        LLM2CLIPProcessor(clip_image_processor(32), text_model.tokenizer, doc_max_length=-1)

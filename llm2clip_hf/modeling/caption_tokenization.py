@@ -4,6 +4,9 @@ For each text the model sees ``template_prefix + instruction + separator + capti
 Only the caption and the template suffix are pooled: their token count is found by tokenizing that tail on
 its own (no special tokens), and the pooled positions are the last that many of the row, which is exactly
 llm2vec's rule. Rows are padded on the left, so the pooled tail is always right-aligned.
+
+With ``doc_max_length`` set, a caption longer than that many tokens is first cut to fewer words, as upstream
+llm2vec's ``LLM2Vec._convert_to_str`` does (``shorten_to_doc_max_length``).
 """
 
 from __future__ import annotations
@@ -55,13 +58,15 @@ def tokenize_texts(
     max_length: int = 512,
     instruction_separator: str = " ",
     append_eos: bool = False,
+    doc_max_length: int | None = None,
 ) -> list[TokenizedText]:
     """Tokenize captions (with one instruction for all, one per text, or none) exactly as llm2vec's ``encode`` does.
 
     ``instruction_separator`` joins the stripped instruction and the caption (llm2vec ``encode`` uses a space,
     the official stage-1 training data ``"; "``). With a template, the joined text is stripped at both ends
     before wrapping, as llm2vec does. ``append_eos`` adds the tokenizer's end-of-sequence id (``eos_token``
-    pooling).
+    pooling). ``doc_max_length`` (``None``: off, LLM2CLIP's behaviour) first cuts each caption to fewer words
+    until it has at most that many tokens, as upstream llm2vec does; see :func:`shorten_to_doc_max_length`.
     """
     template = resolve_text_template(text_template)
     prefix, suffix = template.split(TEXT_PLACEHOLDER) if template else ("", "")
@@ -70,6 +75,7 @@ def tokenize_texts(
     if len(instructions) != len(texts):
         raise ValueError(f"Got {len(instructions)} instructions for {len(texts)} texts; pass one per text or one for all.")
     validate_texts(texts)
+    texts = shorten_to_doc_max_length(tokenizer, texts, doc_max_length, max_length)
 
     full_texts, tails = [], []
     for text, instruction in zip(texts, instructions):
@@ -100,6 +106,53 @@ def tokenize_texts(
             )
         encoded.append(TokenizedText(list(ids), min(len(tail) + int(append_eos), len(ids)), index in cut))
     return encoded
+
+
+def check_doc_max_length(doc_max_length: int | None) -> int | None:
+    """Return ``doc_max_length`` if it is ``None`` or a positive integer, else raise a ``ValueError``."""
+    if doc_max_length is not None and (
+        isinstance(doc_max_length, bool) or not isinstance(doc_max_length, int) or doc_max_length < 1
+    ):
+        raise ValueError(
+            f"doc_max_length must be None (no word cut, LLM2CLIP's setting) or a positive integer number of tokens "
+            f"(upstream llm2vec uses 400), got {doc_max_length!r}."
+        )
+    return doc_max_length
+
+
+def shorten_to_doc_max_length(
+    tokenizer, texts: Sequence[str], doc_max_length: int | None, max_length: int
+) -> list[str]:
+    """Cut captions to fewer words the way upstream llm2vec's ``LLM2Vec._convert_to_str`` does.
+
+    A caption is counted alone (no instruction, no template, ``add_special_tokens=False``), tokenized with
+    ``truncation=True, max_length=max_length``, so the count never exceeds ``max_length``. While the count
+    exceeds ``doc_max_length`` the caption becomes ``" ".join(text.split()[:int(len(text.split()) * ratio)])``
+    with ``ratio = doc_max_length / count``, and is counted again. Captions within the limit are returned
+    unchanged (whitespace included). With ``doc_max_length`` ``None`` or ``>= max_length`` nothing can change.
+    """
+    check_doc_max_length(doc_max_length)
+    texts = list(texts)
+    if doc_max_length is None or doc_max_length >= max_length:
+        return texts
+
+    def count(text: str) -> int:
+        return len(tokenizer(text, truncation=True, max_length=max_length, add_special_tokens=False)["input_ids"])
+
+    counts = tokenizer(texts, truncation=True, max_length=max_length, add_special_tokens=False)["input_ids"]
+    for index, ids in enumerate(counts):
+        text, length = texts[index], len(ids)
+        while length > doc_max_length:
+            words = text.split()
+            text = " ".join(words[:int(len(words) * (doc_max_length / length))])
+            length = count(text)
+        if not text:
+            raise ValueError(
+                f"Text at index {index} was cut to no words by doc_max_length={doc_max_length}: its first word alone "
+                f"has more than {doc_max_length} tokens. Raise doc_max_length or set it to None."
+            )
+        texts[index] = text
+    return texts
 
 
 def validate_texts(texts: Sequence[str]) -> None:

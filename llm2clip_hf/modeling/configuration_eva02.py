@@ -22,6 +22,12 @@ class EVA02VisionConfig(PretrainedConfig):
 
     Defaults describe EVA02-B/16. ``rope_pretrain_grid`` is the patch grid of the pretraining resolution
     (``pt_hw_seq_len`` in eva_clip): rotary positions of any other grid are interpolated onto it.
+
+    ``initializer_range`` is the std of the truncated-normal initialisation of a new tower's Linear layers,
+    ``cls_token`` and ``pos_embed`` (eva_clip's 0.02). ``head_init_scale`` is eva_clip's ``init_scale``: a new
+    projection head (``LLM2CLIPModel.visual_projection``, eva_clip's ``visual.head``) starts as a truncated normal of
+    std ``initializer_range`` multiplied by it, with a zero bias. EVA02-CLIP builds its towers with the
+    constructor's default, 0.001. Neither setting matters for weights loaded from a checkpoint.
     """
 
     model_type = "llm2clip_eva02_vision"
@@ -42,6 +48,7 @@ class EVA02VisionConfig(PretrainedConfig):
         rope_pretrain_grid: int = 16,
         attention_dropout: float = 0.0,
         initializer_range: float = 0.02,
+        head_init_scale: float = 0.001,
         **kwargs: Any,
     ) -> None:
         self.image_size = image_size
@@ -57,6 +64,7 @@ class EVA02VisionConfig(PretrainedConfig):
         self.rope_pretrain_grid = rope_pretrain_grid
         self.attention_dropout = attention_dropout
         self.initializer_range = initializer_range
+        self.head_init_scale = head_init_scale
         super().__init__(**kwargs)
         self.validate_shapes()
 

@@ -32,7 +32,8 @@ class LLM2CLIPConfig(PretrainedConfig):
         text_embedding_dim: width of the LLM embeddings the adapter takes; derived from ``text_config`` when
             given (4096 for Llama-3-8B, 2048 for Llama-3.2-1B).
         adapter_num_blocks / adapter_expansion: residual MLP blocks of the adapter and their widening (4, 2).
-        logit_scale_init_value: initial ``logit_scale`` (ln(1/0.07)); training clamps it to ``logit_scale_max``.
+        logit_scale_init_value: initial ``logit_scale`` (ln(1/0.07)); training clamps it (``logit_scale_max`` of
+            the training arguments).
         text_model_fingerprint / text_model_name_or_path: the text model whose embeddings the adapter was trained
             on, recorded by stage-2 training so later runs refuse embeddings of another model.
     """
@@ -49,7 +50,6 @@ class LLM2CLIPConfig(PretrainedConfig):
         adapter_num_blocks: int = 4,
         adapter_expansion: int = 2,
         logit_scale_init_value: float = math.log(1 / 0.07),
-        logit_scale_max: float = math.log(100.0),
         initializer_range: float = 0.02,
         text_model_fingerprint: str | None = None,
         text_model_name_or_path: str | None = None,
@@ -70,7 +70,6 @@ class LLM2CLIPConfig(PretrainedConfig):
         self.adapter_num_blocks = adapter_num_blocks
         self.adapter_expansion = adapter_expansion
         self.logit_scale_init_value = logit_scale_init_value
-        self.logit_scale_max = logit_scale_max
         self.initializer_range = initializer_range
         self.text_model_fingerprint = text_model_fingerprint
         self.text_model_name_or_path = text_model_name_or_path

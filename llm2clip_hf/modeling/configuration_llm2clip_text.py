@@ -7,7 +7,7 @@ from typing import Any
 from transformers import AutoConfig, PretrainedConfig
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-from .caption_tokenization import resolve_text_template
+from .caption_tokenization import check_doc_max_length, resolve_text_template
 from .pooling import check_pooling_mode
 
 
@@ -23,6 +23,12 @@ class LLM2CLIPTextConfig(PretrainedConfig):
         max_length: token budget per text, special tokens and template included (stored as ``max_seq_length``,
             since ``max_length`` is a generation setting in transformers configs).
         bidirectional: drop the causal mask (``llm_config.is_causal = False``), as LLM2Vec does.
+        doc_max_length: ``None`` (default, LLM2CLIP's behaviour: captions are only truncated at ``max_length``)
+            or a positive token count. When set, a caption whose own token count (counted alone, without
+            special tokens, instruction or template, truncated at ``max_length``) exceeds it is first cut to
+            fewer words, ``int(len(words) * doc_max_length / count)``, until it fits, as upstream llm2vec's
+            ``LLM2Vec(doc_max_length=400)`` does. LLM2CLIP passes ``doc_max_length=512 = max_length``, where the
+            rule never triggers, which is what ``None`` reproduces.
     """
 
     model_type = "llm2clip_text"
@@ -36,6 +42,7 @@ class LLM2CLIPTextConfig(PretrainedConfig):
         text_template: str | None = None,
         max_length: int = 512,
         bidirectional: bool = True,
+        doc_max_length: int | None = None,
         **kwargs: Any,
     ) -> None:
         max_length = kwargs.pop("max_seq_length", max_length)
@@ -55,6 +62,7 @@ class LLM2CLIPTextConfig(PretrainedConfig):
             raise ValueError(f"max_length must be an integer of at least 2, got {max_length!r}.")
         self.max_seq_length = max_length
         self.bidirectional = bidirectional
+        self.doc_max_length = check_doc_max_length(doc_max_length)
         if llm_config is not None:
             llm_config.is_causal = not bidirectional
         super().__init__(**kwargs)

@@ -8,6 +8,8 @@ Parameter names follow eva_clip so official checkpoints map one to one.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -75,14 +77,20 @@ class EVA02SwiGLU(nn.Module):
 
 
 class EVA02Block(GradientCheckpointingLayer):
-    """Pre-norm transformer block."""
+    """Pre-norm transformer block; ``layer_id`` is its 1-based depth (eva_clip's ``fix_init_weight`` numbering)."""
 
-    def __init__(self, config: EVA02VisionConfig) -> None:
+    def __init__(self, config: EVA02VisionConfig, layer_id: int = 1) -> None:
         super().__init__()
+        self.layer_id = layer_id
         self.norm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.attn = EVA02Attention(config)
         self.norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.mlp = EVA02SwiGLU(config)
+        # The two projections that write into the residual stream start scaled by 1/sqrt(2 * layer_id). The mark sits
+        # on the Linear layers themselves because transformers passes a module of custom code to _init_weights only
+        # when it holds parameters of its own, which this block does not (see EVA02PreTrainedModel._init_weights).
+        for projection in (self.attn.proj, self.mlp.w3):
+            projection.residual_layer_id = layer_id
 
     def forward(self, hidden_states: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         hidden_states = hidden_states + self.attn(self.norm1(hidden_states), rope)
@@ -90,11 +98,12 @@ class EVA02Block(GradientCheckpointingLayer):
 
 
 def init_linear_and_layer_norm(module: nn.Module, std: float) -> bool:
-    """eva_clip's initialisation of a linear/conv layer (truncated normal, zero bias) or a LayerNorm.
+    """eva_clip's ``_init_weights``: a Linear gets a truncated normal weight and a zero bias, a LayerNorm 1 and 0.
 
-    Returns whether ``module`` was one of those.
+    Returns whether ``module`` was one of those. ``trunc_normal_`` cuts at the absolute values +-2 (as timm's does),
+    i.e. at +-100 std for ``std=0.02``: in effect a plain normal.
     """
-    if isinstance(module, (nn.Linear, nn.Conv2d)):
+    if isinstance(module, nn.Linear):
         init.trunc_normal_(module.weight, std=std)
         if module.bias is not None:
             init.zeros_(module.bias)
@@ -106,8 +115,24 @@ def init_linear_and_layer_norm(module: nn.Module, std: float) -> bool:
     return False
 
 
+def init_conv_like_pytorch(module: nn.Conv2d) -> None:
+    """PyTorch's own ``Conv2d.reset_parameters``, through the load-aware ``transformers.initialization`` functions."""
+    init.kaiming_uniform_(module.weight, a=math.sqrt(5))
+    if module.bias is not None:
+        fan_in = module.weight[0].numel()
+        bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0.0
+        init.uniform_(module.bias, -bound, bound)
+
+
 class EVA02PreTrainedModel(PreTrainedModel):
-    """Weight initialisation and loading glue shared by the EVA02 classes."""
+    """Weight initialisation and loading glue shared by the EVA02 classes.
+
+    A new tower starts as eva_clip's ``EVAVisionTransformer`` does: Linear weights truncated normal (std
+    ``initializer_range``) with zero biases, LayerNorms 1 and 0, ``cls_token`` and ``pos_embed`` truncated normal,
+    the patch-embedding convolution at PyTorch's default (eva_clip's ``_init_weights`` does not touch it), and
+    ``fix_init_weight``: ``attn.proj`` and ``mlp.w3`` of block ``layer_id`` (1-based) divided by
+    ``sqrt(2 * layer_id)``. Weights loaded by ``from_pretrained`` are never re-initialised or rescaled.
+    """
 
     config_class = EVA02VisionConfig
     base_model_prefix = "vision_model"
@@ -117,8 +142,20 @@ class EVA02PreTrainedModel(PreTrainedModel):
     _no_split_modules = ["EVA02Block"]
 
     def _init_weights(self, module: nn.Module) -> None:
+        # transformers calls this once per module, children before parents, and for custom code (any class outside
+        # transformers) skips a module whose own parameters are all loaded, vacuously so a module with none: it
+        # never reaches EVA02Block, EVA02Attention or EVA02SwiGLU, not even in a new model. Hence the depth
+        # rescale is done here, on the Linear itself, right after its own init: every initialisation of a residual
+        # output projection is depth-scaled exactly once, also when from_pretrained fills in a missing weight, and
+        # the guarded ``init`` functions leave loaded tensors (flagged ``_is_hf_initialized``) untouched.
         std = self.config.initializer_range
+        if isinstance(module, nn.Conv2d):
+            init_conv_like_pytorch(module)
+            return
         if init_linear_and_layer_norm(module, std):
+            layer_id = getattr(module, "residual_layer_id", None)
+            if layer_id is not None:
+                init.copy_(module.weight, module.weight / math.sqrt(2.0 * layer_id))
             return
         if isinstance(module, EVA02VisionModel):
             init.trunc_normal_(module.cls_token, std=std)
@@ -138,7 +175,7 @@ class EVA02VisionModel(EVA02PreTrainedModel):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, config.grid_size**2 + 1, dim))
         self.rope = RotaryEmbedding2D(dim // config.num_attention_heads, config.rope_pretrain_grid, config.rope_theta)
-        self.blocks = nn.ModuleList([EVA02Block(config) for _ in range(config.num_hidden_layers)])
+        self.blocks = nn.ModuleList([EVA02Block(config, layer_id=i + 1) for i in range(config.num_hidden_layers)])
         self.norm = nn.LayerNorm(dim, eps=config.layer_norm_eps)
         self.gradient_checkpointing = False
         self.post_init()

@@ -61,6 +61,15 @@ class LLM2CLIPPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["EVA02Block"]
 
     def _init_weights(self, module: nn.Module) -> None:
+        # The vision tower is a PreTrainedModel of its own: transformers initialises it with EVA02's _init_weights.
+        if module is getattr(self, "visual_projection", None):
+            # eva_clip's head: trunc_normal_(std=.02), then weight and (zero) bias multiplied by init_scale.
+            vision = self.config.vision_config
+            init.trunc_normal_(module.weight, std=vision.initializer_range)
+            init.copy_(module.weight, module.weight * vision.head_init_scale)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+            return
         if init_linear_and_layer_norm(module, self.config.initializer_range):
             return
         if isinstance(module, LLM2CLIPModel):
@@ -203,6 +212,7 @@ class LLM2CLIPModel(LLM2CLIPPreTrainedModel):
         return LLM2CLIPProcessor(
             image_processor=clip_image_processor(self.config.vision_config.image_size), tokenizer=tokenizer,
             text_template=text.text_template, max_length=text.max_seq_length, pooling_mode=text.pooling_mode,
+            doc_max_length=text.doc_max_length,
         )
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> None:

@@ -71,6 +71,7 @@ class LLM2CLIPTextModel(PreTrainedModel):
         text_template: str | None = None,
         max_length: int = 512,
         bidirectional: bool = True,
+        doc_max_length: int | None = None,
         **from_pretrained_kwargs: Any,
     ) -> "LLM2CLIPTextModel":
         """Wrap a plain LLM checkpoint (a Hub id or a directory, e.g. an official LLM2CLIP ``*-CC-Finetuned``).
@@ -78,6 +79,8 @@ class LLM2CLIPTextModel(PreTrainedModel):
         The weights load into transformers' own class for the architecture (``LlamaModel`` for a
         ``LlamaBiModel`` checkpoint); no remote code of the checkpoint runs. ``from_pretrained_kwargs`` go to
         ``AutoModel.from_pretrained`` (``dtype``, ``attn_implementation``, ``gguf_file``, ``revision``, ...).
+        ``doc_max_length`` (``None``: LLM2CLIP's behaviour; upstream llm2vec uses 400) cuts long captions to fewer
+        words first; see :class:`LLM2CLIPTextConfig`.
         """
         hub_kwargs = {k: from_pretrained_kwargs[k] for k in _HUB_KWARGS if k in from_pretrained_kwargs}
         llm_config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=False, **hub_kwargs)
@@ -88,7 +91,7 @@ class LLM2CLIPTextModel(PreTrainedModel):
             )
         config = cls.config_class(
             llm_config=llm_config, pooling_mode=pooling_mode, text_template=text_template,
-            max_length=max_length, bidirectional=bidirectional,
+            max_length=max_length, bidirectional=bidirectional, doc_max_length=doc_max_length,
         )
         llm = AutoModel.from_pretrained(name_or_path, config=config.llm_config, trust_remote_code=False,
                                         **from_pretrained_kwargs)
@@ -170,14 +173,14 @@ class LLM2CLIPTextModel(PreTrainedModel):
     ) -> list[TokenizedText]:
         """Per-text token ids and pooled-token counts under this model's template, length and pooling mode.
 
-        Inputs longer than ``max_seq_length`` tokens are truncated and counted in ``num_truncated_captions``.
+        Inputs longer than ``max_seq_length`` tokens are truncated; their items say so (``truncated``).
         """
         items = tokenize_texts(
             self.require_tokenizer(), texts, instruction, text_template=self.config.text_template,
             max_length=self.config.max_seq_length, instruction_separator=instruction_separator,
             append_eos=self.config.pooling_mode == "eos_token",
+            doc_max_length=self.config.doc_max_length,
         )
-        self.num_truncated_captions = getattr(self, "num_truncated_captions", 0) + sum(i.truncated for i in items)
         return items
 
     def warn_truncation(self, truncated: int, total: int) -> None:

@@ -7,7 +7,9 @@ from typing import Any
 
 from transformers import BatchFeature, CLIPImageProcessorPil, ProcessorMixin
 
-from .caption_tokenization import collate_left_padded, prepare_tokenizer, resolve_text_template, tokenize_texts
+from .caption_tokenization import (
+    check_doc_max_length, collate_left_padded, prepare_tokenizer, resolve_text_template, tokenize_texts,
+)
 from .pooling import check_pooling_mode
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -28,6 +30,8 @@ class LLM2CLIPProcessor(ProcessorMixin):
 
     ``processor(text=..., images=..., instruction=None)`` returns ``input_ids``, ``attention_mask`` and
     ``pooling_mask`` (left-padded, template applied, instruction excluded from pooling) and ``pixel_values``.
+    ``doc_max_length`` (``None``: off) cuts long captions to fewer words first, as the text model's setting of
+    the same name does; it is saved with the processor.
     """
 
     def __init__(
@@ -37,11 +41,13 @@ class LLM2CLIPProcessor(ProcessorMixin):
         text_template: str | None = None,
         max_length: int = 512,
         pooling_mode: str = "mean",
+        doc_max_length: int | None = None,
         **kwargs: Any,
     ) -> None:
         self.text_template = resolve_text_template(text_template)
         self.max_length = max_length
         self.pooling_mode = check_pooling_mode(pooling_mode)
+        self.doc_max_length = check_doc_max_length(doc_max_length)
         if tokenizer is not None:
             prepare_tokenizer(tokenizer)
         super().__init__(image_processor, tokenizer, **kwargs)
@@ -61,7 +67,7 @@ class LLM2CLIPProcessor(ProcessorMixin):
             texts = [text] if isinstance(text, str) else list(text)
             items = tokenize_texts(
                 self.tokenizer, texts, instruction, text_template=self.text_template, max_length=self.max_length,
-                append_eos=self.pooling_mode == "eos_token",
+                append_eos=self.pooling_mode == "eos_token", doc_max_length=self.doc_max_length,
             )
             data.update(collate_left_padded(items, self.tokenizer.pad_token_id))
         if images is not None:
