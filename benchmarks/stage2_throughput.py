@@ -18,7 +18,8 @@ import _common as bench
 import torch
 
 from llm2clip_hf import LLM2CLIPModel
-from llm2clip_hf.trainers import LLM2CLIPTrainer, precompute_text_embeddings
+from llm2clip_hf.trainers import LLM2CLIPTrainer
+from llm2clip_hf.data import precompute_text_embeddings
 
 CAPTIONS = ["short_caption", "long_caption"]
 SOURCES = ("cached", "frozen", "lora")

@@ -22,13 +22,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from llm2clip_hf import LLM2CLIPModel
-from llm2clip_hf.data_loading import ROW_INDEX
-from llm2clip_hf.trainers import (
-    CLIPContrastiveLoss,
-    LLM2CLIPTrainer,
-    layer_decay_parameter_groups,
-    precompute_text_embeddings,
-)
+from llm2clip_hf.data import ROW_INDEX, precompute_text_embeddings
+from llm2clip_hf.trainers import CLIPContrastiveLoss, LLM2CLIPTrainer, layer_decay_parameter_groups
+from llm2clip_hf.trainers.data_statistics import BATCH_STATISTICS
 
 CAPTIONS = ["short_caption", "long_caption"]
 
@@ -58,9 +54,14 @@ def bare_loop_block(trainer: LLM2CLIPTrainer, steps: int):
             if index == steps:
                 break
             batch.pop(ROW_INDEX, None)  # the collator names each row for error messages; the model takes none
+            batch.pop(BATCH_STATISTICS, None)  # and counts skipped rows / truncated captions for the trainer
             outputs = model(**batch)
             loss = loss_fn(outputs.image_embeds, outputs.text_embeds, model.logit_scale)
             loss.backward()
+            # The Trainer keeps neither the outputs nor the loss graph past the backward; holding them until the next
+            # step changes glibc's heap trimming (measured: ~3x fewer page faults, ~10% faster steps), which would be
+            # credited to the Trainer as overhead.
+            del outputs, loss
             torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
             optimizer.step()
             with torch.no_grad():

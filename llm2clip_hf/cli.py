@@ -61,7 +61,7 @@ class DatasetArguments:
     max_samples: int | None = field(default=None, metadata={"help": "Use only the first N rows."})
 
     def load(self, image_column: str | None = None):
-        from .data_loading import load_dataset_from_spec
+        from .data import load_dataset_from_spec
 
         dataset = load_dataset_from_spec(self.dataset, self.split, image_column)
         return dataset.select(range(min(self.max_samples, len(dataset)))) if self.max_samples else dataset
@@ -155,7 +155,7 @@ def run_embed(text: TextModelArguments, data: DatasetArguments, columns: ColumnA
               args: EmbedArguments) -> dict[str, Any]:
     from accelerate import PartialState
 
-    from .trainers.embedding_cache import precompute_text_embeddings, read_cache_metadata
+    from .data import precompute_text_embeddings, read_cache_metadata
 
     text_model = text.load()
     dataset = data.load(columns.image_column)

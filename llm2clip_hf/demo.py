@@ -21,7 +21,8 @@ from .demo_data import load_emoji_dataset
 from .evaluation import embed_images, evaluate_caption_retrieval, evaluate_retrieval, evaluate_zero_shot
 from .model_loading import load_text_model
 from .modeling import EVA02VisionConfig, LLM2CLIPModel, LLM2CLIPTextModel
-from .trainers import LLM2CLIPTrainer, LLM2CLIPTrainingArguments, precompute_text_embeddings
+from .trainers import LLM2CLIPTrainer, LLM2CLIPTrainingArguments
+from .data import precompute_text_embeddings
 
 SHORT, LONG = "short_caption", "long_caption"
 ZERO_SHOT_TEMPLATES = ("{}", "an emoji of {}", "a small icon showing {}")

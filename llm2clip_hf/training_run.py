@@ -9,11 +9,17 @@ from typing import Any
 from accelerate import PartialState
 from datasets import Dataset
 
-from .data_loading import load_dataset_from_spec
+from .data import (
+    drop_bad_caption_rows,
+    embedding_column,
+    load_dataset_from_spec,
+    precompute_text_embeddings,
+    read_cache_metadata,
+    with_row_index,
+)
 from .model_loading import load_clip_model
 from .modeling import LLM2CLIPModel
-from .trainers import LLM2CLIPTrainer, LLM2CLIPTrainingArguments, precompute_text_embeddings
-from .trainers.embedding_cache import embedding_column, read_cache_metadata
+from .trainers import LLM2CLIPTrainer, LLM2CLIPTrainingArguments
 from .trainers.training_args import CAPTION_STAGE
 
 
@@ -53,6 +59,9 @@ def train_from_cli(text: Any, data: Any, clip: Any, args: LLM2CLIPTrainingArgume
             cache_dir = Path(data.embedding_cache) if data.embedding_cache else output_dir / "_embedding_cache"
             with state.main_process_first():  # one process writes the cache, the others reuse it
                 if not has_cache(train, args.caption_columns):
+                    # The training policy for bad captions (skip_bad_rows) applies before embedding; row indices
+                    # keep naming the rows of the given dataset.
+                    train = drop_bad_caption_rows(with_row_index(train), args.caption_columns, args.skip_bad_rows)
                     train = precompute_text_embeddings(train, text_model, args.caption_columns, cache_dir,
                                                        batch_size=args.per_device_eval_batch_size)
                 if evaluation is not None and not has_cache(evaluation, args.caption_columns):

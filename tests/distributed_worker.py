@@ -1,7 +1,8 @@
 """One LLM2CLIPTrainer run, launched by tests/test_distributed.py under `accelerate launch` (or called in-process).
 
-It trains ``steps`` SGD steps on an 8-row dataset (every step sees all 8 rows, whatever the number of processes)
-and, on the main process, saves the loss and the gradients of every step plus the final weights.
+It trains ``STEPS`` SGD steps with a global batch of 8 on a 24-row dataset, shuffled (one epoch: every step sees
+other rows, and each process takes its share of each global batch) and, on the main process, saves the loss and the
+gradients of every step plus the final weights.
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ from transformers import TrainerCallback
 
 from llm2clip_hf import LLM2CLIPModel, LLM2CLIPTextModel
 from llm2clip_hf.testing import tiny_caption_pair_rows, tiny_image_caption_rows, tiny_vision_config
-from llm2clip_hf.trainers import LLM2CLIPTrainer, LLM2CLIPTrainingArguments, precompute_text_embeddings
+from llm2clip_hf.trainers import LLM2CLIPTrainer, LLM2CLIPTrainingArguments
+from llm2clip_hf.data import precompute_text_embeddings
 
-GLOBAL_BATCH, STEPS = 8, 2
+GLOBAL_BATCH, STEPS, ROWS = 8, 3, 24
 
 
 class RecordGradients(TrainerCallback):
@@ -38,9 +40,9 @@ def run(stage: str, llm_dir: str, output_dir: str, world_size: int, gradcache_ch
     torch.manual_seed(0)
     text_model = LLM2CLIPTextModel.from_llm(llm_dir)
     if stage == "caption":
-        model, data = text_model, Dataset.from_list(tiny_caption_pair_rows()[:GLOBAL_BATCH])
+        model, data = text_model, Dataset.from_list(tiny_caption_pair_rows()[:ROWS])
     else:
-        images = Dataset.from_list(tiny_image_caption_rows()[:GLOBAL_BATCH])
+        images = Dataset.from_list(tiny_image_caption_rows()[:ROWS])
         data = precompute_text_embeddings(images, text_model, ["short_caption", "long_caption"],
                                           show_progress_bar=False)
         torch.manual_seed(0)

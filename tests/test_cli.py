@@ -6,15 +6,23 @@ import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
+from datasets import load_dataset, load_from_disk
+from PIL import Image
 
-from llm2clip_hf import LLM2CLIPModel, LLM2CLIPTextModel
+from llm2clip_hf import LLM2CLIPModel, LLM2CLIPProcessor, LLM2CLIPTextModel
 from llm2clip_hf.cli import main
 from llm2clip_hf.testing import tiny_caption_pair_rows, tiny_image_caption_rows
-from llm2clip_hf.trainers import read_cache_metadata, text_model_fingerprint
+from llm2clip_hf.data import read_cache_metadata, text_model_fingerprint
 
 TINY_TOWER = ["--vision-preset", "B/16", "--image-size", "32", "--patch-size", "8", "--vision-width", "64",
               "--vision-layers", "2", "--vision-heads", "2", "--projection-dim", "32"]
 QUICK = ["--use-cpu", "--save-strategy", "no", "--disable-tqdm", "true", "--per-device-train-batch-size", "8"]
+# `train` gets these explicitly, so the tests can redo its eval split (datasets' train_test_split with this seed)
+SEED, EVAL_FRACTION, CAPTION_COLUMNS = 42, 0.25, ["short_caption", "long_caption"]
+SPLIT = ["--seed", str(SEED), "--eval-fraction", str(EVAL_FRACTION), "--caption-columns", *CAPTION_COLUMNS]
+ZERO_SHOT_TEMPLATES = ["a {}", "a {} shape"]
+# A score this close to a query's bar could rank either way between the CLI's float32 path and this one.
+TIE_TOLERANCE = 1e-5
 
 
 def run_cli(capsys, *argv):
@@ -25,6 +33,78 @@ def run_cli(capsys, *argv):
 
 def last_json(text):
     return json.loads(text[text.index("{\n"):])
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Expected metrics, computed here from the saved models without the package's evaluation code.
+
+def cosine_scores(queries, keys):
+    """[num_queries][num_keys] cosine similarities, as nested lists of floats (float64)."""
+    return (F.normalize(queries.double(), dim=-1) @ F.normalize(keys.double(), dim=-1).T).tolist()
+
+
+def hit_rate(scores, correct, k, slack=0.0):
+    """Percent of queries that are hits at k: fewer than k wrong candidates score above the query's best correct
+    candidate (ties count for the query). ``slack`` > 0 also lets near-ties count for it, < 0 against it."""
+    hits = 0
+    for row, right in zip(scores, correct):
+        best = max(row[j] for j in right)
+        above = sum(1 for j, score in enumerate(row) if j not in right and score > best + slack)
+        hits += above < k
+    return 100.0 * hits / len(scores)
+
+
+def assert_metric(value, naive):
+    """``value`` (from the CLI) must be ``naive(0.0)``, the metric computed here. Only a score within
+    TIE_TOLERANCE of a query's bar could legitimately rank differently in the CLI's float32 computation: when
+    there is such a near-tie, accept exactly the outcomes it allows (naive(-tol) .. naive(+tol))."""
+    strict, exact, lenient = naive(-TIE_TOLERANCE), naive(0.0), naive(TIE_TOLERANCE)
+    if strict == lenient:
+        assert value == pytest.approx(exact, abs=1e-6)
+    else:
+        assert strict - 1e-6 <= value <= lenient + 1e-6, (value, strict, exact, lenient)
+
+
+def expected_cra(metrics, prefix, text_model, rows):
+    """CRA between the short and the long captions of ``rows`` (both directions and their mean)."""
+    with torch.no_grad():
+        short = text_model.encode([r["short_caption"] for r in rows])
+        long = text_model.encode([r["long_caption"] for r in rows])
+    diagonal = [{i} for i in range(len(rows))]
+    a_to_b, b_to_a = cosine_scores(short, long), cosine_scores(long, short)
+    assert_metric(metrics[f"{prefix}cra_a_to_b"], lambda slack: hit_rate(a_to_b, diagonal, 1, slack))
+    assert_metric(metrics[f"{prefix}cra_b_to_a"], lambda slack: hit_rate(b_to_a, diagonal, 1, slack))
+    assert_metric(metrics[f"{prefix}cra"], lambda slack: (hit_rate(a_to_b, diagonal, 1, slack)
+                                                          + hit_rate(b_to_a, diagonal, 1, slack)) / 2)
+
+
+def image_features(model_dir, model, images):
+    """Joint-space features of PIL images, preprocessed by the image processor saved with the model."""
+    processor = LLM2CLIPProcessor.from_pretrained(model_dir)
+    with torch.no_grad():
+        pixels = processor(images=[image.convert("RGB") for image in images], return_tensors="pt")["pixel_values"]
+        return model.get_image_features(pixel_values=pixels)
+
+
+def text_features(model, texts):
+    """Joint-space features of captions: the model's embedded LLM encoder, then its adapter."""
+    with torch.no_grad():
+        return model.get_text_features(model.text_model.encode(texts))
+
+
+def assert_retrieval_metrics(metrics, prefix, model_dir, images, captions):
+    """Image->text (an image is a hit if any of its captions is in the top k) and text->image recall@1/5/10 of
+    the saved model on ``images`` and ``captions`` (a list of captions per image)."""
+    model = LLM2CLIPModel.from_pretrained(model_dir).eval()
+    texts = [text for own in captions for text in own]
+    owner = [i for i, own in enumerate(captions) for _ in own]
+    image_embeds, text_embeds = image_features(model_dir, model, images), text_features(model, texts)
+    image_to_text, text_to_image = cosine_scores(image_embeds, text_embeds), cosine_scores(text_embeds, image_embeds)
+    captions_of = [{j for j, i in enumerate(owner) if i == image} for image in range(len(images))]
+    image_of = [{i} for i in owner]
+    for k in (1, 5, 10):
+        assert_metric(metrics[f"{prefix}image_to_text_R@{k}"], lambda s: hit_rate(image_to_text, captions_of, k, s))
+        assert_metric(metrics[f"{prefix}text_to_image_R@{k}"], lambda s: hit_rate(text_to_image, image_of, k, s))
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +134,7 @@ def data_dir(tmp_path_factory):
 def clip_model_dir(tmp_path_factory, data_dir, tiny_llm_dir):
     out = tmp_path_factory.mktemp("clip")
     code = main(["train", "--stage", "clip", "--text-model", str(tiny_llm_dir), "--dataset", str(data_dir / "images"),
-                 "--output-dir", str(out), "--max-steps", "4", "--eval-fraction", "0.25", *TINY_TOWER, *QUICK])
+                 "--output-dir", str(out), "--max-steps", "4", *SPLIT, *TINY_TOWER, *QUICK])
     assert code == 0
     return out
 
@@ -78,12 +158,15 @@ def test_train_caption_stage_then_evaluate_the_saved_encoder(capsys, data_dir, t
     _, before, _ = run_cli(capsys, "evaluate", "--task", "caption-retrieval", *args)
     code, out, _ = run_cli(capsys, "train", "--stage", "caption", *args, "--output-dir", tmp_path / "s1",
                            "--max-steps", "20", "--learning-rate", "2e-3", "--warmup-steps", "0",
-                           "--per-device-train-batch-size", "16", "--use-cpu", "--save-strategy", "no",
-                           "--eval-fraction", "0.25")
+                           "--per-device-train-batch-size", "16", "--use-cpu", "--save-strategy", "no", *SPLIT)
     metrics = last_json(out)
     assert code == 0 and metrics["stage"] == "caption"
-    assert metrics["eval_num_pairs"] == 8 and 0 <= metrics["eval_cra"] <= 100  # the Trainer's evaluation hook
     assert (tmp_path / "s1" / "metrics.json").is_file() and (tmp_path / "s1" / "model.safetensors").is_file()
+    # The Trainer's evaluation hook: CRA of the trained encoder on the held-out rows, redone from the saved model.
+    rows = load_dataset("json", data_files=str(data_dir / "pairs.jsonl"), split="train")
+    held_out = list(rows.train_test_split(test_size=EVAL_FRACTION, seed=SEED)["test"])
+    assert metrics["eval_num_pairs"] == len(held_out) == 8
+    expected_cra(metrics, "eval_", LLM2CLIPTextModel.from_pretrained(tmp_path / "s1"), held_out)
     code, after, _ = run_cli(capsys, "evaluate", "--task", "caption-retrieval", "--text-model", tmp_path / "s1",
                              "--dataset", data_dir / "pairs.jsonl")
     assert code == 0
@@ -93,7 +176,13 @@ def test_train_caption_stage_then_evaluate_the_saved_encoder(capsys, data_dir, t
 def test_train_clip_stage_on_imagefolder_with_several_captions_per_image(clip_model_dir):
     metrics = json.loads((clip_model_dir / "metrics.json").read_text())
     assert metrics["eval_num_images"] == 8 and metrics["eval_num_captions"] == 24  # 3 captions per held-out image
-    assert 0 <= metrics["eval_image_to_text_R@1"] <= 100
+    # The Trainer's evaluation hook, redone from the saved model on the held-out rows: the split is made from the
+    # rows as cached (_embedding_cache holds them in the order the CLI read them).
+    cached = load_from_disk(str(clip_model_dir / "_embedding_cache"))
+    held_out = list(cached.train_test_split(test_size=EVAL_FRACTION, seed=SEED)["test"])
+    assert len(held_out) == 8
+    assert_retrieval_metrics(metrics, "eval_", clip_model_dir, [row["image"] for row in held_out],
+                             [[row["short_caption"], *row["long_caption"]] for row in held_out])
     model = LLM2CLIPModel.from_pretrained(clip_model_dir)
     assert model.text_model is not None and model.config.text_model_fingerprint
     assert (clip_model_dir / "_embedding_cache" / "llm2clip_embedding_cache.json").is_file()
@@ -107,15 +196,44 @@ def test_evaluate_retrieval_on_every_format(capsys, clip_model_dir, data_dir, so
     metrics = last_json(out)
     assert metrics["num_images"] == 32
     assert metrics["num_captions"] == (96 if source == "images" else 64)
+    if source == "images":
+        with open(data_dir / "images" / "metadata.jsonl") as handle:
+            rows = [json.loads(line) for line in handle]
+        images = [Image.open(data_dir / "images" / r["file_name"]).convert("RGB") for r in rows]
+        captions = [[r["short_caption"], *r["long_caption"]] for r in rows]
+    else:
+        table = pd.read_csv(data_dir / source) if source.endswith(".csv") else pd.read_parquet(data_dir / source)
+        images = [Image.open(data_dir / path).convert("RGB") for path in table["image"]]
+        captions = [[short, long] for short, long in zip(table["short_caption"], table["long_caption"])]
+    assert_retrieval_metrics(metrics, "", clip_model_dir, images, captions)
 
 
 def test_evaluate_zero_shot_from_label_strings(capsys, clip_model_dir, data_dir):
     code, out, _ = run_cli(capsys, "evaluate", "--task", "zeroshot", "--model", clip_model_dir,
                            "--dataset", data_dir / "captions.csv", "--label-column", "label",
-                           "--templates", "a {}", "a {} shape")
+                           "--templates", *ZERO_SHOT_TEMPLATES)
     assert code == 0
     metrics = last_json(out)
-    assert metrics["num_classes"] == 8 and 0 <= metrics["zeroshot_top1"] <= 100
+    # Expected: the class names are the distinct labels; each class embeds as the normalised mean of its
+    # normalised template embeddings; an image is right at k when fewer than k classes beat its own class.
+    table = pd.read_csv(data_dir / "captions.csv")
+    classes = sorted(set(table["label"]))
+    assert metrics["num_classes"] == len(classes) == 8
+    model = LLM2CLIPModel.from_pretrained(clip_model_dir).eval()
+    classifier = torch.stack([
+        F.normalize(F.normalize(text_features(model, [t.format(name) for t in ZERO_SHOT_TEMPLATES]), dim=-1).mean(0),
+                    dim=-1) for name in classes])
+    images = [Image.open(data_dir / path).convert("RGB") for path in table["image"]]
+    scores = cosine_scores(image_features(clip_model_dir, model, images), classifier)
+    truth = [{classes.index(label)} for label in table["label"]]
+    assert_metric(metrics["zeroshot_top1"], lambda slack: hit_rate(scores, truth, 1, slack))
+    assert_metric(metrics["zeroshot_top5"], lambda slack: hit_rate(scores, truth, 5, slack))
+
+    def mean_per_class_recall(slack):
+        members = [[i for i, t in enumerate(truth) if t == {c}] for c in range(len(classes))]
+        return sum(hit_rate([scores[i] for i in m], [truth[i] for i in m], 1, slack) for m in members) / len(classes)
+
+    assert_metric(metrics["mean_per_class_recall"], mean_per_class_recall)
 
 
 def test_embed_writes_a_cache_bound_to_the_text_model(capsys, data_dir, tiny_llm_dir, tmp_path):

@@ -1,4 +1,4 @@
-"""A real 2-process run (accelerate launch, gloo on CPU) against one process on the same global batch."""
+"""A real 2-process run (accelerate launch, gloo on CPU) against one process on the same global batches."""
 
 import json
 import os
@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).parent))
 import distributed_worker  # noqa: E402
+from numerics import assert_same_tensor  # noqa: E402
 
 WORKER = Path(__file__).with_name("distributed_worker.py")
 
@@ -34,17 +35,20 @@ def launch_two_processes(stage, llm_dir, output_dir, gradcache_chunk_size=None):
     assert result.returncode == 0, result.stderr[-4000:]
 
 
-@pytest.mark.parametrize("stage, gradcache_chunk_size", [("caption", None), ("clip", None), ("caption", 3)])
+@pytest.mark.parametrize("stage, gradcache_chunk_size", [("caption", None), ("clip", None), ("caption", 3),
+                                                         ("clip", 3)])
 def test_two_process_run_equals_one_process_on_the_global_batch(stage, gradcache_chunk_size, tiny_llm_dir, tmp_path):
-    """Also with GradCache in the 2-process run (chunks of 3 of each process's 4 rows) against plain 1-process."""
+    """Three shuffled global batches of 8 from 24 rows; with GradCache (chunks of 3 of each process's 4 rows) the
+    2-process run is compared with the plain 1-process run."""
     launch_two_processes(stage, tiny_llm_dir, tmp_path / "two", gradcache_chunk_size)
     distributed_worker.run(stage, str(tiny_llm_dir), str(tmp_path / "one"), 1)
 
     one_losses = json.loads((tmp_path / "one" / "losses.json").read_text())
     two_losses = json.loads((tmp_path / "two" / "losses.json").read_text())
     assert len(one_losses) == len(two_losses) == distributed_worker.STEPS
-    # The loss does not scale with the number of processes: it is the global-batch loss in both runs.
-    assert two_losses == pytest.approx(one_losses, rel=1e-5, abs=1e-6)
+    # The loss does not scale with the number of processes: it is the global-batch loss in both runs (a loss over
+    # each process's local candidates only is ~20% off here).
+    assert two_losses == pytest.approx(one_losses, rel=1e-5)
 
     one = load_file(tmp_path / "one" / "tensors.safetensors")
     two = load_file(tmp_path / "two" / "tensors.safetensors")
@@ -52,4 +56,4 @@ def test_two_process_run_equals_one_process_on_the_global_batch(stage, gradcache
     gradients = [k for k in one if k.startswith("step")]
     assert gradients and any(one[k].abs().sum() > 0 for k in gradients)
     for key in one:
-        assert torch.allclose(one[key], two[key], rtol=1e-4, atol=1e-6), (key, (one[key] - two[key]).abs().max())
+        assert_same_tensor(two[key], one[key], 1e-3, key)  # measured up to 1.2e-4 (lora_A, step 2)

@@ -6,8 +6,10 @@ from datasets import Dataset
 
 from llm2clip_hf import LLM2CLIPModel
 from llm2clip_hf.testing import tiny_caption_pair_rows, tiny_image_caption_rows, tiny_vision_config
-from llm2clip_hf.trainers import LLM2CLIPTrainer, LLM2CLIPTrainingArguments, precompute_text_embeddings
+from llm2clip_hf.data import precompute_text_embeddings
+from llm2clip_hf.trainers import LLM2CLIPTrainer, LLM2CLIPTrainingArguments
 from llm2clip_hf.trainers.grad_cache import grad_cache_backward
+from numerics import assert_same_tensor
 
 
 def gradients_of_one_step(stage, model, data, tmp_path, chunk_size, **extra):
@@ -28,8 +30,7 @@ def gradients_of_one_step(stage, model, data, tmp_path, chunk_size, **extra):
 def assert_same_gradients(reference, cached):
     assert reference.keys() == cached.keys() and reference
     for name in reference:
-        assert torch.allclose(reference[name], cached[name], atol=1e-5, rtol=1e-4), (
-            name, (reference[name] - cached[name]).abs().max())
+        assert_same_tensor(cached[name], reference[name], 1e-4, name)
 
 
 @pytest.mark.parametrize("chunk_size", [3, 8])
@@ -83,3 +84,47 @@ def test_recomputation_replays_the_dropout_masks_of_the_first_pass():
 def test_chunk_size_must_be_positive():
     with pytest.raises(ValueError, match="positive"):
         grad_cache_backward({"a": lambda b: b["x"]}, {"a": {"x": torch.ones(2, 2)}}, lambda e: e["a"].sum(), 0)
+
+
+def test_trainer_gradcache_replays_lora_dropout(tiny_llm_dir, tmp_path):
+    """With LoRA dropout on, GradCache's gradients are those of the loss on the embeddings of its first, no-grad
+    pass: the recomputation must draw the same dropout masks. Reference: the same chunks embedded with gradients in
+    the same RNG order, then one backward of the loss (a recomputation with fresh masks fails this)."""
+    from llm2clip_hf import LLM2CLIPTextModel
+
+    torch.manual_seed(0)
+    model = LLM2CLIPTextModel.from_llm(tiny_llm_dir)
+    args = LLM2CLIPTrainingArguments(
+        output_dir=str(tmp_path), stage="caption", per_device_train_batch_size=8, max_steps=1, gradcache_chunk_size=3,
+        lora_dropout=0.3, use_cpu=True, disable_tqdm=True, report_to="none")
+    trainer = LLM2CLIPTrainer(model=model, args=args, train_dataset=Dataset.from_list(tiny_caption_pair_rows()[:8]))
+    with torch.no_grad():  # LoRA B starts at zero, which would hide the dropout of the LoRA branch
+        for name, parameter in trainer.model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(std=0.1)
+    batch = next(iter(trainer.get_train_dataloader()))
+    trainer.current_gradient_accumulation_steps = 1
+
+    torch.manual_seed(7)
+    trainer.model.zero_grad()
+    loss = trainer.training_step(trainer.model, dict(batch))
+    cached = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+
+    torch.manual_seed(7)
+    trainer.model.zero_grad()
+    trainer.model.train()
+    inputs = {k: v for k, v in batch.items() if not k.startswith("__llm2clip")}
+    embeddings = {role: torch.cat([trainer.model(**{k: v[i:i + 3] for k, v in role_inputs.items()}).text_embeds
+                                   for i in range(0, 8, 3)]) for role, role_inputs in inputs.items()}
+    reference_loss = trainer.loss(embeddings["query"], embeddings["positive"], embeddings.get("negative"))
+    reference_loss.backward()
+    reference = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+
+    torch.manual_seed(7)
+    trainer.model.zero_grad()
+    whole_batch = {role: trainer.model(**role_inputs).text_embeds for role, role_inputs in inputs.items()}
+    other_masks = trainer.loss(whole_batch["query"], whole_batch["positive"], whole_batch.get("negative"))
+    assert abs(other_masks.item() - reference_loss.item()) > 1e-4  # dropout is on: other masks, other loss
+
+    assert loss.item() == pytest.approx(reference_loss.item(), rel=1e-5)
+    assert_same_gradients(reference, cached)

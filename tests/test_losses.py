@@ -1,11 +1,19 @@
-"""The contrastive losses against naive per-example formulas, and their behaviour over simulated processes."""
+"""The contrastive losses against naive per-example formulas, over simulated processes, and over two real
+processes (gloo) whose gathered candidates carry gradients back to the process that owns them."""
 
 import math
+import socket
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+import torch.multiprocessing as mp
 
 from llm2clip_hf.trainers import CaptionContrastiveLoss, CLIPContrastiveLoss
+
+sys.path.insert(0, str(Path(__file__).parent))
+import gather_worker  # noqa: E402
 
 
 def _unit(x):
@@ -100,3 +108,185 @@ def test_clip_loss_over_simulated_ranks_does_not_scale_with_world_size():
 def test_loss_rejects_rank_outside_world():
     with pytest.raises(ValueError, match="outside world_size"):
         CLIPContrastiveLoss(world_size=2, rank=2)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Two real processes: the package's all-gather (forward all_gather, backward all-reduce SUM + own slice).
+#
+# Rank r returns L_r = mean over its own n_r queries of the per-query loss l_i, whose candidates are the rows of
+# every rank. The gather's backward sums, over ranks, the gradient of each rank's loss w.r.t. the gathered rows
+# and hands rank r its slice, so after every rank calls L_r.backward() the gradient of rank r's local rows is
+#     g_r = d(L_0 + ... + L_{W-1}) / d e_r,   L_r = (1 / n_r) * sum_{i in r} l_i,
+# where the l_i are the one-process per-query losses on the concatenated global batch.
+# * Equal shares (n_r = N / W): sum_r L_r = W * L_global with L_global = (1 / N) sum_i l_i, the one-process loss,
+#   so g_r = W * dL_global / de_r; DDP then averages the ranks' parameter gradients (divides by W) and
+#   recovers dL_global / dtheta exactly.
+# * Uneven shares: g_r = d(sum_r L_r) / de_r, which weights rank r's queries by 1 / n_r (not 1 / N); the losses
+#   themselves still combine to the global one with weights n_r / N.
+# logit_scale is replicated, not gathered: its gradient on rank r is dL_r / d logit_scale.
+# --------------------------------------------------------------------------------------------------------------
+
+WORLD_SIZE = 2
+SHARES = {"equal": (4, 4), "uneven": (3, 5)}
+
+
+def caption_query_losses(query, positive, negative, scale):
+    """Per-query stage-1 loss on one process, plain torch: query i against every positive (and negative),
+    target positive i."""
+    candidates = _unit(positive) if negative is None else torch.cat([_unit(positive), _unit(negative)])
+    log_probs = (scale * _unit(query) @ candidates.t()).log_softmax(dim=-1)
+    rows = torch.arange(query.shape[0])
+    return -log_probs[rows, rows]
+
+
+def clip_query_losses(images, texts, logit_scale):
+    """Per-pair stage-2 loss on one process, plain torch: the mean of pair i's image->text and text->image terms."""
+    logits = logit_scale.exp() * _unit(images) @ _unit(texts).t()
+    rows = torch.arange(images.shape[0])
+    return -0.5 * (logits.log_softmax(dim=1)[rows, rows] + logits.t().log_softmax(dim=1)[rows, rows])
+
+
+def make_cases():
+    """A fixed global batch per case (float32, as training holds them), split between the ranks by ``sizes``."""
+    generator = torch.Generator().manual_seed(5)
+    cases = {}
+    for share, sizes in SHARES.items():
+        total = sum(sizes)
+        for negatives in (True, False):
+            names = ["query", "positive"] + (["negative"] if negatives else [])
+            cases[f"caption_{'with' if negatives else 'without'}_negatives_{share}"] = {
+                "loss": "caption", "sizes": sizes, "scale": 50.0,
+                "tensors": {n: torch.randn(total, 16, generator=generator) for n in names},
+            }
+        cases[f"clip_{share}"] = {
+            "loss": "clip", "sizes": sizes, "logit_scale": torch.tensor(math.log(1 / 0.07)),
+            "tensors": {n: torch.randn(total, 16, generator=generator) for n in ("image", "text")},
+        }
+    return cases
+
+
+def expected_per_rank(case):
+    """What each rank must return and hold after backward, from one process on the global batch (float64)."""
+    leaves = {n: t.double().requires_grad_(True) for n, t in case["tensors"].items()}
+    sizes = case["sizes"]
+    bounds = [0, *torch.tensor(sizes).cumsum(0).tolist()]
+    if case["loss"] == "caption":
+        per_query = caption_query_losses(leaves["query"], leaves["positive"], leaves.get("negative"), case["scale"])
+        naive = naive_caption_loss(*(case["tensors"].get(n) for n in ("query", "positive", "negative")),
+                                   case["scale"])
+    else:
+        leaves["logit_scale"] = case["logit_scale"].double().requires_grad_(True)
+        per_query = clip_query_losses(leaves["image"], leaves["text"], leaves["logit_scale"])
+        naive = naive_clip_loss(case["tensors"]["image"], case["tensors"]["text"], case["logit_scale"])
+    global_loss = per_query.mean()
+    # the plain-torch reference is the naive per-example formula on the global batch
+    assert global_loss.item() == pytest.approx(naive, rel=1e-9)
+    rank_losses = [per_query[a:b].mean() for a, b in zip(bounds, bounds[1:])]
+    embeddings = [n for n in leaves if n != "logit_scale"]
+    if len(set(sizes)) == 1:
+        total_grads = torch.autograd.grad(global_loss, [leaves[n] for n in embeddings], retain_graph=True)
+        total_grads = [len(sizes) * g for g in total_grads]
+    else:
+        total_grads = torch.autograd.grad(sum(rank_losses), [leaves[n] for n in embeddings], retain_graph=True)
+    expected = []
+    for rank, (a, b) in enumerate(zip(bounds, bounds[1:])):
+        grads = {n: g[a:b] for n, g in zip(embeddings, total_grads)}
+        if "logit_scale" in leaves:
+            grads["logit_scale"] = torch.autograd.grad(rank_losses[rank], leaves["logit_scale"], retain_graph=True)[0]
+        expected.append({"loss": rank_losses[rank].detach(), "grads": grads})
+    return expected, naive
+
+
+def close_to(actual, expected, rel=1e-5):
+    """max |actual - expected| <= rel * max |expected|, with the numbers for the failure message."""
+    actual, expected = actual.double(), expected.double()
+    assert actual.shape == expected.shape
+    error, bound = (actual - expected).abs().max().item(), rel * expected.abs().max().item()
+    return error <= bound, f"max|diff| {error:.3g} > {bound:.3g} (= {rel} * max|expected|)"
+
+
+def check_losses(case, results, expected, naive):
+    sizes = case["sizes"]
+    for rank, (result, want) in enumerate(zip(results, expected)):
+        ok, detail = close_to(result["loss"], want["loss"])
+        assert ok, f"rank {rank} loss: {detail}"
+    # the ranks' losses, weighted by their share of queries, are the one-process loss of the global batch
+    combined = sum(r["loss"].item() * n / sum(sizes) for r, n in zip(results, sizes))
+    assert combined == pytest.approx(naive, rel=1e-5)
+
+
+def check_gradients(results, expected):
+    for rank, (result, want) in enumerate(zip(results, expected)):
+        assert result["grads"].keys() == want["grads"].keys()
+        for name, grad in want["grads"].items():
+            assert grad.abs().max() > 0
+            ok, detail = close_to(result["grads"][name], grad)
+            assert ok, f"rank {rank} gradient of {name}: {detail}"
+
+
+def start_method() -> str:
+    """``fork``: the workers inherit the imported package and finish in about a second (autograd on CPU works in
+    forked children). ``spawn`` (each worker imports the package anew, ~10 s of CPU each) once CUDA was initialised
+    here, whose autograd threads do not survive a fork, or when this process already joined a process group."""
+    if torch.cuda.is_initialized() or (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return "spawn"
+    return "fork"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def two_process_results(tmp_path_factory):
+    """Runs tests/gather_worker.py in two processes (gloo over TCP on localhost) on every case, once."""
+    directory = tmp_path_factory.mktemp("gather")
+    cases = make_cases()
+    torch.save(cases, directory / "inputs.pt")
+    context = mp.get_context(start_method())
+    port = free_port()
+    processes = [context.Process(target=gather_worker.main,
+                                 args=(rank, WORLD_SIZE, port, str(directory / "inputs.pt"), str(directory)))
+                 for rank in range(WORLD_SIZE)]
+    for process in processes:
+        process.start()
+    try:
+        for process in processes:
+            process.join(timeout=120)
+    finally:
+        for process in processes:
+            if process.is_alive():
+                process.kill()
+                process.join()
+    errors = [p.read_text() for p in sorted(directory.glob("rank*.error"))]
+    assert not errors and all(p.exitcode == 0 for p in processes), (
+        [p.exitcode for p in processes], "\n".join(errors))
+    results = [torch.load(directory / f"rank{rank}.pt") for rank in range(WORLD_SIZE)]
+    return cases, results
+
+
+@pytest.mark.parametrize("case_name", list(make_cases()))
+def test_two_processes_losses_and_gradients_through_the_real_gather(two_process_results, case_name):
+    """Each rank's loss, and the gradient of its local embeddings (and logit_scale) after backward of its own
+    loss, against one process on the global batch (see the derivation above)."""
+    cases, results = two_process_results
+    case = cases[case_name]
+    per_rank = [r["package", case_name] for r in results]
+    expected, naive = expected_per_rank(case)
+    check_losses(case, per_rank, expected, naive)
+    check_gradients(per_rank, expected)
+
+
+@pytest.mark.parametrize("variant", ["no_all_reduce", "detached"])
+@pytest.mark.parametrize("case_name", list(make_cases()))
+def test_two_process_checks_catch_a_gather_without_gradient_all_reduce(two_process_results, case_name, variant):
+    """The checks above can fail: with a gather whose backward skips the all-reduce (or that gathers the other
+    rank's rows as constants) the losses are unchanged but the gradients are wrong, and check_gradients says so."""
+    cases, results = two_process_results
+    per_rank = [r[variant, case_name] for r in results]
+    expected, naive = expected_per_rank(cases[case_name])
+    check_losses(cases[case_name], per_rank, expected, naive)
+    with pytest.raises(AssertionError, match="gradient of"):
+        check_gradients(per_rank, expected)

@@ -18,7 +18,8 @@ from safetensors.torch import load_file
 from llm2clip_hf import LLM2CLIPModel, LLM2CLIPTextModel
 from llm2clip_hf.evaluation import evaluate_retrieval
 from llm2clip_hf.testing import tiny_caption_pair_rows, tiny_image_caption_rows, tiny_vision_config
-from llm2clip_hf.trainers import LLM2CLIPTrainer, LLM2CLIPTrainingArguments, precompute_text_embeddings
+from llm2clip_hf.trainers import LLM2CLIPTrainer, LLM2CLIPTrainingArguments
+from llm2clip_hf.data import precompute_text_embeddings
 
 CAPTIONS = ["short_caption", "long_caption"]
 
@@ -58,7 +59,7 @@ def test_training_skips_and_counts_bad_rows(text_model, tmp_path, caplog):
     assert len(trainer.train_dataset) == 18  # the two bad captions are dropped before training
     result = trainer.train()
     assert result.metrics["skipped_rows"] == 2  # corrupt and missing image
-    assert sorted(trainer.data_collator.skipped_rows) == [16, 17]
+    assert "Skipped 2 rows with unreadable images: [16, 17]" in caplog.text
     assert "Skipping 2 of 20 rows" in caplog.text and "Skipping row 16" in caplog.text
 
 
@@ -105,7 +106,7 @@ def test_long_captions_are_truncated_counted_and_warned_once(tiny_llm_dir, caplo
     text_model.encode([long, "a dog", long])
     warnings = [r for r in caplog.records if "truncated" in r.getMessage()]
     assert len(warnings) == 1 and "2 of 3 captions" in warnings[0].getMessage()
-    assert text_model.num_truncated_captions == 2
+    assert [item.truncated for item in text_model.tokenize_items([long, "a dog", long])] == [True, False, True]
 
 
 def test_interrupted_precompute_leaves_no_cache_and_a_rerun_restarts(text_model, tmp_path, monkeypatch):
@@ -131,7 +132,7 @@ import sys, time, torch
 from datasets import Dataset
 from llm2clip_hf import LLM2CLIPTextModel
 from llm2clip_hf.testing import tiny_caption_pair_rows
-from llm2clip_hf.trainers import precompute_text_embeddings
+from llm2clip_hf.data import precompute_text_embeddings
 model = LLM2CLIPTextModel.from_llm(sys.argv[1])
 original = model.encode
 def slow_encode(*args, **kwargs):
@@ -191,7 +192,8 @@ from datasets import Dataset
 from transformers import TrainerCallback
 from llm2clip_hf import LLM2CLIPModel, LLM2CLIPTextModel
 from llm2clip_hf.testing import tiny_image_caption_rows, tiny_vision_config
-from llm2clip_hf.trainers import LLM2CLIPTrainer, LLM2CLIPTrainingArguments, precompute_text_embeddings
+from llm2clip_hf.trainers import LLM2CLIPTrainer, LLM2CLIPTrainingArguments
+from llm2clip_hf.data import precompute_text_embeddings
 from safetensors.torch import save_file
 llm_dir, out, resume = sys.argv[1], sys.argv[2], sys.argv[3] == "resume"
 class Slow(TrainerCallback):
@@ -250,3 +252,29 @@ def test_offline_loading_makes_no_network_call_and_says_how_to_provide_the_model
     with pytest.raises(OSError, match="LLM2CLIP model 'someone/missing-clip'"):
         load_clip_model("someone/missing-clip")
     assert attempts == []
+
+
+def test_cli_stage2_cache_step_follows_the_bad_caption_policy(tiny_llm_dir, tmp_path, caplog):
+    """An imagefolder whose row 7 has an empty long caption: the cache step drops it with a warning, as training
+    with skip_bad_rows=True (the default) promises, instead of stopping; with --skip-bad-rows false it stops."""
+    from test_cli import QUICK, TINY_TOWER
+
+    from llm2clip_hf.cli import main
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rows = []
+    for i, row in enumerate(tiny_image_caption_rows()[:12]):
+        row["image"].save(folder / f"{i}.png")
+        rows.append({"file_name": f"{i}.png", "short_caption": row["short_caption"],
+                     "long_caption": "" if i == 7 else row["long_caption"]})
+    (folder / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    common = ["train", "--stage", "clip", "--text-model", str(tiny_llm_dir), "--dataset", str(folder),
+              "--max-steps", "1", *TINY_TOWER, *QUICK]
+    assert main(common + ["--output-dir", str(tmp_path / "out")]) == 0
+    assert "Skipping 1 of 12 rows" in caplog.text and "rows [7]" in caplog.text
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["stage"] == "clip" and metrics["epoch"] > 0  # it trained
+    cache = load_from_disk(str(tmp_path / "out" / "_embedding_cache"))
+    assert len(cache) == 11 and 7 not in cache["__llm2clip_row__"]
+    assert main(common + ["--output-dir", str(tmp_path / "strict"), "--skip-bad-rows", "false"]) == 1

@@ -12,12 +12,8 @@ from transformers import AutoModel, TrainerCallback
 
 from llm2clip_hf import LLM2CLIPModel, LLM2CLIPTextModel
 from llm2clip_hf.testing import tiny_caption_pair_rows, tiny_image_caption_rows, tiny_vision_config
-from llm2clip_hf.trainers import (
-    LLM2CLIPTrainer,
-    LLM2CLIPTrainingArguments,
-    layer_decay_parameter_groups,
-    precompute_text_embeddings,
-)
+from llm2clip_hf.trainers import LLM2CLIPTrainer, LLM2CLIPTrainingArguments, layer_decay_parameter_groups
+from llm2clip_hf.data import precompute_text_embeddings
 
 CAPTIONS = ["short_caption", "long_caption"]
 
@@ -111,8 +107,8 @@ def test_clip_stage_on_cached_embeddings_learns(text_model, cached, tmp_path):
     trainer = LLM2CLIPTrainer(model=model, args=args, train_dataset=cached, text_model=text_model)
 
     def in_batch_accuracy():
-        batch = trainer.data_collator([dict(row, __llm2clip_row__=i) for i, row in enumerate(cached)])
-        batch.pop("__llm2clip_row__")
+        batch = trainer.eval_data_collator([dict(row, __llm2clip_row__=i) for i, row in enumerate(cached)])
+        batch = {k: v for k, v in batch.items() if not k.startswith("__llm2clip")}  # row indices, statistics
         with torch.no_grad():
             out = model(**batch)
         return top1_accuracy(out.image_embeds, out.text_embeds)

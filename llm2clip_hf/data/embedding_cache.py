@@ -1,7 +1,10 @@
-"""Stage-2 cache of LLM caption embeddings, stored as dataset columns and tied to the text model that made them.
+"""Stage-2 cache of LLM caption embeddings, stored as dataset columns and tied to the text model and the data that
+made them.
 
-The fingerprint covers everything that changes an embedding: the weights, the tokenizer, the pooling mode, the
-template and the token budget. A cache whose fingerprint differs from the expected text model is refused.
+The text model's fingerprint covers everything that changes an embedding: the weights as the encoder computes with
+them (LoRA adapters merged), the LLM's configuration (RoPE, norms, ...), the tokenizer, the pooling mode, the
+template and the token budget. The data fingerprint covers the caption columns' contents and the number of rows.
+A cache made by another text model or from other data is refused.
 """
 
 from __future__ import annotations
@@ -19,8 +22,9 @@ import numpy as np
 import torch
 from datasets import Dataset, Sequence as ArrowSequence, Value, load_from_disk
 
-from ..data_loading import caption_texts, require_columns
+from ..lora import iter_merged_state
 from ..modeling import LLM2CLIPTextModel
+from .loading import caption_texts, require_columns
 
 EMBEDDING_SUFFIX = "_llm_embedding"
 METADATA_KEY = "llm2clip_embedding_cache"
@@ -32,18 +36,40 @@ def embedding_column(caption_column: str) -> str:
     return f"{caption_column}{EMBEDDING_SUFFIX}"
 
 
+# Config entries that say how a checkpoint was saved or what a forward returns, not what it computes.
+_BOOKKEEPING_CONFIG_KEYS = frozenset({
+    "_name_or_path", "name_or_path", "architectures", "auto_map", "transformers_version", "dtype", "torch_dtype",
+    "use_cache", "output_attentions", "output_hidden_states", "return_dict", "initializer_range",
+    "_attn_implementation", "_attn_implementation_autoset", "attn_implementation",
+})
+
+
+def _computing_settings(config: dict[str, Any]) -> dict[str, Any]:
+    return {key: _computing_settings(value) if isinstance(value, dict) else value
+            for key, value in config.items() if key not in _BOOKKEEPING_CONFIG_KEYS}
+
+
 def text_model_fingerprint(text_model: LLM2CLIPTextModel) -> str:
-    """Hash of the text model's weights, tokenizer, pooling mode, template and max length."""
+    """Hash of what the text encoder computes: its configuration (the LLM's included), tokenizer, and weights with
+    any LoRA adapters merged, so a model in training and its saved, reloaded copy have the same fingerprint."""
     digest = hashlib.blake2b(digest_size=16)
-    config = text_model.config
-    settings = {"pooling_mode": config.pooling_mode, "text_template": config.text_template,
-                "max_seq_length": config.max_seq_length, "bidirectional": config.bidirectional}
-    digest.update(json.dumps(settings, sort_keys=True).encode())
-    tokenizer = text_model.require_tokenizer()
-    digest.update(_tokenizer_identity(tokenizer).encode())
-    for name, tensor in sorted(text_model.state_dict().items()):
-        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
-        digest.update(tensor.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes())
+    digest.update(json.dumps(_computing_settings(text_model.config.to_dict()), sort_keys=True, default=str).encode())
+    digest.update(_tokenizer_identity(text_model.require_tokenizer()).encode())
+    tensors = {}  # one digest per tensor, combined in key order: merged tensors are made one at a time
+    for name, tensor in iter_merged_state(text_model):
+        tensor_digest = hashlib.blake2b(f"{tuple(tensor.shape)}:{tensor.dtype}".encode(), digest_size=16)
+        tensor_digest.update(tensor.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes())
+        tensors[name] = tensor_digest.hexdigest()
+    digest.update(json.dumps(sorted(tensors.items())).encode())
+    return digest.hexdigest()
+
+
+def caption_data_fingerprint(dataset: Dataset, caption_columns: Sequence[str], batch_size: int = 10_000) -> str:
+    """Hash of the number of rows and the contents of ``caption_columns``: what a cache of their embeddings is of."""
+    digest = hashlib.blake2b(json.dumps([len(dataset), list(caption_columns)]).encode(), digest_size=16)
+    for column in caption_columns:
+        for batch in dataset.select_columns([column]).with_format(None).iter(batch_size=batch_size):
+            digest.update(json.dumps(batch[column], default=str).encode())
     return digest.hexdigest()
 
 
@@ -110,8 +136,9 @@ def precompute_text_embeddings(
     With ``output_dir`` the result is written as Arrow (``save_to_disk``) and returned memory-mapped. The folder
     appears only once complete (written aside, then renamed); a run killed midway leaves only a hidden partial
     folder, which the next run removes before starting again. A lock file serialises writers: a second process
-    waits, then reuses the finished cache. A folder made by the same text model is reused as is; one made by
-    another is refused. The text model's fingerprint is stored with the data and checked when stage 2 reads it.
+    waits, then reuses the finished cache. A folder made by the same text model from the same captions is reused
+    as is; one made by another text model or from other data is refused (nothing is overwritten). The text model's
+    fingerprint is stored with the data and checked when stage 2 reads it.
     """
     require_columns(dataset, caption_columns, "Embedding captions")
     if output_dir is None:
@@ -120,7 +147,9 @@ def precompute_text_embeddings(
     with _exclusive_lock(output_dir):  # a second writer waits here, then reuses the finished cache
         if output_dir.exists():
             cached = load_from_disk(str(output_dir))
-            check_embedding_cache(cached, caption_columns, expected_fingerprint=text_model_fingerprint(text_model))
+            metadata = check_embedding_cache(cached, caption_columns,
+                                             expected_fingerprint=text_model_fingerprint(text_model))
+            _check_same_data(metadata, dataset, caption_columns, output_dir)
             return cached
         for stale in output_dir.parent.glob(f".{output_dir.name}.partial-*"):  # left by a killed run: restart
             shutil.rmtree(stale, ignore_errors=True)
@@ -147,10 +176,23 @@ def _embed_columns(dataset: Dataset, text_model: LLM2CLIPTextModel, caption_colu
         "fingerprint": fingerprint, "embedding_dim": dim, "caption_columns": list(caption_columns),
         "text_model": text_model.name_or_path, "pooling_mode": text_model.config.pooling_mode,
         "text_template": text_model.config.text_template, "max_seq_length": text_model.config.max_seq_length,
-        "num_rows": len(dataset),
+        "num_rows": len(dataset), "data_fingerprint": caption_data_fingerprint(dataset, caption_columns),
     }
     result.info.description = json.dumps({METADATA_KEY: metadata})
     return result
+
+
+def _check_same_data(metadata: dict[str, Any], dataset: Dataset, caption_columns: Sequence[str],
+                     output_dir: Path) -> None:
+    """Refuse a cache folder made from other captions than ``dataset``'s (another subset, another dataset)."""
+    fingerprint = caption_data_fingerprint(dataset, caption_columns)
+    if metadata.get("data_fingerprint") != fingerprint or metadata.get("num_rows") != len(dataset):
+        raise ValueError(
+            f"The embedding cache in {output_dir} was made from other data ({metadata.get('num_rows')} rows, data "
+            f"fingerprint {metadata.get('data_fingerprint')}) than this dataset ({len(dataset)} rows, {fingerprint}), "
+            "for example a --max-samples subset. Nothing was changed: write this cache to another folder "
+            "(output_dir / --embedding-cache), or delete that folder to recompute it."
+        )
 
 
 @contextmanager

@@ -13,7 +13,7 @@ import torch
 from datasets import Dataset
 from transformers.utils import logging as hf_logging
 
-from ..data_loading import caption_texts, require_columns
+from ..data import caption_texts, check_embedding_cache, embedding_column, load_image, read_cache_metadata, require_columns
 from ..modeling import LLM2CLIPModel, LLM2CLIPTextModel
 from ..modeling.processing_llm2clip import clip_image_processor
 from .caption_retrieval import caption_retrieval_metrics
@@ -25,8 +25,6 @@ from .zero_shot import DEFAULT_TEMPLATES, build_classifier, zero_shot_accuracy
 def embed_images(model: LLM2CLIPModel, images: Sequence, batch_size: int = 32,
                  show_progress_bar: bool | None = None) -> torch.Tensor:
     """Joint-space image features (float32, CPU) with the evaluation preprocessing (resize + center crop)."""
-    from ..trainers.image_transforms import load_image
-
     processor = clip_image_processor(model.config.vision_config.image_size)
     device, dtype = model.logit_scale.device, model.visual_projection.weight.dtype
     was_training = model.training
@@ -75,8 +73,6 @@ def llm_embeddings_for(texts: list[str], model: LLM2CLIPModel, text_model: LLM2C
 def cached_llm_embeddings(dataset: Dataset, caption_columns: Sequence[str], model: LLM2CLIPModel) -> torch.Tensor | None:
     """Cached embeddings of ``caption_columns`` in :func:`caption_texts` order, when the dataset has them and they
     were made by the model's text encoder (fingerprint check); ``None`` when the dataset carries no cache."""
-    from ..trainers.embedding_cache import check_embedding_cache, embedding_column, read_cache_metadata
-
     if read_cache_metadata(dataset) is None or any(embedding_column(c) not in dataset.column_names
                                                    for c in caption_columns):
         return None

@@ -9,9 +9,10 @@ import numpy as np
 import torch
 from datasets import Dataset
 
-from ..data_loading import ROW_INDEX, require_columns
+from ..data import ROW_INDEX, require_columns
 from ..modeling import LLM2CLIPTextModel
 from ..modeling.caption_tokenization import collate_left_padded
+from .data_statistics import BATCH_STATISTICS, batch_statistics
 
 QUERY, POSITIVE, NEGATIVE, QUERY_IS_SHORT = "query", "positive", "negative", "query_is_short"
 
@@ -60,7 +61,8 @@ def _digest(text: str) -> str:
 
 class CaptionPairCollator:
     """Tokenizes triples for :class:`LLM2CLIPTextModel`: the query with its direction's instruction (excluded
-    from pooling), positive and negative without one. Returns one input dict per role."""
+    from pooling), positive and negative without one. Returns one input dict per role, the row indices, and the
+    number of truncated texts (``BATCH_STATISTICS``)."""
 
     def __init__(self, text_model: LLM2CLIPTextModel, short_query_instruction: str, long_query_instruction: str,
                  instruction_separator: str = "; ") -> None:
@@ -80,4 +82,6 @@ class CaptionPairCollator:
         collated: dict = {role: collate_left_padded(items, pad) for role, items in batch.items()}
         if ROW_INDEX in rows[0]:
             collated[ROW_INDEX] = torch.tensor([int(row[ROW_INDEX]) for row in rows])
+        truncated = sum(item.truncated for items in batch.values() for item in items)
+        collated[BATCH_STATISTICS] = batch_statistics(truncated_captions=truncated)
         return collated

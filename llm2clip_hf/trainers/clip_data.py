@@ -9,11 +9,11 @@ import numpy as np
 import torch
 from transformers.utils import logging as hf_logging
 
-from ..data_loading import ROW_INDEX
+from ..data import ROW_INDEX, CLIPImageTransform, embedding_column
 from ..modeling import LLM2CLIPTextModel
 from ..modeling.caption_tokenization import collate_left_padded
-from .embedding_cache import embedding_column
-from .image_transforms import CLIPImageTransform
+from .data_statistics import BATCH_STATISTICS, batch_statistics
+from .epoch_sampling import EPOCH
 
 logger = hf_logging.get_logger(__name__)
 
@@ -21,9 +21,12 @@ logger = hf_logging.get_logger(__name__)
 class CLIPCollator:
     """Builds ``pixel_values`` and either ``llm_embeddings`` (cached) or token inputs (LLM in the loop).
 
-    Each example draws one caption column (weights default to uniform, the official 50/50 short/dense) and its
-    crop from a generator seeded by ``(seed, epoch, row)``: the batch is the same whatever the number of
-    processes, and a resumed run draws what the uninterrupted run drew.
+    Each training example draws one caption column (weights default to uniform, the official 50/50 short/dense) and
+    its crop from a generator seeded by ``(seed, epoch, row)``, the epoch coming with the row (``EPOCH``, see
+    :mod:`.epoch_sampling`): the batch is the same whatever the number of processes or DataLoader workers, and a
+    resumed run draws what the uninterrupted run drew. Rows without an epoch (evaluation) draw from ``(seed, row)``,
+    the same choice at every evaluation. Counts of skipped rows and truncated captions travel in the batch
+    (``BATCH_STATISTICS``).
     """
 
     def __init__(self, image_column: str, caption_columns: Sequence[str], image_transform: CLIPImageTransform,
@@ -36,45 +39,48 @@ class CLIPCollator:
         self.image_transform = image_transform
         self.seed = seed
         self.text_model = text_model
-        self.epoch = 0
         self.skip_bad_rows = skip_bad_rows
-        self.skipped_rows: list[int] = []  # rows whose image could not be read (when skipping)
+        self._warned = False
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        pixels, chosen, rngs = [], [], []
+        pixels, chosen, rngs, skipped = [], [], [], []
         for row in rows:
             index = int(row[ROW_INDEX])
-            rng = np.random.default_rng([self.seed, self.epoch, index])
+            key = [self.seed, int(row[EPOCH]), index] if EPOCH in row else [self.seed, index]
+            rng = np.random.default_rng(key)
             column = self.caption_columns[rng.choice(len(self.caption_columns), p=self.probabilities)]
             try:
                 pixels.append(self.image_transform(row[self.image_column], rng))
             except Exception as error:  # noqa: BLE001 - any unreadable image is a bad row
                 self._bad_row(index, error)
+                skipped.append(index)
                 continue
             rngs.append(rng)
             chosen.append((row, column))
         if not pixels:
-            raise ValueError(f"Every row of this batch has an unreadable image (rows {self.skipped_rows[-len(rows):]}).")
-        batch: dict[str, torch.Tensor] = {"pixel_values": torch.stack(pixels),
-                                          ROW_INDEX: torch.tensor([int(row[ROW_INDEX]) for row, _ in chosen])}
+            raise ValueError(f"Every row of this batch has an unreadable image (rows {skipped}).")
+        batch: dict[str, Any] = {"pixel_values": torch.stack(pixels),
+                                 ROW_INDEX: torch.tensor([int(row[ROW_INDEX]) for row, _ in chosen])}
+        truncated = 0
         if self.text_model is None:
             vectors = [_one_of(row[embedding_column(column)], rng, is_vector=True) for (row, column), rng in
                        zip(chosen, rngs)]
-            batch["llm_embeddings"] = torch.tensor(np.stack(vectors))
+            batch["llm_embeddings"] = torch.from_numpy(np.stack(vectors))
         else:
             items = self.text_model.tokenize_items([_one_of(row[column], rng) for (row, column), rng in
                                                     zip(chosen, rngs)])
+            truncated = sum(item.truncated for item in items)
             batch.update(collate_left_padded(items, self.text_model.require_tokenizer().pad_token_id))
+        batch[BATCH_STATISTICS] = batch_statistics(skipped, truncated)
         return batch
-
 
     def _bad_row(self, index: int, error: Exception) -> None:
         reason = f"row {index}: cannot read the image ({type(error).__name__}: {error})"
         if not self.skip_bad_rows:
             raise ValueError(f"{reason}. Fix or drop the row, or train with skip_bad_rows=True.") from error
-        if not self.skipped_rows:
+        if not self._warned:
+            self._warned = True
             logger.warning(f"Skipping {reason}; further bad rows are skipped and counted (skip_bad_rows=True).")
-        self.skipped_rows.append(index)
 
 
 def _one_of(value: Any, rng: np.random.Generator, is_vector: bool = False) -> Any:

@@ -25,7 +25,8 @@ class CaptionContrastiveLoss(_GatheringLoss):
 
     Cosine similarities are multiplied by ``scale`` (50, i.e. temperature 0.02); query ``i`` of this process
     matches gathered positive ``offset + i``. The mean over local queries is returned, so averaging the processes'
-    losses (as DDP averages their gradients) gives the loss of the global batch.
+    losses (as DDP averages their gradients) gives the loss of the global batch when every process holds the same
+    number of rows (accelerate's even batches); with uneven shares each process's queries weigh 1 / its row count.
     """
 
     def __init__(self, scale: float = 50.0, world_size: int = 1, rank: int = 0, gather: Gather | None = None) -> None:

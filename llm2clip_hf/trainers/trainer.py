@@ -3,27 +3,37 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from typing import Any
 
 import torch
 from datasets import Dataset
 from peft import LoraConfig, PeftModel, get_peft_model, inject_adapter_in_model
-from peft.tuners.lora import LoraLayer
 from torch import nn
 from transformers import Trainer, TrainerCallback
 from transformers.utils import logging as hf_logging
 
 import datasets as hf_datasets
 
-from ..data_loading import ROW_INDEX, drop_bad_caption_rows, with_row_index
+from ..data import (
+    ROW_INDEX,
+    CLIPImageTransform,
+    check_embedding_cache,
+    drop_bad_caption_rows,
+    require_columns,
+    text_model_fingerprint,
+    with_row_index,
+)
+from ..evaluation import evaluate_caption_retrieval, evaluate_retrieval
+from ..lora import merged_state_dict, unwrap_peft
 from ..modeling import LLM2CLIPModel, LLM2CLIPTextModel
-from .caption_pairs import QUERY, CaptionPairCollator, build_caption_pairs, require_columns
+from .caption_pairs import QUERY, CaptionPairCollator, build_caption_pairs
 from .clip_data import CLIPCollator
+from .data_statistics import BATCH_STATISTICS, DataStatistics
 from .distributed import average_gradients
-from .embedding_cache import check_embedding_cache, text_model_fingerprint
+from .epoch_sampling import EpochTaggedDataset, EpochTaggedSampler
 from .grad_cache import grad_cache_backward
-from .image_transforms import CLIPImageTransform
 from .layer_decay import layer_decay_parameter_groups
 from .losses import CaptionContrastiveLoss, CLIPContrastiveLoss
 from .model_card import build_model_card
@@ -45,32 +55,15 @@ class LogitScaleClampCallback(TrainerCallback):
 
 
 class EpochCallback(TrainerCallback):
-    """Tells the stage-2 collator which epoch it is drawing captions and crops for."""
+    """Tells the training sampler the epoch at the start of each one. The Trainer's own ``set_epoch`` reaches the
+    sampler through accelerate's wrappers in most set-ups but not all (a resumed multi-process run wraps it once
+    more); this makes it certain."""
 
-    def __init__(self, collator: CLIPCollator) -> None:
-        self.collator = collator
+    def __init__(self, sampler: EpochTaggedSampler) -> None:
+        self.sampler = sampler
 
     def on_epoch_begin(self, args, state, control, **kwargs):
-        self.collator.epoch = int(state.epoch or 0)
-
-
-def merged_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
-    """State dict of ``module`` with every LoRA adapter merged into its base weight and the LoRA keys removed."""
-    lora_layers = [m for m in module.modules() if isinstance(m, LoraLayer)]
-    for layer in lora_layers:
-        layer.merge()
-    try:
-        state = {}
-        for key, value in module.state_dict().items():
-            if "lora_" in key:
-                continue
-            if ".base_layer." in key:
-                key, value = key.replace(".base_layer.", "."), value.clone()
-            state[key] = value
-    finally:
-        for layer in lora_layers:
-            layer.unmerge()
-    return state
+        self.sampler.set_epoch(math.floor(state.epoch + 1e-9))
 
 
 def default_lora_config(args: LLM2CLIPTrainingArguments) -> LoraConfig:
@@ -106,27 +99,37 @@ class LLM2CLIPTrainer(Trainer):
             raise TypeError("LLM2CLIPTrainer needs LLM2CLIPTrainingArguments (they carry the stage settings).")
         callbacks = list(callbacks or [])
         self._saving_checkpoint = False
-        if args.stage == CAPTION_STAGE:
-            model, collator, train_dataset, eval_dataset = self._setup_caption_stage(
-                model, args, train_dataset, eval_dataset, peft_config
+        self._data_statistics = DataStatistics()
+        if args.train_sampling_strategy not in ("random", "sequential"):
+            raise ValueError(
+                f"train_sampling_strategy={args.train_sampling_strategy!r} is not supported by LLM2CLIPTrainer; use "
+                "'random' (default) or 'sequential'. Contrastive batches need no length grouping."
             )
+        self._train_sampler = EpochTaggedSampler(0, args.seed, shuffle=args.train_sampling_strategy == "random")
+        callbacks.append(EpochCallback(self._train_sampler))
+        if args.stage == CAPTION_STAGE:
+            model, collator, eval_collator, prepare = self._setup_caption_stage(model, args, peft_config)
             loss = loss or CaptionContrastiveLoss(args.loss_scale, world_size=args.world_size, rank=args.process_index)
         else:
-            collator, train_dataset, eval_dataset = self._setup_clip_stage(
-                model, args, train_dataset, eval_dataset, peft_config, text_model
-            )
+            collator, eval_collator, prepare = self._setup_clip_stage(model, args, peft_config, text_model)
             loss = loss or CLIPContrastiveLoss(world_size=args.world_size, rank=args.process_index)
-            callbacks += [LogitScaleClampCallback(model, args.logit_scale_max), EpochCallback(collator)]
+            callbacks.append(LogitScaleClampCallback(model, args.logit_scale_max))
+        # Training applies the bad-row policy; evaluation never drops a row.
+        self._prepare_dataset = prepare
+        train_dataset = prepare(train_dataset, args.skip_bad_rows) if train_dataset is not None else None
+        eval_dataset = prepare(eval_dataset, False) if eval_dataset is not None else None
         super().__init__(model=model, args=args, data_collator=collator, train_dataset=train_dataset,
                          eval_dataset=eval_dataset, callbacks=callbacks, **kwargs)
+        self.eval_data_collator = eval_collator
         self.loss = loss
         # Our losses are means over the local batch and take no `num_items_in_batch`: let the Trainer divide by the
         # accumulation steps and never rescale by the number of processes (PeftModel's **kwargs would suggest so).
         self.model_accepts_loss_kwargs = False
 
     # --------------------------------------------------------------------------------------------- setup
-    def _setup_caption_stage(self, model, args, train_dataset, eval_dataset, peft_config):
-        base = model.get_base_model() if isinstance(model, PeftModel) else model
+    def _setup_caption_stage(self, model, args, peft_config):
+        """The model with LoRA, the collators for training and evaluation, and the function preparing a dataset."""
+        base = unwrap_peft(model)
         if not isinstance(base, LLM2CLIPTextModel):
             raise TypeError(
                 f"stage='caption' trains an LLM2CLIPTextModel, got {type(base).__name__}. Build one with "
@@ -140,17 +143,19 @@ class LLM2CLIPTrainer(Trainer):
             model = get_peft_model(model, peft_config or default_lora_config(args))
         self.text_model = base
         short, long = args.caption_columns
-        datasets = []
-        for dataset, skip in ((train_dataset, args.skip_bad_rows), (eval_dataset, False)):
-            if dataset is not None and QUERY not in dataset.column_names:
-                dataset = drop_bad_caption_rows(with_row_index(dataset), [short, long], skip)
-                dataset = build_caption_pairs(dataset, short, long, args.seed, args.hard_negatives)
-            datasets.append(dataset)
+
+        def prepare(dataset: Dataset, skip: bool) -> Dataset:
+            if QUERY in dataset.column_names:
+                return dataset
+            dataset = drop_bad_caption_rows(with_row_index(dataset), [short, long], skip)
+            return build_caption_pairs(dataset, short, long, args.seed, args.hard_negatives)
+
         collator = CaptionPairCollator(base, args.short_query_instruction, args.long_query_instruction,
                                        args.instruction_separator)
-        return model, collator, datasets[0], datasets[1]
+        return model, collator, collator, prepare
 
-    def _setup_clip_stage(self, model, args, train_dataset, eval_dataset, peft_config, text_model):
+    def _setup_clip_stage(self, model, args, peft_config, text_model):
+        """The collators for training and evaluation, and the function preparing a dataset."""
         if not isinstance(model, LLM2CLIPModel):
             raise TypeError(f"stage='clip' trains an LLM2CLIPModel, got {type(model).__name__}.")
         in_loop = args.text_source in ("frozen", "lora")
@@ -164,26 +169,29 @@ class LLM2CLIPTrainer(Trainer):
             model.text_model.requires_grad_(False)
             if args.text_source == "lora":
                 inject_adapter_in_model(peft_config or default_lora_config(args), model.text_model)
-        prepared = []
-        for dataset, skip in ((train_dataset, args.skip_bad_rows), (eval_dataset, False)):
-            if dataset is not None:
-                require_columns(dataset, [args.image_column], "CLIP training")
-                dataset = with_row_index(dataset)
-                if in_loop:
-                    dataset = drop_bad_caption_rows(dataset, args.caption_columns, skip)
-                else:
-                    self._check_cache(model, dataset, args, text_model)
-                if isinstance(dataset.features[args.image_column], hf_datasets.Image):
-                    # decode in the collator, where an unreadable image can be skipped or named
-                    dataset = dataset.cast_column(args.image_column, hf_datasets.Image(decode=False))
-            prepared.append(dataset)
-        collator = CLIPCollator(
-            args.image_column, args.caption_columns,
-            CLIPImageTransform(model.config.vision_config.image_size, augment=args.image_augmentation),
-            seed=args.seed, weights=args.caption_sampling_weights,
-            text_model=model.text_model if in_loop else None, skip_bad_rows=args.skip_bad_rows,
-        )
-        return collator, prepared[0], prepared[1]
+
+        def prepare(dataset: Dataset, skip: bool) -> Dataset:
+            require_columns(dataset, [args.image_column], "CLIP training")
+            dataset = with_row_index(dataset)
+            if in_loop:
+                dataset = drop_bad_caption_rows(dataset, args.caption_columns, skip)
+            else:
+                self._check_cache(model, dataset, args, text_model)
+            if isinstance(dataset.features[args.image_column], hf_datasets.Image):
+                # decode in the collator, where an unreadable image can be skipped or named
+                dataset = dataset.cast_column(args.image_column, hf_datasets.Image(decode=False))
+            return dataset
+
+        def collator(augment: bool, skip_bad_rows: bool) -> CLIPCollator:
+            return CLIPCollator(
+                args.image_column, args.caption_columns,
+                CLIPImageTransform(model.config.vision_config.image_size, augment=augment),
+                seed=args.seed, weights=args.caption_sampling_weights,
+                text_model=model.text_model if in_loop else None, skip_bad_rows=skip_bad_rows,
+            )
+
+        # Evaluation: resize + center crop, a fixed caption per row, and no row skipped.
+        return collator(args.image_augmentation, args.skip_bad_rows), collator(False, False), prepare
 
     @staticmethod
     def _check_cache(model: LLM2CLIPModel, dataset: Dataset, args, text_model: LLM2CLIPTextModel | None) -> None:
@@ -193,9 +201,31 @@ class LLM2CLIPTrainer(Trainer):
         model.config.text_model_fingerprint = metadata["fingerprint"]
         model.config.text_model_name_or_path = metadata.get("text_model") or model.config.text_model_name_or_path
 
+    # --------------------------------------------------------------------------------------------- data
+    def _get_dataloader(self, dataset, description, batch_size, sampler_fn=None, is_training=False,
+                        dataloader_key=None):
+        """The Trainer's DataLoader, with two changes. Training reads ``(epoch, row)`` keys from
+        :class:`EpochTaggedSampler` (so per-epoch draws reach DataLoader workers); evaluation uses the evaluation
+        collator."""
+        train_collator = self.data_collator
+        if is_training and not isinstance(dataset, torch.utils.data.IterableDataset):
+            self._train_sampler.num_rows = len(dataset)
+            dataset, sampler_fn = EpochTaggedDataset(dataset), (lambda _: self._train_sampler)
+        elif not is_training:
+            self.data_collator = self.eval_data_collator
+        try:
+            return super()._get_dataloader(dataset, description, batch_size, sampler_fn, is_training, dataloader_key)
+        finally:
+            self.data_collator = train_collator
+
+    @staticmethod
+    def _model_inputs(inputs: dict[str, Any]) -> dict[str, Any]:
+        """A batch without the bookkeeping entries of the collators (row indices, statistics)."""
+        return {k: v for k, v in inputs.items() if k not in (ROW_INDEX, BATCH_STATISTICS)}
+
     # --------------------------------------------------------------------------------------------- loss
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        inputs = {k: v for k, v in inputs.items() if k != ROW_INDEX}
+        inputs = self._model_inputs(inputs)
         if self.args.stage == CAPTION_STAGE:
             embeddings = {role: model(**batch).text_embeds for role, batch in inputs.items()}
             loss = self.loss(embeddings["query"], embeddings["positive"], embeddings.get("negative"))
@@ -208,6 +238,7 @@ class LLM2CLIPTrainer(Trainer):
     def training_step(self, model, inputs, num_items_in_batch=None):
         """The Trainer's step, or with ``gradcache_chunk_size`` a GradCache step: the exact gradient of the loss
         over the whole batch, with activations held for one chunk at a time."""
+        inputs = self._data_statistics.add(inputs)
         rows = inputs.get(ROW_INDEX)
         loss = self._gradcache_step(model, inputs) if self.args.gradcache_chunk_size else \
             super().training_step(model, inputs, num_items_in_batch)
@@ -228,7 +259,7 @@ class LLM2CLIPTrainer(Trainer):
     def _gradcache_step(self, model, inputs) -> torch.Tensor:
         chunk_size = self.args.gradcache_chunk_size
         model.train()
-        inputs = {k: v for k, v in self._prepare_inputs(inputs).items() if k != ROW_INDEX}
+        inputs = self._model_inputs(self._prepare_inputs(inputs))
         unwrapped = self.accelerator.unwrap_model(model)
         encoders, batches, loss_fn = self._grad_cache_parts(unwrapped, inputs)
         # Gradients are computed outside DDP's forward: skip its reducer and average them ourselves afterwards.
@@ -258,24 +289,24 @@ class LLM2CLIPTrainer(Trainer):
         return encoders, {"image": {"pixel_values": inputs["pixel_values"]}, "text": text_inputs}, clip_loss
 
     def train(self, *args: Any, **kwargs: Any):
-        """``Trainer.train``; the result's metrics also count skipped bad rows and truncated captions."""
-        text_model = self._text_encoder()
-        truncated_before = getattr(text_model, "num_truncated_captions", 0)
+        """``Trainer.train``; the result's metrics also count, over all processes and DataLoader workers, the rows
+        skipped for unreadable images and the captions truncated to the token budget."""
+        self._data_statistics = DataStatistics()
         result = super().train(*args, **kwargs)
-        skipped = len(getattr(self.data_collator, "skipped_rows", []))
-        truncated = getattr(text_model, "num_truncated_captions", 0) - truncated_before
-        result.metrics.update(skipped_rows=skipped, truncated_captions=truncated)
+        skipped, truncated = self._data_statistics.gathered()
+        result.metrics.update(skipped_rows=len(skipped), truncated_captions=truncated)
         if skipped:
-            logger.warning(f"Skipped {skipped} rows with unreadable images: {self.data_collator.skipped_rows[:20]}.")
+            logger.warning(f"Skipped {len(skipped)} rows with unreadable images: {skipped[:20]}.")
         if truncated:
+            text_model = self._base_model()
+            text_model = text_model if isinstance(text_model, LLM2CLIPTextModel) else text_model.text_model
             logger.warning(f"{truncated} training captions were longer than max_length="
                            f"{text_model.config.max_seq_length} tokens and were truncated.")
         return result
 
-    def _text_encoder(self) -> LLM2CLIPTextModel | None:
-        model = self.accelerator.unwrap_model(self.model)
-        model = model.get_base_model() if isinstance(model, PeftModel) else model
-        return model if isinstance(model, LLM2CLIPTextModel) else getattr(model, "text_model", None)
+    def _base_model(self) -> LLM2CLIPTextModel | LLM2CLIPModel:
+        """The trained model without its accelerate (DDP, ...) and PEFT wrappers."""
+        return unwrap_peft(self.accelerator.unwrap_model(self.model))
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = self._prepare_inputs(inputs)
@@ -287,6 +318,8 @@ class LLM2CLIPTrainer(Trainer):
                  metric_key_prefix: str = "eval") -> dict[str, float]:
         """The Trainer's evaluation loss plus the stage's retrieval metrics, logged together: caption retrieval
         accuracy (``cra``) between the caption columns in stage "caption"; image<->text recall@k in stage "clip"."""
+        if isinstance(eval_dataset, Dataset):
+            eval_dataset = self._prepare_dataset(eval_dataset, False)
         metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
         dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
         if not self.args.retrieval_metrics or not isinstance(dataset, Dataset):
@@ -298,13 +331,10 @@ class LLM2CLIPTrainer(Trainer):
 
     def retrieval_metrics(self, dataset: Dataset) -> dict[str, float]:
         """Stage metrics of the current model on ``dataset`` (see :meth:`evaluate`)."""
-        from ..evaluation import evaluate_caption_retrieval, evaluate_retrieval
-
-        model = self.accelerator.unwrap_model(self.model)
+        model = self._base_model()
         batch_size = self.args.per_device_eval_batch_size
         if self.args.stage == CAPTION_STAGE:
-            base = model.get_base_model() if isinstance(model, PeftModel) else model
-            return evaluate_caption_retrieval(base, dataset, self.args.caption_columns, batch_size=batch_size,
+            return evaluate_caption_retrieval(model, dataset, self.args.caption_columns, batch_size=batch_size,
                                               show_progress_bar=False)
         return evaluate_retrieval(model, dataset, self.args.image_column, self.args.caption_columns,
                                   batch_size=batch_size, show_progress_bar=False)
@@ -336,8 +366,7 @@ class LLM2CLIPTrainer(Trainer):
             return super()._save(output_dir, state_dict)
         output_dir = output_dir or self.args.output_dir
         os.makedirs(output_dir, exist_ok=True)
-        model = self.accelerator.unwrap_model(self.model)
-        base = model.get_base_model() if isinstance(model, PeftModel) else model
+        base = self._base_model()
         base.save_pretrained(output_dir, state_dict=merged_state_dict(base), safe_serialization=True)
         torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
         self._write_model_card(output_dir)
@@ -350,8 +379,7 @@ class LLM2CLIPTrainer(Trainer):
 
     def _write_model_card(self, output_dir: str, model_name: str | None = None,
                           dataset_name: str | list[str] | None = None) -> None:
-        model = self.accelerator.unwrap_model(self.model)
-        base = model.get_base_model() if isinstance(model, PeftModel) else model
+        base = self._base_model()
         if isinstance(base, LLM2CLIPTextModel):
             base_models = [base.name_or_path]
         else:

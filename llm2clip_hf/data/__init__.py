@@ -1,0 +1,24 @@
+"""The data path shared by training and evaluation: opening datasets, reading images, and the embedding cache."""
+
+from .embedding_cache import (
+    check_embedding_cache,
+    embedding_column,
+    precompute_text_embeddings,
+    read_cache_metadata,
+    text_model_fingerprint,
+)
+from .images import CLIPImageTransform, load_image
+from .loading import (
+    ROW_INDEX,
+    caption_texts,
+    drop_bad_caption_rows,
+    load_dataset_from_spec,
+    require_columns,
+    with_row_index,
+)
+
+__all__ = [
+    "CLIPImageTransform", "ROW_INDEX", "caption_texts", "check_embedding_cache", "drop_bad_caption_rows",
+    "embedding_column", "load_dataset_from_spec", "load_image", "precompute_text_embeddings", "read_cache_metadata",
+    "require_columns", "text_model_fingerprint", "with_row_index",
+]
