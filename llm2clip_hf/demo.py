@@ -56,12 +56,16 @@ def emoji_splits(smoke: bool) -> tuple[Dataset, Dataset]:
 
 def tiny_eva02(smoke: bool) -> EVA02VisionConfig:
     """A small EVA02 trained from scratch on emoji downscaled to 32 pixels (official layout; width 128, 3 blocks,
-    2 heads of 64): small enough to learn in a few hundred CPU steps."""
+    2 heads of 64): small enough to learn in a few hundred CPU steps.
+
+    Its projection head starts at the full truncated-normal scale (``head_init_scale=1``): eva_clip's 0.001 suits
+    pretraining for many thousands of steps; from scratch in 300 steps it left held-out image->text R@5 at 1.3 %
+    (chance 1.1 %) instead of 8.9 %."""
     if smoke:
         return EVA02VisionConfig(image_size=32, patch_size=8, hidden_size=64, num_hidden_layers=1,
-                                 num_attention_heads=1, intermediate_size=170)
+                                 num_attention_heads=1, intermediate_size=170, head_init_scale=1.0)
     return EVA02VisionConfig(image_size=32, patch_size=8, hidden_size=128, num_hidden_layers=3,
-                             num_attention_heads=2, intermediate_size=341)
+                             num_attention_heads=2, intermediate_size=341, head_init_scale=1.0)
 
 
 def _text_model(args: DemoArguments, out: Path) -> LLM2CLIPTextModel:

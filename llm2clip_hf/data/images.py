@@ -1,4 +1,5 @@
-"""Image preprocessing for training without torchvision: RandomResizedCrop (bicubic) and OpenAI normalisation."""
+"""Image preprocessing for training without torchvision: RandomResizedCrop (bicubic) and the tower family's
+normalisation (OpenAI CLIP's for EVA02 and CLIP towers, SigLIP's for SigLIP towers)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..modeling.processing_llm2clip import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, clip_image_processor
+from ..modeling.processing_llm2clip import image_processor_for
 
 
 def load_image(value: Any) -> Image.Image:
@@ -51,21 +52,22 @@ def random_resized_crop_box(width: int, height: int, rng: np.random.Generator, s
     return left, top, left + w, top + h
 
 
-def normalize(image: Image.Image) -> torch.Tensor:
-    """``(3, H, W)`` float tensor scaled to [0, 1] and normalised with the OpenAI CLIP mean and std."""
+def normalize(image: Image.Image, mean: Any, std: Any) -> torch.Tensor:
+    """``(3, H, W)`` float tensor scaled to [0, 1] and normalised with ``mean`` and ``std`` (per channel)."""
     array = np.asarray(image, dtype=np.float32) / 255.0
-    array = (array - np.array(OPENAI_CLIP_MEAN, dtype=np.float32)) / np.array(OPENAI_CLIP_STD, dtype=np.float32)
+    array = (array - np.array(mean, dtype=np.float32)) / np.array(std, dtype=np.float32)
     return torch.from_numpy(array.transpose(2, 0, 1).copy())
 
 
 class CLIPImageTransform:
-    """Training: RandomResizedCrop(scale 0.9-1.0, bicubic) + normalisation; evaluation (or ``augment=False``):
-    the model's processor (bicubic resize of the short side, center crop)."""
+    """Training: RandomResizedCrop(scale 0.9-1.0, bicubic) + the family's normalisation; evaluation (or
+    ``augment=False``): the model's processor (CLIP: bicubic resize of the short side and center crop; SigLIP:
+    resize to the square)."""
 
-    def __init__(self, image_size: int, augment: bool = True) -> None:
-        self.image_size = image_size
+    def __init__(self, vision_config: Any, augment: bool = True) -> None:
+        self.image_size = vision_config.image_size
         self.augment = augment
-        self.eval_processor = clip_image_processor(image_size)
+        self.eval_processor = image_processor_for(vision_config)
 
     def __call__(self, image: Any, rng: np.random.Generator | None = None) -> torch.Tensor:
         image = load_image(image)
@@ -75,4 +77,4 @@ class CLIPImageTransform:
             raise ValueError("Augmented transforms need a random generator.")
         box = random_resized_crop_box(image.width, image.height, rng)
         crop = image.resize((self.image_size, self.image_size), Image.BICUBIC, box=box)
-        return normalize(crop)
+        return normalize(crop, self.eval_processor.image_mean, self.eval_processor.image_std)

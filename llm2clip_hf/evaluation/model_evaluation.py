@@ -15,7 +15,7 @@ from transformers.utils import logging as hf_logging
 
 from ..data import caption_texts, check_embedding_cache, embedding_column, load_image, read_cache_metadata, require_columns
 from ..modeling import LLM2CLIPModel, LLM2CLIPTextModel
-from ..modeling.processing_llm2clip import clip_image_processor
+from ..modeling.processing_llm2clip import image_processor_for
 from .caption_retrieval import caption_retrieval_metrics
 from .retrieval import retrieval_recall
 from .zero_shot import DEFAULT_TEMPLATES, build_classifier, zero_shot_accuracy
@@ -25,8 +25,8 @@ from .zero_shot import DEFAULT_TEMPLATES, build_classifier, zero_shot_accuracy
 def embed_images(model: LLM2CLIPModel, images: Sequence, batch_size: int = 32,
                  show_progress_bar: bool | None = None) -> torch.Tensor:
     """Joint-space image features (float32, CPU) with the evaluation preprocessing (resize + center crop)."""
-    processor = clip_image_processor(model.config.vision_config.image_size)
-    device, dtype = model.logit_scale.device, model.visual_projection.weight.dtype
+    processor = image_processor_for(model.config.vision_config)
+    device, dtype = model.logit_scale.device, next(model.vision_model.parameters()).dtype
     was_training = model.training
     model.eval()
     features = []

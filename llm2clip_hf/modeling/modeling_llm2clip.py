@@ -1,4 +1,5 @@
-"""LLM2CLIP: an EVA02 vision tower and an LLM text side (embedded, or as precomputed embeddings) in one space."""
+"""LLM2CLIP: a vision tower (EVA02, OpenAI CLIP or SigLIP) and an LLM text side (embedded, or as precomputed
+embeddings) in one space."""
 
 from __future__ import annotations
 
@@ -9,16 +10,16 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import PreTrainedModel
+from transformers import CLIPVisionModel, PreTrainedModel, SiglipVisionModel
 from transformers import initialization as init
 from transformers.utils import ModelOutput
 
 from .configuration_eva02 import EVA02VisionConfig
-from .configuration_llm2clip import LLM2CLIPConfig
-from .contrastive import local_clip_loss
+from .configuration_llm2clip import LLM2CLIPConfig, vision_family
+from .contrastive import local_clip_loss, local_sigmoid_loss
 from .modeling_eva02 import EVA02VisionModel, init_linear_and_layer_norm
 from .modeling_llm2clip_text import LLM2CLIPTextModel, LLM2CLIPTextOutput, load_tokenizer_if_saved
-from .processing_llm2clip import LLM2CLIPProcessor, clip_image_processor
+from .processing_llm2clip import LLM2CLIPProcessor, image_processor_for
 from .text_adapter import TextAdapter
 
 # Auto classes written into every saved config besides AutoConfig/AutoModel, so pipelines find the model.
@@ -58,15 +59,19 @@ class LLM2CLIPPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _supports_sdpa = True
     _supports_flash_attn = True
-    _no_split_modules = ["EVA02Block"]
+    _no_split_modules = ["EVA02Block", "CLIPEncoderLayer", "SiglipEncoderLayer", "LlamaDecoderLayer",
+                         "MistralDecoderLayer", "Qwen2DecoderLayer"]
 
     def _init_weights(self, module: nn.Module) -> None:
-        # The vision tower is a PreTrainedModel of its own: transformers initialises it with EVA02's _init_weights.
+        # The vision tower is a PreTrainedModel of its own: transformers initialises it with its own _init_weights.
         if module is getattr(self, "visual_projection", None):
-            # eva_clip's head: trunc_normal_(std=.02), then weight and (zero) bias multiplied by init_scale.
             vision = self.config.vision_config
-            init.trunc_normal_(module.weight, std=vision.initializer_range)
-            init.copy_(module.weight, module.weight * vision.head_init_scale)
+            if vision_family(vision) == "eva02":
+                # eva_clip's head: trunc_normal_(std=.02), then weight and (zero) bias multiplied by init_scale.
+                init.trunc_normal_(module.weight, std=vision.initializer_range)
+                init.copy_(module.weight, module.weight * vision.head_init_scale)
+            else:  # open_clip / OpenAI CLIP: proj = width ** -0.5 * randn (transformers' CLIPModel likewise)
+                init.normal_(module.weight, std=vision.hidden_size**-0.5)
             if module.bias is not None:
                 init.zeros_(module.bias)
             return
@@ -74,10 +79,27 @@ class LLM2CLIPPreTrainedModel(PreTrainedModel):
             return
         if isinstance(module, LLM2CLIPModel):
             init.constant_(module.logit_scale, self.config.logit_scale_init_value)
+            if module.logit_bias is not None:
+                init.constant_(module.logit_bias, self.config.logit_bias_init_value)
+
+
+def build_vision_tower(vision_config) -> nn.Module:
+    """The tower a vision config describes: our EVA02, or transformers' own ``CLIPVisionModel`` /
+    ``SiglipVisionModel`` (so their weights keep transformers' names: ``vision_model.embeddings...``)."""
+    family = vision_family(vision_config)
+    if family == "eva02":
+        return EVA02VisionModel(vision_config)
+    tower_class = CLIPVisionModel if family == "clip" else SiglipVisionModel
+    return tower_class._from_config(vision_config)
 
 
 class LLM2CLIPModel(LLM2CLIPPreTrainedModel):
-    """CLIP whose text side is an LLM: EVA02 + ``visual_projection`` for images, ``text_adapter`` for texts.
+    """CLIP whose text side is an LLM: a vision tower (+ ``visual_projection``, unless the family has none) for
+    images, ``text_adapter`` for texts.
+
+    The tower is EVA02 (ours), or transformers' ``CLIPVisionModel`` / ``SiglipVisionModel``, chosen by the type of
+    ``config.vision_config``. With ``config.logit_bias_init_value`` set, the model has SigLIP's learnable
+    ``logit_bias``, added to the logits, and ``return_loss`` gives the sigmoid loss.
 
     Texts enter either as LLM sentence embeddings (``get_text_features(llm_embeddings)``, as the official model
     card calls it, and as stage 2 trains on cached embeddings) or, when ``config.text_config`` embeds a text
@@ -87,13 +109,17 @@ class LLM2CLIPModel(LLM2CLIPPreTrainedModel):
     def __init__(self, config: LLM2CLIPConfig) -> None:
         super().__init__(config)
         vision = config.vision_config
-        self.vision_model = EVA02VisionModel(vision)
-        self.visual_projection = nn.Linear(vision.hidden_size, config.projection_dim)
+        self.vision_model = build_vision_tower(vision)
+        self.visual_projection = None if config.vision_projection == "none" else nn.Linear(
+            vision.hidden_size, config.projection_dim, bias=config.vision_projection == "linear_bias")
         self.text_adapter = TextAdapter(
-            config.text_embedding_dim, config.projection_dim, config.adapter_num_blocks, config.adapter_expansion
+            config.text_embedding_dim, config.projection_dim, config.adapter_num_blocks, config.adapter_expansion,
+            l2_normalize=config.adapter_l2_normalize,
         )
         self.text_model = LLM2CLIPTextModel(config.text_config) if config.text_config is not None else None
         self.logit_scale = nn.Parameter(torch.tensor(float(config.logit_scale_init_value)))
+        self.logit_bias = None if config.logit_bias_init_value is None else nn.Parameter(
+            torch.tensor(float(config.logit_bias_init_value)))
         self.post_init()
 
     @classmethod
@@ -125,8 +151,15 @@ class LLM2CLIPModel(LLM2CLIPPreTrainedModel):
     # ------------------------------------------------------------------------------------------- features
     def get_image_features(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
         """Joint-space image features ``(batch, projection_dim)``, not normalised (eva_clip ``encode_image``)."""
-        pooled = self.vision_model(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding).pooler_output
-        return self.visual_projection(pooled)
+        return self._image_features(self._vision_output(pixel_values, interpolate_pos_encoding))
+
+    def _vision_output(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool):
+        dtype = next(self.vision_model.parameters()).dtype
+        return self.vision_model(pixel_values=pixel_values.to(dtype), interpolate_pos_encoding=interpolate_pos_encoding)
+
+    def _image_features(self, vision_output) -> torch.Tensor:
+        pooled = vision_output.pooler_output
+        return pooled if self.visual_projection is None else self.visual_projection(pooled)
 
     def get_text_features(
         self,
@@ -184,17 +217,22 @@ class LLM2CLIPModel(LLM2CLIPPreTrainedModel):
         """Image-text logits (CLIP layout), and the symmetric contrastive loss with ``return_loss=True``."""
         if pixel_values is None:
             raise ValueError("LLM2CLIPModel.forward needs pixel_values; use get_text_features for texts alone.")
-        vision_output = self.vision_model(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding)
-        image_embeds = F.normalize(self.visual_projection(vision_output.pooler_output), dim=-1)
+        vision_output = self._vision_output(pixel_values, interpolate_pos_encoding)
+        image_embeds = F.normalize(self._image_features(vision_output), dim=-1)
         embeddings, text_output = self.llm_embeddings(llm_embeddings, input_ids, attention_mask, pooling_mask)
         text_embeds = F.normalize(self.text_adapter(embeddings), dim=-1)
         scale = self.logit_scale.exp()
         logits_per_image = scale * image_embeds @ text_embeds.t()
+        if self.logit_bias is not None:
+            logits_per_image = logits_per_image + self.logit_bias
         loss = None
         if return_loss:
             if image_embeds.shape[0] != text_embeds.shape[0]:
                 raise ValueError("return_loss=True needs one text per image (paired batches).")
-            loss = local_clip_loss(image_embeds, text_embeds, image_embeds, text_embeds, scale)
+            if self.logit_bias is None:
+                loss = local_clip_loss(image_embeds, text_embeds, image_embeds, text_embeds, scale)
+            else:
+                loss = local_sigmoid_loss(image_embeds, text_embeds, scale, self.logit_bias)
         output = LLM2CLIPOutput(
             loss=loss, logits_per_image=logits_per_image, logits_per_text=logits_per_image.t(),
             text_embeds=text_embeds, image_embeds=image_embeds, text_model_output=text_output,
@@ -210,7 +248,7 @@ class LLM2CLIPModel(LLM2CLIPPreTrainedModel):
             return None
         text = self.config.text_config
         return LLM2CLIPProcessor(
-            image_processor=clip_image_processor(self.config.vision_config.image_size), tokenizer=tokenizer,
+            image_processor=image_processor_for(self.config.vision_config), tokenizer=tokenizer,
             text_template=text.text_template, max_length=text.max_seq_length, pooling_mode=text.pooling_mode,
             doc_max_length=text.doc_max_length,
         )
@@ -229,7 +267,7 @@ class LLM2CLIPModel(LLM2CLIPPreTrainedModel):
         if processor is not None:
             processor.save_pretrained(save_directory)
         else:
-            clip_image_processor(self.config.vision_config.image_size).save_pretrained(save_directory)
+            image_processor_for(self.config.vision_config).save_pretrained(save_directory)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args: Any, **kwargs: Any):

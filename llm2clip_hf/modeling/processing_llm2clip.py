@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from transformers import BatchFeature, CLIPImageProcessorPil, ProcessorMixin
+from transformers import BatchFeature, CLIPImageProcessorPil, ProcessorMixin, SiglipImageProcessorPil
 
 from .caption_tokenization import (
     check_doc_max_length, collate_left_padded, prepare_tokenizer, resolve_text_template, tokenize_texts,
@@ -14,6 +14,7 @@ from .pooling import check_pooling_mode
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+SIGLIP_MEAN = SIGLIP_STD = (0.5, 0.5, 0.5)
 
 
 def clip_image_processor(image_size: int) -> CLIPImageProcessorPil:
@@ -23,6 +24,22 @@ def clip_image_processor(image_size: int) -> CLIPImageProcessorPil:
         crop_size={"height": image_size, "width": image_size}, do_rescale=True, do_normalize=True,
         image_mean=list(OPENAI_CLIP_MEAN), image_std=list(OPENAI_CLIP_STD), do_convert_rgb=True,
     )
+
+
+def siglip_image_processor(image_size: int) -> SiglipImageProcessorPil:
+    """SigLIP preprocessing: bicubic resize of the whole image to a square (no crop), mean = std = 0.5."""
+    return SiglipImageProcessorPil(
+        do_resize=True, size={"height": image_size, "width": image_size}, resample=3, do_rescale=True,
+        do_normalize=True, image_mean=list(SIGLIP_MEAN), image_std=list(SIGLIP_STD), do_convert_rgb=True,
+    )
+
+
+def image_processor_for(vision_config: Any) -> CLIPImageProcessorPil | SiglipImageProcessorPil:
+    """The evaluation preprocessing of a tower's family: OpenAI CLIP's for EVA02 and CLIP towers (both were
+    trained with it), SigLIP's for SigLIP towers."""
+    if getattr(vision_config, "model_type", None) == "siglip_vision_model":
+        return siglip_image_processor(vision_config.image_size)
+    return clip_image_processor(vision_config.image_size)
 
 
 class LLM2CLIPProcessor(ProcessorMixin):

@@ -22,14 +22,16 @@ class ResidualMLPBlock(nn.Module):
 
 
 class TextAdapter(nn.Module):
-    """L2-normalise the input, then ``num_blocks`` residual MLP blocks, a LayerNorm and a Linear to ``output_dim``.
+    """L2-normalise the input (``l2_normalize``; the official SigLIP2 model skips it), then ``num_blocks`` residual
+    MLP blocks, a LayerNorm and a Linear to ``output_dim``.
 
     Indices of ``layers`` match the official ``text.text_adaptor`` ``nn.Sequential``.
     """
 
     def __init__(self, input_dim: int, output_dim: int, num_blocks: int = 4, expansion: int = 2,
-                 dropout: float = 0.0) -> None:
+                 dropout: float = 0.0, l2_normalize: bool = True) -> None:
         super().__init__()
+        self.l2_normalize = l2_normalize
         self.layers = nn.Sequential(
             *[ResidualMLPBlock(input_dim, expansion, dropout) for _ in range(num_blocks)],
             nn.LayerNorm(input_dim),
@@ -37,4 +39,4 @@ class TextAdapter(nn.Module):
         )
 
     def forward(self, llm_embeddings: torch.Tensor) -> torch.Tensor:
-        return self.layers(F.normalize(llm_embeddings, p=2, dim=-1))
+        return self.layers(F.normalize(llm_embeddings, p=2, dim=-1) if self.l2_normalize else llm_embeddings)
