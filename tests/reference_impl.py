@@ -15,8 +15,26 @@ microsoft/LLM2CLIP at commit cba3b45 and McGill-NLP/llm2vec at commit 312adcf):
   k projection without bias, ``inner_attn_ln``, ``proj``) and ``SwiGLU`` (``w1``, ``w2``, ``ffn_ln``, ``w3``)
   classes; LayerNorm eps 1e-6 as ``_build_vision_tower`` in ``llm2clip/eva_clip/model.py`` passes it.
 * ``text_adapter_features``: microsoft/LLM2CLIP ``llm2clip/eva_clip/model.py``, classes ``TextProj``
-  (``forward``: L2-normalise, then ``text_adaptor`` = 4 ``LinearBlock``, ``nn.LayerNorm``, ``nn.Linear``) and
-  ``LinearBlock`` (``x + fn(ln(x))``, ``fn`` = Linear, GELU, Dropout, Linear).
+  (``forward``: L2-normalise unless ``l2_norm=False`` as ``LLM2VecTextTransformer`` of ``llm_model.py`` calls it
+  for the SigLIP2 model (adapter under ``text.text_proj.text_adaptor``), then ``text_adaptor`` = 4 ``LinearBlock``,
+  ``nn.LayerNorm``, ``nn.Linear``) and ``LinearBlock`` (``x + fn(ln(x))``, ``fn`` = Linear, GELU, Dropout, Linear).
+* ``openai_clip_image_features`` / ``openai_clip_state_dict``: microsoft/LLM2CLIP ``llm2clip/eva_clip/transformer.py``,
+  class ``VisionTransformer`` (``conv1`` without bias, ``class_embedding``, ``positional_embedding``, ``ln_pre``,
+  ``transformer.resblocks`` of ``ResidualAttentionBlock`` with ``nn.MultiheadAttention`` (``in_proj_weight`` rows q,
+  k, v) and ``mlp.c_fc`` / ``c_proj``, ``ln_post`` on the class token, ``x @ proj``), built by ``_build_vision_tower``
+  of ``llm2clip/eva_clip/model.py`` for ``model_configs/OpenaiCLIP-*.json``; QuickGELU as the OpenAI-pretrained path
+  builds it (``build_model_from_openai_state_dict(quick_gelu=True)``), LayerNorm eps 1e-5 (``nn.LayerNorm``).
+* ``timm_siglip_image_features`` / ``timm_siglip_state_dict``: ``TimmModel`` of ``llm2clip/eva_clip/timm_model.py``
+  around huggingface/pytorch-image-models (commit aa4b585) ``timm/models/vision_transformer.py`` (``VisionTransformer``:
+  ``forward_features`` = patch_embed, ``_pos_embed`` without class token, blocks, ``norm``; ``forward_head`` =
+  ``attn_pool``; ``vit_so400m_patch14_siglip_224``: nn.GELU, timm LayerNorm eps 1e-6) and
+  ``timm/layers/attention_pool.py`` ``AttentionPoolLatent.forward`` (``q(latent)``, ``kv`` reshaped (2, heads,
+  head_dim): k rows then v rows, ``proj``, ``x + mlp(norm(x))``, token 0).
+* ``hf_openai_state_dict`` / ``hf_openai_config``: the ``LLM2CLIP-Openai-*`` Hub repos' layout (transformers-4.40
+  CLIP naming; ``config.json`` as published for LLM2CLIP-Openai-L-14-224; the adapter as
+  ``text_adapter.adaptor[0..5]``, seen in third-party code using the repo). ``hf_eva02_state_dict``: the
+  ``LLM2CLIP-EVA02-*`` Hub repos' ``pytorch_model.bin``, renamed as a copy of EVA-CLIP's
+  ``convert_evaclip_pytorch_to_hf.py`` renames (inferred; not confirmed against the published file).
 * ``official_state_dict``: key names of the modules above, as ``CustomCLIP`` in ``llm2clip/eva_clip/model.py``
   nests them (``visual.*``, ``text.text_adaptor.*``); ``q_bias_naming`` gives the ``attn.q_bias``/``attn.v_bias``
   parameters of ``Attention``'s fused-qkv branch.
@@ -106,19 +124,23 @@ def eva02_image_features(sd: dict[str, torch.Tensor], pixels: torch.Tensor, num_
     return cls @ sd["visual.head.weight"].t() + sd["visual.head.bias"]
 
 
-def text_adapter_features(sd: dict[str, torch.Tensor], embeddings: torch.Tensor) -> torch.Tensor:
-    """Official ``TextProj``: L2-normalise, residual blocks ``x + W2 gelu(W1 ln(x))``, LayerNorm, Linear (float64)."""
+def text_adapter_features(sd: dict[str, torch.Tensor], embeddings: torch.Tensor, prefix: str = "text.text_adaptor.",
+                          l2_normalize: bool = True) -> torch.Tensor:
+    """Official ``TextProj``: L2-normalise (``l2_norm=True``, the default; the SigLIP2 model's
+    ``LLM2VecTextTransformer`` passes ``l2_norm=False``), residual blocks ``x + W2 gelu(W1 ln(x))``, LayerNorm,
+    Linear (float64). ``prefix`` is where the checkpoint keeps ``text_adaptor``."""
     sd = {k: v.double() for k, v in sd.items()}
     x = embeddings.double()
-    x = x / x.norm(dim=-1, keepdim=True)
-    blocks = len({k.split(".")[2] for k in sd if k.startswith("text.text_adaptor.") and ".fn." in k})
+    if l2_normalize:
+        x = x / x.norm(dim=-1, keepdim=True)
+    blocks = len({k[len(prefix):].split(".")[0] for k in sd if k.startswith(prefix) and ".fn." in k})
     for i in range(blocks):
-        p = f"text.text_adaptor.{i}."
+        p = f"{prefix}{i}."
         h = layer_norm(x, sd[p + "ln.weight"], sd[p + "ln.bias"], 1e-5)
         h = F.gelu(h @ sd[p + "fn.0.weight"].t() + sd[p + "fn.0.bias"])
         x = x + h @ sd[p + "fn.3.weight"].t() + sd[p + "fn.3.bias"]
-    x = layer_norm(x, sd[f"text.text_adaptor.{blocks}.weight"], sd[f"text.text_adaptor.{blocks}.bias"], 1e-5)
-    return x @ sd[f"text.text_adaptor.{blocks + 1}.weight"].t() + sd[f"text.text_adaptor.{blocks + 1}.bias"]
+    x = layer_norm(x, sd[f"{prefix}{blocks}.weight"], sd[f"{prefix}{blocks}.bias"], 1e-5)
+    return x @ sd[f"{prefix}{blocks + 1}.weight"].t() + sd[f"{prefix}{blocks + 1}.bias"]
 
 
 def official_state_dict(width: int, depth: int, patch: int, grid: int, mlp: int, proj: int, llm_dim: int,
@@ -166,6 +188,297 @@ def official_state_dict(width: int, depth: int, patch: int, grid: int, mlp: int,
         "text.text_adaptor.5.weight": r(proj, llm_dim), "text.text_adaptor.5.bias": r(proj),
     })
     return sd
+
+
+# ----------------------------------------------------------------------------------------------- other towers
+def multi_head_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """softmax(q k^T / sqrt(head_dim)) v per head, heads = consecutive channel slices, concatenated (float64)."""
+    head_dim = q.shape[-1] // num_heads
+    out = []
+    for h in range(num_heads):
+        sl = slice(h * head_dim, (h + 1) * head_dim)
+        weights = torch.softmax(q[..., sl] @ k[..., sl].transpose(-1, -2) / math.sqrt(head_dim), dim=-1)
+        out.append(weights @ v[..., sl])
+    return torch.cat(out, dim=-1)
+
+
+def quick_gelu(x: torch.Tensor) -> torch.Tensor:
+    return x * torch.sigmoid(1.702 * x)
+
+
+def exact_gelu(x: torch.Tensor) -> torch.Tensor:
+    return 0.5 * x * (1 + torch.erf(x / math.sqrt(2)))
+
+
+def openai_clip_image_features(sd: dict[str, torch.Tensor], pixels: torch.Tensor, num_heads: int, eps: float = 1e-5,
+                               activation=quick_gelu) -> torch.Tensor:
+    """eva_clip ``VisionTransformer.forward`` (``llm2clip/eva_clip/transformer.py``) from official keys, float64:
+    ``conv1`` (no bias), class embedding + ``positional_embedding``, ``ln_pre``, resblocks ``x + attn(ln_1(x))``
+    (``nn.MultiheadAttention``: ``in_proj_weight`` rows q, k, v; ``out_proj``) and ``x + c_proj(act(c_fc(ln_2(x))))``
+    with QuickGELU (the OpenAI-pretrained path), ``ln_post`` on the class token, ``@ proj``."""
+    sd = {k: v.double() for k, v in sd.items()}
+    w = sd["visual.conv1.weight"]
+    x = F.conv2d(pixels.double(), w, stride=w.shape[-1]).flatten(2).transpose(1, 2)
+    cls = sd["visual.class_embedding"].expand(x.shape[0], 1, -1)
+    x = torch.cat([cls, x], dim=1) + sd["visual.positional_embedding"]
+    x = layer_norm(x, sd["visual.ln_pre.weight"], sd["visual.ln_pre.bias"], eps)
+    depth = len({k.split(".")[3] for k in sd if k.startswith("visual.transformer.resblocks.")})
+    for i in range(depth):
+        p = f"visual.transformer.resblocks.{i}."
+        h = layer_norm(x, sd[p + "ln_1.weight"], sd[p + "ln_1.bias"], eps)
+        qkv = h @ sd[p + "attn.in_proj_weight"].t() + sd[p + "attn.in_proj_bias"]
+        q, k, v = qkv.chunk(3, dim=-1)
+        a = multi_head_attention(q, k, v, num_heads)
+        x = x + a @ sd[p + "attn.out_proj.weight"].t() + sd[p + "attn.out_proj.bias"]
+        h = layer_norm(x, sd[p + "ln_2.weight"], sd[p + "ln_2.bias"], eps)
+        h = activation(h @ sd[p + "mlp.c_fc.weight"].t() + sd[p + "mlp.c_fc.bias"])
+        x = x + h @ sd[p + "mlp.c_proj.weight"].t() + sd[p + "mlp.c_proj.bias"]
+    cls = layer_norm(x[:, 0], sd["visual.ln_post.weight"], sd["visual.ln_post.bias"], eps)
+    return cls @ sd["visual.proj"]
+
+
+def timm_siglip_image_features(sd: dict[str, torch.Tensor], pixels: torch.Tensor, num_heads: int, eps: float = 1e-6,
+                               activation=exact_gelu) -> torch.Tensor:
+    """eva_clip ``TimmModel`` with timm's ``vit_so400m_patch14_siglip_224`` trunk (pool ``map``, proj ``none``), from
+    official keys, float64. timm ``VisionTransformer``: ``patch_embed.proj`` (with bias), ``+ pos_embed`` (no class
+    token), blocks ``x + attn(norm1(x))`` (``qkv`` rows q, k, v; ``proj``) and ``x + fc2(gelu(fc1(norm2(x))))``
+    (exact GELU, LayerNorm eps 1e-6), final ``norm``; ``AttentionPoolLatent``: query ``q(latent)``, keys and values
+    ``kv(x)`` (rows k then v), attention, ``proj``, then ``x + mlp(norm(x))`` and the single latent token."""
+    sd = {k: v.double() for k, v in sd.items()}
+    t = "visual.trunk."
+    w = sd[t + "patch_embed.proj.weight"]
+    x = F.conv2d(pixels.double(), w, sd[t + "patch_embed.proj.bias"], stride=w.shape[-1]).flatten(2).transpose(1, 2)
+    x = x + sd[t + "pos_embed"]
+    width = x.shape[-1]
+    depth = len({k.split(".")[3] for k in sd if k.startswith(t + "blocks.")})
+    for i in range(depth):
+        p = f"{t}blocks.{i}."
+        h = layer_norm(x, sd[p + "norm1.weight"], sd[p + "norm1.bias"], eps)
+        qkv = h @ sd[p + "attn.qkv.weight"].t() + sd[p + "attn.qkv.bias"]
+        a = multi_head_attention(qkv[..., :width], qkv[..., width:2 * width], qkv[..., 2 * width:], num_heads)
+        x = x + a @ sd[p + "attn.proj.weight"].t() + sd[p + "attn.proj.bias"]
+        h = layer_norm(x, sd[p + "norm2.weight"], sd[p + "norm2.bias"], eps)
+        h = activation(h @ sd[p + "mlp.fc1.weight"].t() + sd[p + "mlp.fc1.bias"])
+        x = x + h @ sd[p + "mlp.fc2.weight"].t() + sd[p + "mlp.fc2.bias"]
+    x = layer_norm(x, sd[t + "norm.weight"], sd[t + "norm.bias"], eps)
+    p = t + "attn_pool."
+    q = sd[p + "latent"].expand(x.shape[0], -1, -1) @ sd[p + "q.weight"].t() + sd[p + "q.bias"]
+    kv = x @ sd[p + "kv.weight"].t() + sd[p + "kv.bias"]
+    a = multi_head_attention(q, kv[..., :width], kv[..., width:], num_heads)
+    y = a @ sd[p + "proj.weight"].t() + sd[p + "proj.bias"]
+    h = layer_norm(y, sd[p + "norm.weight"], sd[p + "norm.bias"], eps)
+    y = y + activation(h @ sd[p + "mlp.fc1.weight"].t() + sd[p + "mlp.fc1.bias"]) @ sd[p + "mlp.fc2.weight"].t() \
+        + sd[p + "mlp.fc2.bias"]
+    return y[:, 0]
+
+
+def _random(seed: int):
+    g = torch.Generator().manual_seed(seed)
+
+    def r(*shape, scale=0.05):
+        return torch.randn(*shape, generator=g) * scale
+
+    return r
+
+
+def adapter_state_dict(prefix: str, llm_dim: int, proj: int, seed: int = 1, blocks: int = 4,
+                       expansion: int = 2) -> dict[str, torch.Tensor]:
+    """``TextProj.text_adaptor`` tensors (``LinearBlock`` = ``fn.0``, ``fn.3``, ``ln``; then LayerNorm, Linear)."""
+    r = _random(seed)
+    sd = {}
+    for i in range(blocks):
+        p = f"{prefix}{i}."
+        sd.update({
+            p + "fn.0.weight": r(expansion * llm_dim, llm_dim), p + "fn.0.bias": r(expansion * llm_dim),
+            p + "fn.3.weight": r(llm_dim, expansion * llm_dim), p + "fn.3.bias": r(llm_dim),
+            p + "ln.weight": 1 + r(llm_dim), p + "ln.bias": r(llm_dim),
+        })
+    sd.update({f"{prefix}{blocks}.weight": 1 + r(llm_dim), f"{prefix}{blocks}.bias": r(llm_dim),
+               f"{prefix}{blocks + 1}.weight": r(proj, llm_dim), f"{prefix}{blocks + 1}.bias": r(proj)})
+    return sd
+
+
+def open_clip_text_tower(prefix: str = "text.", width: int = 32, context: int = 8, vocab: int = 50, proj: int = 24,
+                         seed: int = 2) -> dict[str, torch.Tensor]:
+    """An open_clip ``TextTransformer`` (one resblock): under ``text.`` as EVA-CLIP's ``CustomCLIP`` nests it, or at the
+    top level (``prefix=""``) as open_clip's ``CLIP`` does."""
+    r = _random(seed)
+    p = prefix + "transformer.resblocks.0."
+    return {
+        prefix + "token_embedding.weight": r(vocab, width), prefix + "positional_embedding": r(context, width),
+        p + "ln_1.weight": 1 + r(width), p + "ln_1.bias": r(width),
+        p + "attn.in_proj_weight": r(3 * width, width), p + "attn.in_proj_bias": r(3 * width),
+        p + "attn.out_proj.weight": r(width, width), p + "attn.out_proj.bias": r(width),
+        p + "ln_2.weight": 1 + r(width), p + "ln_2.bias": r(width),
+        p + "mlp.c_fc.weight": r(4 * width, width), p + "mlp.c_fc.bias": r(4 * width),
+        p + "mlp.c_proj.weight": r(width, 4 * width), p + "mlp.c_proj.bias": r(width),
+        prefix + "ln_final.weight": 1 + r(width), prefix + "ln_final.bias": r(width),
+        prefix + "text_projection": r(width, proj),
+    }
+
+
+def openai_clip_state_dict(width: int, depth: int, patch: int, grid: int, mlp: int, proj: int, llm_dim: int | None,
+                           seed: int = 0, adapter_prefix: str = "text.text_adaptor.") -> dict[str, torch.Tensor]:
+    """Random tensors under the key names and shapes of eva_clip's OpenAI-CLIP ``VisionTransformer`` as
+    ``CustomCLIP.visual`` (``model_configs/OpenaiCLIP-*.json``), with the ``TextProj`` adapter unless ``llm_dim`` is
+    ``None``."""
+    r = _random(seed)
+    v = "visual."
+    sd = {
+        "logit_scale": torch.tensor(math.log(1 / 0.07)),
+        v + "conv1.weight": r(width, 3, patch, patch), v + "class_embedding": r(width),
+        v + "positional_embedding": r(grid * grid + 1, width),
+        v + "ln_pre.weight": 1 + r(width), v + "ln_pre.bias": r(width),
+        v + "ln_post.weight": 1 + r(width), v + "ln_post.bias": r(width), v + "proj": r(width, proj, scale=0.2),
+    }
+    for i in range(depth):
+        p = f"{v}transformer.resblocks.{i}."
+        sd.update({
+            p + "ln_1.weight": 1 + r(width), p + "ln_1.bias": r(width),
+            p + "attn.in_proj_weight": r(3 * width, width, scale=0.15), p + "attn.in_proj_bias": r(3 * width),
+            p + "attn.out_proj.weight": r(width, width, scale=0.15), p + "attn.out_proj.bias": r(width),
+            p + "ln_2.weight": 1 + r(width), p + "ln_2.bias": r(width),
+            p + "mlp.c_fc.weight": r(mlp, width, scale=0.15), p + "mlp.c_fc.bias": r(mlp, scale=0.5),
+            p + "mlp.c_proj.weight": r(width, mlp, scale=0.15), p + "mlp.c_proj.bias": r(width),
+        })
+    if llm_dim is not None:
+        sd.update(adapter_state_dict(adapter_prefix, llm_dim, proj, seed=seed + 1))
+    return sd
+
+
+def timm_siglip_state_dict(width: int, depth: int, patch: int, grid: int, mlp: int, llm_dim: int | None,
+                           seed: int = 0, adapter_prefix: str = "text.text_proj.text_adaptor.",
+                           logit_bias: bool = True) -> dict[str, torch.Tensor]:
+    """Random tensors under the key names and shapes of eva_clip's ``TimmModel`` around timm's SigLIP ViT
+    (``visual.trunk.*``, ``attn_pool`` = ``AttentionPoolLatent``; ``visual.head`` empty), with the adapter under
+    ``LLM2VecTextTransformer.text_proj`` (projection width = tower width) unless ``llm_dim`` is ``None``."""
+    r = _random(seed)
+    t = "visual.trunk."
+    sd = {
+        "logit_scale": torch.tensor(math.log(10.0)),
+        t + "patch_embed.proj.weight": r(width, 3, patch, patch), t + "patch_embed.proj.bias": r(width),
+        t + "pos_embed": r(1, grid * grid, width),
+        t + "norm.weight": 1 + r(width), t + "norm.bias": r(width),
+    }
+    if logit_bias:
+        sd["logit_bias"] = torch.tensor(-10.0)
+    for i in range(depth):
+        p = f"{t}blocks.{i}."
+        sd.update({
+            p + "norm1.weight": 1 + r(width), p + "norm1.bias": r(width),
+            p + "attn.qkv.weight": r(3 * width, width, scale=0.15), p + "attn.qkv.bias": r(3 * width),
+            p + "attn.proj.weight": r(width, width, scale=0.15), p + "attn.proj.bias": r(width),
+            p + "norm2.weight": 1 + r(width), p + "norm2.bias": r(width),
+            p + "mlp.fc1.weight": r(mlp, width, scale=0.15), p + "mlp.fc1.bias": r(mlp, scale=0.5),
+            p + "mlp.fc2.weight": r(width, mlp, scale=0.15), p + "mlp.fc2.bias": r(width),
+        })
+    p = t + "attn_pool."
+    sd.update({
+        p + "latent": r(1, 1, width, scale=0.5),
+        p + "q.weight": r(width, width, scale=0.15), p + "q.bias": r(width),
+        p + "kv.weight": r(2 * width, width, scale=0.15), p + "kv.bias": r(2 * width),
+        p + "proj.weight": r(width, width, scale=0.15), p + "proj.bias": r(width),
+        p + "norm.weight": 1 + r(width), p + "norm.bias": r(width),
+        p + "mlp.fc1.weight": r(mlp, width, scale=0.15), p + "mlp.fc1.bias": r(mlp, scale=0.5),
+        p + "mlp.fc2.weight": r(width, mlp, scale=0.15), p + "mlp.fc2.bias": r(width),
+    })
+    if llm_dim is not None:
+        sd.update(adapter_state_dict(adapter_prefix, llm_dim, width, seed=seed + 1))
+    return sd
+
+
+def hf_openai_state_dict(sd: dict[str, torch.Tensor], text_tower: bool = False) -> dict[str, torch.Tensor]:
+    """An eva_clip OpenAI-CLIP state dict (``openai_clip_state_dict``) laid out as the ``LLM2CLIP-Openai-*`` Hub repos
+    store it (transformers-4.40 ``CLIPModel`` naming: ``CLIPVisionTransformer`` under ``vision_model.``, attention
+    q/k/v/out_proj, ``visual_projection`` = ``nn.Linear`` without bias, i.e. ``proj`` transposed; the adapter
+    ``LLM2CLIP_Adapter.adaptor`` under ``text_adapter.``), optionally with a transformers CLIP text tower."""
+    out = {
+        "logit_scale": sd["logit_scale"],
+        "vision_model.embeddings.class_embedding": sd["visual.class_embedding"],
+        "vision_model.embeddings.patch_embedding.weight": sd["visual.conv1.weight"],
+        "vision_model.embeddings.position_embedding.weight": sd["visual.positional_embedding"],
+        "vision_model.pre_layrnorm.weight": sd["visual.ln_pre.weight"],
+        "vision_model.pre_layrnorm.bias": sd["visual.ln_pre.bias"],
+        "vision_model.post_layernorm.weight": sd["visual.ln_post.weight"],
+        "vision_model.post_layernorm.bias": sd["visual.ln_post.bias"],
+        "visual_projection.weight": sd["visual.proj"].t().contiguous(),
+    }
+    depth = len({k.split(".")[3] for k in sd if k.startswith("visual.transformer.resblocks.")})
+    for i in range(depth):
+        p, o = f"visual.transformer.resblocks.{i}.", f"vision_model.encoder.layers.{i}."
+        weights, biases = sd[p + "attn.in_proj_weight"].chunk(3), sd[p + "attn.in_proj_bias"].chunk(3)
+        for name, weight, bias in zip("qkv", weights, biases):
+            out[o + f"self_attn.{name}_proj.weight"], out[o + f"self_attn.{name}_proj.bias"] = weight, bias
+        for ours, theirs in (("self_attn.out_proj", "attn.out_proj"), ("layer_norm1", "ln_1"), ("layer_norm2", "ln_2"),
+                             ("mlp.fc1", "mlp.c_fc"), ("mlp.fc2", "mlp.c_proj")):
+            for leaf in ("weight", "bias"):
+                out[o + f"{ours}.{leaf}"] = sd[p + f"{theirs}.{leaf}"]
+    for key, value in sd.items():
+        if key.startswith("text.text_adaptor."):
+            out["text_adapter.adaptor." + key[len("text.text_adaptor."):]] = value
+    if text_tower:
+        r = _random(3)
+        out.update({"text_model.embeddings.token_embedding.weight": r(50, 32),
+                    "text_model.embeddings.position_embedding.weight": r(8, 32),
+                    "text_model.encoder.layers.0.self_attn.q_proj.weight": r(32, 32),
+                    "text_model.final_layer_norm.weight": 1 + r(32), "text_projection.weight": r(24, 32),
+                    "vision_model.embeddings.position_ids":
+                        torch.arange(sd["visual.positional_embedding"].shape[0])[None]})
+    return out
+
+
+def hf_openai_config(sd: dict[str, torch.Tensor], num_heads: int) -> dict:
+    """``config.json`` as the ``LLM2CLIP-Openai-*`` repos publish it (CLIPConfig, transformers 4.40; the vision
+    config names neither ``hidden_act`` nor ``image_size``, whose defaults are quick_gelu and 224)."""
+    width = sd["visual.conv1.weight"].shape[0]
+    mlp = sd["visual.transformer.resblocks.0.mlp.c_fc.weight"].shape[0]
+    return {
+        "architectures": ["LLM2CLIPModel"], "model_type": "clip", "projection_dim": sd["visual.proj"].shape[1],
+        "auto_map": {"AutoConfig": "configuration_clip.CLIPConfig", "AutoModel": "modeling_clip.LLM2CLIPModel"},
+        "text_config": {"model_type": "clip_text_model"}, "transformers_version": "4.40.2",
+        "vision_config": {"hidden_size": width, "intermediate_size": mlp, "model_type": "clip_vision_model",
+                          "num_attention_heads": num_heads,
+                          "num_hidden_layers": len({k.split(".")[3] for k in sd if ".resblocks." in k}),
+                          "patch_size": sd["visual.conv1.weight"].shape[-1],
+                          "projection_dim": sd["visual.proj"].shape[1]},
+    }
+
+
+def hf_eva02_state_dict(sd: dict[str, torch.Tensor], q_bias_naming: bool = True,
+                        inner_ln_name: str = "inner_self_attn_ln") -> dict[str, torch.Tensor]:
+    """An eva_clip EVA02 state dict (``official_state_dict``) renamed as EVA-CLIP's ``convert_evaclip_pytorch_to_hf.py``
+    renames it for the ``LLM2CLIP-EVA02-*`` Hub repos (vision only: ``cls_token`` -> ``embeddings.class_embedding``
+    ``[w]``, ``pos_embed`` -> ``embeddings.position_embedding.weight`` ``[N, w]``, ``blocks`` -> ``encoder.layers``,
+    ``norm1/2`` -> ``layer_norm1/2``, ``attn`` -> ``self_attn`` (also inside ``inner_attn_ln``), ``attn.proj`` ->
+    ``out_proj``, ``norm`` -> ``post_layernorm``, ``head`` -> ``visual_projection``; RoPE tables kept)."""
+    out = {
+        "vision_model.embeddings.class_embedding": sd["visual.cls_token"][0, 0],
+        "vision_model.embeddings.position_embedding.weight": sd["visual.pos_embed"][0],
+        "vision_model.embeddings.patch_embedding.weight": sd["visual.patch_embed.proj.weight"],
+        "vision_model.embeddings.patch_embedding.bias": sd["visual.patch_embed.proj.bias"],
+        "vision_model.post_layernorm.weight": sd["visual.norm.weight"],
+        "vision_model.post_layernorm.bias": sd["visual.norm.bias"],
+        "visual_projection.weight": sd["visual.head.weight"], "visual_projection.bias": sd["visual.head.bias"],
+        "vision_model.rope.freqs_cos": sd["visual.rope.freqs_cos"],
+        "vision_model.rope.freqs_sin": sd["visual.rope.freqs_sin"],
+    }
+    depth = len({k.split(".")[2] for k in sd if k.startswith("visual.blocks.")})
+    for i in range(depth):
+        p, o = f"visual.blocks.{i}.", f"vision_model.encoder.layers.{i}."
+        renames = {"norm1": "layer_norm1", "norm2": "layer_norm2", "attn.q_proj.weight": "self_attn.q_proj.weight",
+                   "attn.k_proj.weight": "self_attn.k_proj.weight", "attn.v_proj.weight": "self_attn.v_proj.weight",
+                   "attn.proj": "self_attn.out_proj", "attn.inner_attn_ln": f"self_attn.{inner_ln_name}",
+                   "mlp.w1": "mlp.w1", "mlp.w2": "mlp.w2", "mlp.w3": "mlp.w3", "mlp.ffn_ln": "mlp.ffn_ln"}
+        for theirs, ours in renames.items():
+            for leaf in ("", ".weight", ".bias"):
+                if p + theirs + leaf in sd and (leaf or theirs.endswith("weight")):
+                    out[o + ours + leaf] = sd[p + theirs + leaf]
+        for name in "qv":
+            bias = sd.get(p + f"attn.{name}_proj.bias", sd.get(p + f"attn.{name}_bias"))
+            out[o + (f"self_attn.{name}_bias" if q_bias_naming else f"self_attn.{name}_proj.bias")] = bias
+        out[o + "self_attn.rope.freqs_cos"] = sd[p + "attn.rope.freqs_cos"]
+        out[o + "self_attn.rope.freqs_sin"] = sd[p + "attn.rope.freqs_sin"]
+    return out
 
 
 # ----------------------------------------------------------------------------------------------- llm2vec encode
