@@ -2,12 +2,14 @@
 
 It trains ``STEPS`` SGD steps with a global batch of 8 on a 24-row dataset, shuffled (one epoch: every step sees
 other rows, and each process takes its share of each global batch) and, on the main process, saves the loss and the
-gradients of every step plus the final weights.
+gradients of every step plus the final weights. Stage "clip" trains with ``loss_type`` "clip" (InfoNCE) or "siglip"
+(sigmoid loss; the model then has SigLIP's logit_bias, initialised as SigLIP does).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -36,7 +38,8 @@ class RecordGradients(TrainerCallback):
                 self.gradients[f"step{state.global_step + 1}/{name}"] = parameter.grad.detach().clone()
 
 
-def run(stage: str, llm_dir: str, output_dir: str, world_size: int, gradcache_chunk_size: int | None = None) -> None:
+def run(stage: str, llm_dir: str, output_dir: str, world_size: int, gradcache_chunk_size: int | None = None,
+        loss_type: str = "clip") -> None:
     torch.manual_seed(0)
     text_model = LLM2CLIPTextModel.from_llm(llm_dir)
     if stage == "caption":
@@ -46,13 +49,16 @@ def run(stage: str, llm_dir: str, output_dir: str, world_size: int, gradcache_ch
         data = precompute_text_embeddings(images, text_model, ["short_caption", "long_caption"],
                                           show_progress_bar=False)
         torch.manual_seed(0)
+        siglip = {} if loss_type == "clip" else dict(logit_bias_init_value=-10.0,
+                                                      logit_scale_init_value=math.log(10.0))
         model = LLM2CLIPModel.from_text_model(text_model, tiny_vision_config(), embed_text_model=False,
-                                              projection_dim=32)
+                                              projection_dim=32, **siglip)
     args = LLM2CLIPTrainingArguments(
         output_dir=output_dir, stage=stage, per_device_train_batch_size=GLOBAL_BATCH // world_size,
         max_steps=STEPS, optim="sgd", learning_rate=0.5, warmup_steps=0, lr_scheduler_type="constant",
         max_grad_norm=0.0, weight_decay=0.0, lora_dropout=0.0, logging_steps=1, save_strategy="no",
         use_cpu=True, disable_tqdm=True, seed=0, dataloader_drop_last=True, gradcache_chunk_size=gradcache_chunk_size,
+        loss_type=loss_type,
     )
     recorder = RecordGradients()
     trainer = LLM2CLIPTrainer(model=model, args=args, train_dataset=data, callbacks=[recorder])
@@ -71,5 +77,6 @@ def run(stage: str, llm_dir: str, output_dir: str, world_size: int, gradcache_ch
 
 if __name__ == "__main__":
     stage_arg, llm_dir_arg, output_arg, world_size_arg = sys.argv[1:5]
-    chunk_arg = int(sys.argv[5]) if len(sys.argv) > 5 else None
-    run(stage_arg, llm_dir_arg, output_arg, int(world_size_arg), chunk_arg)
+    chunk_arg = int(sys.argv[5]) if len(sys.argv) > 5 and sys.argv[5] != "none" else None
+    loss_type_arg = sys.argv[6] if len(sys.argv) > 6 else "clip"
+    run(stage_arg, llm_dir_arg, output_arg, int(world_size_arg), chunk_arg, loss_type_arg)

@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from llm2clip_hf.trainers import CaptionContrastiveLoss, CLIPContrastiveLoss, all_gather_with_grad
+from llm2clip_hf.trainers.losses import SigLIPContrastiveLoss
 
 GATHERS = ("package", "no_all_reduce", "detached")
 
@@ -55,10 +56,15 @@ def run_case(case: dict, rank: int, world_size: int, gather) -> dict:
     if case["loss"] == "caption":
         loss_fn = CaptionContrastiveLoss(scale=case["scale"], world_size=world_size, rank=rank, gather=gather)
         loss = loss_fn(local["query"], local["positive"], local.get("negative"))
-    else:
+    elif case["loss"] == "clip":
         local["logit_scale"] = case["logit_scale"].clone().requires_grad_(True)
         loss_fn = CLIPContrastiveLoss(world_size=world_size, rank=rank, gather=gather)
         loss = loss_fn(local["image"], local["text"], local["logit_scale"])
+    else:
+        local["logit_scale"] = case["logit_scale"].clone().requires_grad_(True)
+        local["logit_bias"] = case["logit_bias"].clone().requires_grad_(True)
+        loss_fn = SigLIPContrastiveLoss(world_size=world_size, rank=rank, gather=gather)
+        loss = loss_fn(local["image"], local["text"], local["logit_scale"], local["logit_bias"])
     loss.backward()
     return {"loss": loss.detach(), "grads": {name: t.grad.detach().clone() for name, t in local.items()}}
 

@@ -11,6 +11,7 @@ import torch
 import torch.multiprocessing as mp
 
 from llm2clip_hf.trainers import CaptionContrastiveLoss, CLIPContrastiveLoss
+from llm2clip_hf.trainers.losses import SigLIPContrastiveLoss
 
 sys.path.insert(0, str(Path(__file__).parent))
 import gather_worker  # noqa: E402
@@ -43,6 +44,19 @@ def naive_clip_loss(images, texts, logit_scale):
         total_i += -(row[i] - math.log(sum(math.exp(s) for s in row)))
         total_t += -(col[i] - math.log(sum(math.exp(s) for s in col)))
     return (total_i + total_t) / (2 * n)
+
+
+def naive_sigmoid_loss(images, texts, logit_scale, logit_bias):
+    """SigLIP, pair by pair: -log sigmoid(+logit) for pair (i, i), -log sigmoid(-logit) for (i, j != i), with
+    logit = exp(logit_scale) * cos + logit_bias; summed over all pairs, divided by the number of images."""
+    im, tx = _unit(images.double()), _unit(texts.double())
+    scale, bias = math.exp(float(logit_scale)), float(logit_bias)
+    total = 0.0
+    for i in range(im.shape[0]):
+        for j in range(tx.shape[0]):
+            z = (1.0 if i == j else -1.0) * (scale * float(im[i] @ tx[j]) + bias)
+            total += math.log1p(math.exp(-z))  # -log sigmoid(z)
+    return total / im.shape[0]
 
 
 def split_gather(chunks, rank):
@@ -105,6 +119,44 @@ def test_clip_loss_over_simulated_ranks_does_not_scale_with_world_size():
         assert abs(sum(losses) / world_size - global_loss) < 1e-5
 
 
+@pytest.mark.parametrize("logit_scale, logit_bias", [(math.log(10.0), -10.0), (2.0, -1.5)])
+def test_sigmoid_loss_matches_naive_formula(logit_scale, logit_bias):
+    """At SigLIP's init (scale 10, bias -10) and at a trained-like point; unnormalised inputs (the loss normalises)."""
+    torch.manual_seed(4)
+    images, texts = 3 * torch.randn(6, 12), torch.randn(6, 12)
+    scale, bias = torch.tensor(logit_scale), torch.tensor(logit_bias)
+    loss = SigLIPContrastiveLoss()(images, texts, scale, bias).item()
+    expected = naive_sigmoid_loss(images, texts, scale, bias)
+    assert loss == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize("sizes", [(4, 4), (2, 2, 2, 2), (3, 5), (2, 2, 4)])
+def test_sigmoid_loss_over_simulated_ranks_equals_global_loss(sizes):
+    """Each rank scores its images against every rank's texts (positives at its offset). Equal shares: the plain
+    mean of the ranks' losses (as DDP averages) is the one-process loss on the global batch, for any world size;
+    uneven shares: the ranks' losses weighted by their share of images."""
+    torch.manual_seed(6)
+    total = sum(sizes)
+    images, texts = torch.randn(total, 8), torch.randn(total, 8)
+    scale, bias = torch.tensor(2.3), torch.tensor(-3.0)
+    global_loss = SigLIPContrastiveLoss()(images, texts, scale, bias).item()
+    bounds = [0, *torch.tensor(sizes).cumsum(0).tolist()]
+    tx_chunks = [_unit(texts[a:b]) for a, b in zip(bounds, bounds[1:])]
+    losses = []
+    for rank, (a, b) in enumerate(zip(bounds, bounds[1:])):
+        loss = SigLIPContrastiveLoss(world_size=len(sizes), rank=rank, gather=split_gather(tx_chunks, rank))
+        losses.append(loss(images[a:b], texts[a:b], scale, bias).item())
+    weighted = sum(loss * (b - a) / total for loss, a, b in zip(losses, bounds, bounds[1:]))
+    assert weighted == pytest.approx(global_loss, rel=1e-6)
+    if len(set(sizes)) == 1:
+        assert sum(losses) / len(sizes) == pytest.approx(global_loss, rel=1e-6)
+
+
+def test_sigmoid_loss_needs_a_logit_bias():
+    with pytest.raises(ValueError, match="logit_bias_init_value=-10.0"):
+        SigLIPContrastiveLoss()(torch.randn(2, 4), torch.randn(2, 4), torch.tensor(1.0), None)
+
+
 def test_loss_rejects_rank_outside_world():
     with pytest.raises(ValueError, match="outside world_size"):
         CLIPContrastiveLoss(world_size=2, rank=2)
@@ -123,7 +175,9 @@ def test_loss_rejects_rank_outside_world():
 #   recovers dL_global / dtheta exactly.
 # * Uneven shares: g_r = d(sum_r L_r) / de_r, which weights rank r's queries by 1 / n_r (not 1 / N); the losses
 #   themselves still combine to the global one with weights n_r / N.
-# logit_scale is replicated, not gathered: its gradient on rank r is dL_r / d logit_scale.
+# logit_scale (and SigLIP's logit_bias) are replicated, not gathered: their gradient on rank r is dL_r / d param.
+# SigLIP gathers only the texts: rank r's images meet every rank's texts, so each pair of the global batch is scored
+# on exactly one rank and l_i = sum_j -log sigmoid(label_ij * logit_ij) is image i's row of the global batch.
 # --------------------------------------------------------------------------------------------------------------
 
 WORLD_SIZE = 2
@@ -146,6 +200,16 @@ def clip_query_losses(images, texts, logit_scale):
     return -0.5 * (logits.log_softmax(dim=1)[rows, rows] + logits.t().log_softmax(dim=1)[rows, rows])
 
 
+def sigmoid_query_losses(images, texts, logit_scale, logit_bias):
+    """Per-image SigLIP loss on one process, plain torch: the sum over image i's row of pairs (positive: pair i)."""
+    logits = logit_scale.exp() * _unit(images) @ _unit(texts).t() + logit_bias
+    labels = 2 * torch.eye(images.shape[0], dtype=logits.dtype) - 1
+    return -torch.nn.functional.logsigmoid(labels * logits).sum(dim=1)
+
+
+REPLICATED = ("logit_scale", "logit_bias")
+
+
 def make_cases():
     """A fixed global batch per case (float32, as training holds them), split between the ranks by ``sizes``."""
     generator = torch.Generator().manual_seed(5)
@@ -162,6 +226,12 @@ def make_cases():
             "loss": "clip", "sizes": sizes, "logit_scale": torch.tensor(math.log(1 / 0.07)),
             "tensors": {n: torch.randn(total, 16, generator=generator) for n in ("image", "text")},
         }
+        # scale 10 as SigLIP starts; bias -2 rather than its -10, so negatives carry gradient comparable to positives
+        cases[f"siglip_{share}"] = {
+            "loss": "siglip", "sizes": sizes, "logit_scale": torch.tensor(math.log(10.0)),
+            "logit_bias": torch.tensor(-2.0),
+            "tensors": {n: torch.randn(total, 16, generator=generator) for n in ("image", "text")},
+        }
     return cases
 
 
@@ -174,15 +244,21 @@ def expected_per_rank(case):
         per_query = caption_query_losses(leaves["query"], leaves["positive"], leaves.get("negative"), case["scale"])
         naive = naive_caption_loss(*(case["tensors"].get(n) for n in ("query", "positive", "negative")),
                                    case["scale"])
-    else:
+    elif case["loss"] == "clip":
         leaves["logit_scale"] = case["logit_scale"].double().requires_grad_(True)
         per_query = clip_query_losses(leaves["image"], leaves["text"], leaves["logit_scale"])
         naive = naive_clip_loss(case["tensors"]["image"], case["tensors"]["text"], case["logit_scale"])
+    else:
+        for name in REPLICATED:
+            leaves[name] = case[name].double().requires_grad_(True)
+        per_query = sigmoid_query_losses(leaves["image"], leaves["text"], leaves["logit_scale"], leaves["logit_bias"])
+        naive = naive_sigmoid_loss(case["tensors"]["image"], case["tensors"]["text"], case["logit_scale"],
+                                   case["logit_bias"])
     global_loss = per_query.mean()
     # the plain-torch reference is the naive per-example formula on the global batch
     assert global_loss.item() == pytest.approx(naive, rel=1e-9)
     rank_losses = [per_query[a:b].mean() for a, b in zip(bounds, bounds[1:])]
-    embeddings = [n for n in leaves if n != "logit_scale"]
+    embeddings = [n for n in leaves if n not in REPLICATED]
     if len(set(sizes)) == 1:
         total_grads = torch.autograd.grad(global_loss, [leaves[n] for n in embeddings], retain_graph=True)
         total_grads = [len(sizes) * g for g in total_grads]
@@ -191,8 +267,9 @@ def expected_per_rank(case):
     expected = []
     for rank, (a, b) in enumerate(zip(bounds, bounds[1:])):
         grads = {n: g[a:b] for n, g in zip(embeddings, total_grads)}
-        if "logit_scale" in leaves:
-            grads["logit_scale"] = torch.autograd.grad(rank_losses[rank], leaves["logit_scale"], retain_graph=True)[0]
+        for name in REPLICATED:
+            if name in leaves:
+                grads[name] = torch.autograd.grad(rank_losses[rank], leaves[name], retain_graph=True)[0]
         expected.append({"loss": rank_losses[rank].detach(), "grads": grads})
     return expected, naive
 
@@ -269,8 +346,8 @@ def two_process_results(tmp_path_factory):
 
 @pytest.mark.parametrize("case_name", list(make_cases()))
 def test_two_processes_losses_and_gradients_through_the_real_gather(two_process_results, case_name):
-    """Each rank's loss, and the gradient of its local embeddings (and logit_scale) after backward of its own
-    loss, against one process on the global batch (see the derivation above)."""
+    """Each rank's loss, and the gradient of its local embeddings (and logit_scale, logit_bias) after backward of
+    its own loss, against one process on the global batch (see the derivation above)."""
     cases, results = two_process_results
     case = cases[case_name]
     per_rank = [r["package", case_name] for r in results]

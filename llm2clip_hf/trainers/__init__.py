@@ -5,11 +5,12 @@ from .caption_pairs import CaptionPairCollator, build_caption_pairs
 from .clip_data import CLIPCollator
 from .distributed import all_gather_with_grad
 from .layer_decay import layer_decay_parameter_groups
-from .losses import CaptionContrastiveLoss, CLIPContrastiveLoss
+from .losses import CaptionContrastiveLoss, CLIPContrastiveLoss, SigLIPContrastiveLoss
 from .trainer import LLM2CLIPTrainer
 from .training_args import LLM2CLIPTrainingArguments
 
 __all__ = [
     "CLIPCollator", "CLIPContrastiveLoss", "CaptionContrastiveLoss", "CaptionPairCollator", "LLM2CLIPTrainer",
-    "LLM2CLIPTrainingArguments", "all_gather_with_grad", "build_caption_pairs", "layer_decay_parameter_groups",
+    "LLM2CLIPTrainingArguments", "SigLIPContrastiveLoss", "all_gather_with_grad", "build_caption_pairs",
+    "layer_decay_parameter_groups",
 ]

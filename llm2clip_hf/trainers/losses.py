@@ -1,5 +1,6 @@
-"""The two contrastive objectives of LLM2CLIP as modules. Each gathers candidates from every process itself
-(with gradients), so the loss of a distributed run equals the loss of one process on the global batch."""
+"""The contrastive objectives of LLM2CLIP as modules (stage 1's caption InfoNCE; stage 2's CLIP InfoNCE or SigLIP's
+sigmoid loss). Each gathers candidates from every process itself (with gradients), so the loss of a distributed run
+equals the loss of one process on the global batch."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..modeling.contrastive import local_clip_loss
+from ..modeling.contrastive import local_clip_loss, local_sigmoid_loss
 from .distributed import Gather, default_gather
 
 
@@ -52,3 +53,24 @@ class CLIPContrastiveLoss(_GatheringLoss):
         all_images, offset = self.gather(image_embeds)
         all_texts, _ = self.gather(text_embeds)
         return local_clip_loss(image_embeds, text_embeds, all_images, all_texts, logit_scale.exp(), offset)
+
+
+class SigLIPContrastiveLoss(_GatheringLoss):
+    """Stage 2 with SigLIP's pairwise sigmoid loss (Zhai et al., 2023) and a learnable ``logit_bias``.
+
+    ``logits = exp(logit_scale) * images @ texts.T + logit_bias`` on L2-normalised embeddings, with this process's
+    images against the texts of every process (gathered with gradient); the pair (local image ``i``, gathered text
+    ``offset + i``) is positive, every other pair negative. Returns ``-sum(logsigmoid(label * logit))`` divided by the
+    number of local images, as open_clip's ``SigLipLoss`` (whose neighbour exchange visits the same image-text
+    pairs): each pair of the global batch is scored by exactly one process, so with equal shares the mean of the
+    processes' losses (as DDP averages their gradients) is the one-process loss on the global batch.
+    """
+
+    def forward(self, image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale: torch.Tensor,
+                logit_bias: torch.Tensor | None) -> torch.Tensor:
+        if logit_bias is None:
+            raise ValueError("The sigmoid (SigLIP) loss needs a logit_bias; build the model with "
+                             "logit_bias_init_value=-10.0.")
+        image_embeds = F.normalize(image_embeds, dim=-1)
+        all_texts, offset = self.gather(F.normalize(text_embeds, dim=-1))
+        return local_sigmoid_loss(image_embeds, all_texts, logit_scale.exp(), logit_bias, offset)

@@ -11,7 +11,7 @@ _HYPERPARAMETERS = (
     "stage", "learning_rate", "lr_scheduler_type", "warmup_steps", "weight_decay", "max_grad_norm",
     "per_device_train_batch_size", "gradient_accumulation_steps", "num_train_epochs", "max_steps", "seed",
     "loss_scale", "hard_negatives", "lora_r", "lora_alpha", "lora_dropout", "caption_columns",
-    "caption_sampling_weights", "text_source", "layer_decay", "logit_scale_max", "image_augmentation",
+    "caption_sampling_weights", "text_source", "loss_type", "layer_decay", "logit_scale_max", "image_augmentation",
 )
 
 _CAPTION_USAGE = """```python

@@ -35,7 +35,7 @@ from .distributed import average_gradients
 from .epoch_sampling import EpochTaggedDataset, EpochTaggedSampler
 from .grad_cache import grad_cache_backward
 from .layer_decay import layer_decay_parameter_groups
-from .losses import CaptionContrastiveLoss, CLIPContrastiveLoss
+from .losses import CaptionContrastiveLoss, CLIPContrastiveLoss, SigLIPContrastiveLoss
 from .model_card import build_model_card
 from .training_args import CAPTION_STAGE, CLIP_STAGE, LLM2CLIPTrainingArguments
 
@@ -112,7 +112,18 @@ class LLM2CLIPTrainer(Trainer):
             loss = loss or CaptionContrastiveLoss(args.loss_scale, world_size=args.world_size, rank=args.process_index)
         else:
             collator, eval_collator, prepare = self._setup_clip_stage(model, args, peft_config, text_model)
-            loss = loss or CLIPContrastiveLoss(world_size=args.world_size, rank=args.process_index)
+            if args.loss_type == "siglip":
+                if getattr(model, "logit_bias", None) is None:
+                    raise ValueError(
+                        "loss_type='siglip' trains SigLIP's learnable logit_bias, but this LLM2CLIPModel has none. "
+                        "Build the model with logit_bias_init_value=-10.0 (SigLIP's init, with "
+                        "logit_scale_init_value=math.log(10)), e.g. LLM2CLIPModel.from_text_model(text_model, "
+                        "vision_config, logit_bias_init_value=-10.0, logit_scale_init_value=math.log(10)); or use "
+                        "loss_type='clip'."
+                    )
+                loss = loss or SigLIPContrastiveLoss(world_size=args.world_size, rank=args.process_index)
+            else:
+                loss = loss or CLIPContrastiveLoss(world_size=args.world_size, rank=args.process_index)
             callbacks.append(LogitScaleClampCallback(model, args.logit_scale_max))
         # Training applies the bad-row policy; evaluation never drops a row.
         self._prepare_dataset = prepare
@@ -185,7 +196,7 @@ class LLM2CLIPTrainer(Trainer):
         def collator(augment: bool, skip_bad_rows: bool) -> CLIPCollator:
             return CLIPCollator(
                 args.image_column, args.caption_columns,
-                CLIPImageTransform(model.config.vision_config.image_size, augment=augment),
+                CLIPImageTransform(model.config.vision_config, augment=augment),
                 seed=args.seed, weights=args.caption_sampling_weights,
                 text_model=model.text_model if in_loop else None, skip_bad_rows=skip_bad_rows,
             )
@@ -231,8 +242,11 @@ class LLM2CLIPTrainer(Trainer):
             loss = self.loss(embeddings["query"], embeddings["positive"], embeddings.get("negative"))
             return (loss, embeddings) if return_outputs else loss
         outputs = model(**inputs)
-        logit_scale = self.accelerator.unwrap_model(model).logit_scale
-        loss = self.loss(outputs.image_embeds, outputs.text_embeds, logit_scale)
+        unwrapped = self.accelerator.unwrap_model(model)
+        logit_parameters = (unwrapped.logit_scale,)
+        if self.args.loss_type == "siglip":  # the sigmoid loss also takes SigLIP's logit_bias
+            logit_parameters += (unwrapped.logit_bias,)
+        loss = self.loss(outputs.image_embeds, outputs.text_embeds, *logit_parameters)
         return (loss, outputs) if return_outputs else loss
 
     def training_step(self, model, inputs, num_items_in_batch=None):
@@ -283,8 +297,10 @@ class LLM2CLIPTrainer(Trainer):
         encoders = {"image": lambda batch: model.get_image_features(pixel_values=batch["pixel_values"]),
                     "text": lambda batch: model.get_text_features(**batch)}
 
+        logit_parameters = (model.logit_scale,) + ((model.logit_bias,) if self.args.loss_type == "siglip" else ())
+
         def clip_loss(embeddings):
-            return self.loss(embeddings["image"], embeddings["text"], model.logit_scale)
+            return self.loss(embeddings["image"], embeddings["text"], *logit_parameters)
 
         return encoders, {"image": {"pixel_values": inputs["pixel_values"]}, "text": text_inputs}, clip_loss
 

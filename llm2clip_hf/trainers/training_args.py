@@ -63,6 +63,13 @@ class LLM2CLIPTrainingArguments(TrainingArguments):
         metadata={"help": "cached: precomputed LLM embeddings; frozen / lora: run the embedded LLM each step "
                           "(frozen, or LoRA-tuned) for comparison."},
     )
+    loss_type: Literal["clip", "siglip"] = field(
+        default="clip",
+        metadata={"help": "Stage-2 objective. clip: symmetric InfoNCE with the learnable logit_scale (official "
+                          "LLM2CLIP). siglip: SigLIP's pairwise sigmoid loss with logit_scale and a learnable "
+                          "logit_bias; the model needs a logit_bias (build it with logit_bias_init_value=-10.0 and "
+                          "logit_scale_init_value=log(10), SigLIP's init)."},
+    )
     layer_decay: float = field(default=0.85, metadata={"help": "Layer-wise lr decay of the vision tower (1 = off)."})
     logit_scale_max: float = field(default=math.log(100.0), metadata={"help": "Clamp of logit_scale after each step."})
     image_augmentation: bool = field(
@@ -107,6 +114,11 @@ class LLM2CLIPTrainingArguments(TrainingArguments):
                 )
             if min(self.caption_sampling_weights) < 0 or sum(self.caption_sampling_weights) <= 0:
                 raise ValueError("caption_sampling_weights must be non-negative and not all zero.")
+        if self.loss_type not in ("clip", "siglip"):
+            raise ValueError(f"loss_type must be 'clip' or 'siglip', got {self.loss_type!r}.")
+        if self.loss_type != "clip" and self.stage != CLIP_STAGE:
+            raise ValueError(f"loss_type={self.loss_type!r} is a stage-'clip' objective; stage 'caption' always "
+                             "trains its one-directional InfoNCE (loss_scale).")
         if not 0 < self.layer_decay <= 1:
             raise ValueError(f"layer_decay must be in (0, 1], got {self.layer_decay}.")
         super().__post_init__()
