@@ -18,6 +18,8 @@ from .modeling import (
     TextAdapter,
 )
 
+from .vision_sources import attach_text_model, llm2clip_from_pretrained_vision  # noqa: E402
+
 __version__ = "0.1.0"
 
 for _config, _model in ((EVA02VisionConfig, EVA02VisionModel), (LLM2CLIPTextConfig, LLM2CLIPTextModel),
@@ -29,5 +31,5 @@ AutoProcessor.register(LLM2CLIPConfig, LLM2CLIPProcessor, exist_ok=True)
 __all__ = [
     "EVA02_PRESETS", "EVA02VisionConfig", "EVA02VisionModel", "LLM2CLIPConfig", "LLM2CLIPModel", "LLM2CLIPOutput",
     "LLM2CLIPProcessor", "LLM2CLIPTextConfig", "LLM2CLIPTextModel", "LLM2CLIPTextOutput", "POOLING_MODES",
-    "TEXT_TEMPLATES", "TextAdapter", "__version__",
+    "TEXT_TEMPLATES", "TextAdapter", "__version__", "attach_text_model", "llm2clip_from_pretrained_vision",
 ]

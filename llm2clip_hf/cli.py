@@ -25,12 +25,20 @@ class Command:
 
 @dataclass
 class ConvertArguments:
-    checkpoint: str = field(metadata={"help": "Official eva_clip LLM2CLIP .pt checkpoint (vision tower + adapter)."})
+    checkpoint: str = field(metadata={
+        "help": "Official LLM2CLIP checkpoint: an eva_clip .pt (EVA02, OpenAI-CLIP or SigLIP2 tower, with its adapter; "
+                "or an open_clip / EVA-CLIP .pt without one, given --text_embedding_dim), a .bin / .safetensors file, "
+                "a folder of a published Hugging Face LLM2CLIP repo, or its Hub id. The layout is detected."})
     output_dir: str = field(metadata={"help": "Directory to write the transformers checkpoint to."})
-    vision_num_heads: int | None = field(default=None, metadata={"help": "Attention heads (default: width // 64)."})
+    vision_num_heads: int | None = field(default=None, metadata={
+        "help": "Attention heads (default: the repo's config, else width // 64; 16 for the 1152-wide So400m)."})
     image_size: int | None = field(
         default=None, metadata={"help": "Target image size; the position embedding is resized bicubically."}
     )
+    text_embedding_dim: int | None = field(default=None, metadata={
+        "help": "LLM embedding width for a new, untrained text adapter, required when the checkpoint has none "
+                "(4096 for Llama-3-8B, 2048 for Llama-3.2-1B); a checkpoint's own adapter is kept."})
+    revision: str | None = field(default=None, metadata={"help": "Revision of a Hub id."})
 
 
 @dataclass
@@ -110,14 +118,41 @@ class TrainDataArguments:
 @dataclass
 class ClipModelArguments:
     model: str | None = field(default=None, metadata={"help": "Saved LLM2CLIPModel to continue training (clip)."})
-    vision_preset: str = field(default="B/16", metadata={"help": "EVA02 preset for a new model: B/16, L/14, "
-                                                                  "L/14-336."})
+    vision_model: str | None = field(default=None, metadata={
+        "help": "Pretrained image side to post-train with the LLM (clip): a transformers CLIPModel / CLIPVisionModel"
+                " / CLIPVisionModelWithProjection / SiglipModel / SiglipVisionModel folder or Hub id, an open_clip /"
+                " EVA-CLIP .pt checkpoint, or an LLM2CLIP model. Its tower, projection and logit_scale are kept; the "
+                "text adapter is new unless the source has one for this LLM's width. Excludes --model."})
+    vision_preset: str | None = field(default=None, metadata={"help": "EVA02 preset for a new model: B/16 "
+                                                                         "(default), L/14, L/14-336."})
     image_size: int | None = field(default=None, metadata={"help": "Image size of a new model (preset default)."})
     patch_size: int | None = field(default=None, metadata={"help": "Patch size of a new model (preset default)."})
     vision_width: int | None = field(default=None, metadata={"help": "Width of a new tower (preset default)."})
     vision_layers: int | None = field(default=None, metadata={"help": "Depth of a new tower (preset default)."})
     vision_heads: int | None = field(default=None, metadata={"help": "Heads of a new tower (default width // 64)."})
-    projection_dim: int = field(default=1280, metadata={"help": "Joint-space width of a new model."})
+    projection_dim: int | None = field(default=None, metadata={
+        "help": "Joint-space width of a new model (default 1280), or of a new image projection for --vision-model "
+                "(default: the source's)."})
+    embed_text_model: bool = field(default=True, metadata={
+        "help": "Save the frozen text model inside the CLIP model (reads raw text, zero-shot pipeline)."})
+
+    NEW_TOWER_OPTIONS = ("vision_preset", "image_size", "patch_size", "vision_width", "vision_layers", "vision_heads")
+
+    def check(self) -> None:
+        """``--model`` and ``--vision-model`` exclude each other, and the new-EVA02 options apply without both."""
+        if self.model is not None and self.vision_model is not None:
+            raise ValueError("--model and --vision-model are mutually exclusive: --model continues training a saved "
+                             "LLM2CLIP model, --vision-model starts one from a pretrained CLIP / SigLIP / EVA-CLIP.")
+        if self.model is None and self.vision_model is None:
+            return
+        given = [name for name in self.NEW_TOWER_OPTIONS if getattr(self, name) is not None]
+        if self.model is not None and self.projection_dim is not None:
+            given.append("projection_dim")
+        if given:
+            flags = ", ".join("--" + name.replace("_", "-") for name in given)
+            which = "--model" if self.model is not None else "--vision-model"
+            raise ValueError(f"{flags} describe a new EVA02 tower and do not apply with {which}, whose tower is "
+                             "given; drop them.")
 
     def vision_config(self):
         """The EVA02 config of a new model: the preset with the given overrides (MLP width follows the width)."""
@@ -129,25 +164,46 @@ class ClipModelArguments:
         if self.vision_width is not None:
             overrides.setdefault("num_attention_heads", max(1, self.vision_width // 64))
             overrides["intermediate_size"] = int(self.vision_width * 4 * 2 / 3)
-        return EVA02VisionConfig.from_preset(self.vision_preset, **overrides)
-    embed_text_model: bool = field(default=True, metadata={
-        "help": "Save the frozen text model inside the CLIP model (reads raw text, zero-shot pipeline)."})
+        return EVA02VisionConfig.from_preset(self.vision_preset or "B/16", **overrides)
+
+
+@dataclass
+class AssembleArguments:
+    model: str = field(metadata={
+        "help": "The image side with its text adapter: a converted LLM2CLIP folder, an official LLM2CLIP .pt or Hub "
+                "repo, or any --vision-model source of `train` (which then gets a new, untrained adapter)."})
+    output_dir: str = field(metadata={"help": "Folder to write the assembled model (with remote code) to."})
 
 
 def run_convert(args: ConvertArguments) -> dict[str, Any]:
-    from .convert import convert_eva_clip_checkpoint
+    from .convert import convert_checkpoint_with_report
 
     overrides = {"image_size": args.image_size} if args.image_size is not None else {}
-    model = convert_eva_clip_checkpoint(args.checkpoint, vision_num_heads=args.vision_num_heads, **overrides)
+    model, report = convert_checkpoint_with_report(
+        args.checkpoint, vision_num_heads=args.vision_num_heads, text_embedding_dim=args.text_embedding_dim,
+        revision=args.revision, **overrides)
     model.save_pretrained(args.output_dir)
     vision = model.config.vision_config
+    tower = {"eva02": "EVA02", "clip": "OpenAI CLIP", "siglip": "SigLIP"}[report.family]
     return {
         "output_dir": str(args.output_dir),
-        "vision": f"EVA02 width {vision.hidden_size}, depth {vision.num_hidden_layers}, heads "
-                  f"{vision.num_attention_heads}, image {vision.image_size}, patch {vision.patch_size}",
+        "layout": report.layout,
+        "layout_description": report.layout_description,
+        "family": report.family,
+        "files": report.files,
+        "vision": f"{tower} width {vision.hidden_size}, depth {vision.num_hidden_layers}, heads "
+                  f"{vision.num_attention_heads}, image {vision.image_size}, patch {vision.patch_size}, "
+                  f"activation {getattr(vision, 'hidden_act', 'swiglu')}, layer_norm_eps {vision.layer_norm_eps}",
+        "vision_projection": model.config.vision_projection,
+        "adapter": report.adapter if report.adapter == "new" else f"checkpoint ({report.adapter_origin})",
+        "adapter_l2_normalize": report.adapter_l2_normalize,
+        "logit_bias": report.logit_bias,
+        "dropped": report.dropped,
+        "source_dtypes": report.source_dtypes,
         "text_embedding_dim": model.config.text_embedding_dim,
         "projection_dim": model.config.projection_dim,
         "parameters": sum(p.numel() for p in model.parameters()),
+        **({"notes": report.notes} if report.notes else {}),
     }
 
 
@@ -208,6 +264,15 @@ def run_train(text: TextModelArguments, data: TrainDataArguments, clip: ClipMode
     return train_from_cli(text, data, clip, training_args)
 
 
+def run_assemble(text: TextModelArguments, args: AssembleArguments) -> dict[str, Any]:
+    from .vision_sources import assemble
+
+    if text.text_model is None:
+        raise ValueError("assemble needs --text-model: the LLM (or saved LLM2CLIP text encoder) whose embeddings the "
+                         "adapter of --model was trained on.")
+    return assemble(args.model, text.load(), args.output_dir)
+
+
 def run_demo(args: Any) -> dict[str, Any] | None:
     from .demo import run
 
@@ -233,8 +298,12 @@ COMMANDS: dict[str, Command] = {
                      (TextModelArguments, DatasetArguments, ColumnArguments, EmbedArguments), run_embed),
     "evaluate": Command("Retrieval R@1/5/10, zero-shot accuracy, or caption retrieval accuracy (CRA).",
                         (TextModelArguments, DatasetArguments, ColumnArguments, EvaluateArguments), run_evaluate),
-    "convert": Command("Convert an official eva_clip checkpoint to a transformers checkpoint with remote code.",
+    "convert": Command("Convert an official LLM2CLIP checkpoint (eva_clip .pt with an EVA02, OpenAI-CLIP or SigLIP2 "
+                       "tower, a published Hugging Face repo, or an EVA-CLIP / open_clip .pt) to a transformers "
+                       "checkpoint with remote code.",
                        (ConvertArguments,), run_convert, positionals=("checkpoint", "output_dir")),
+    "assemble": Command("One model from two published parts: an LLM2CLIP image side + adapter and its text model.",
+                        (TextModelArguments, AssembleArguments), run_assemble),
     "demo": Command("End-to-end demo: SmolLM2 + emoji images, stage 1, cache, stage 2, evaluation, reload.",
                     (_demo_arguments,), run_demo),
 }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from .model_loading import load_clip_model
 from .modeling import LLM2CLIPModel
 from .trainers import LLM2CLIPTrainer, LLM2CLIPTrainingArguments
 from .trainers.training_args import CAPTION_STAGE
+from .vision_sources import llm2clip_from_pretrained_vision
 
 
 def has_cache(dataset: Dataset, caption_columns: list[str]) -> bool:
@@ -32,6 +34,8 @@ def has_cache(dataset: Dataset, caption_columns: list[str]) -> bool:
 def train_from_cli(text: Any, data: Any, clip: Any, args: LLM2CLIPTrainingArguments) -> dict[str, Any] | None:
     """Run one training stage as the CLI describes it; return (and save) the metrics on the main process."""
     state = PartialState()
+    if args.stage != CAPTION_STAGE:
+        clip.check()  # before any data is read: conflicting model options end the run at once
     image_column = args.image_column if args.stage != CAPTION_STAGE else None
     train = load_dataset_from_spec(data.dataset, data.split, image_column)
     if data.max_samples:
@@ -49,12 +53,21 @@ def train_from_cli(text: Any, data: Any, clip: Any, args: LLM2CLIPTrainingArgume
         needs_text_model = clip.model is None or text.text_model is not None or (
             cached and not has_cache(train, args.caption_columns))
         text_model = text.load() if needs_text_model else None
+        embed = clip.embed_text_model or not cached
         if clip.model is not None:
             model = load_clip_model(clip.model)
+        elif clip.vision_model is not None:
+            # A pretrained image side (CLIP, SigLIP, EVA-CLIP, or an LLM2CLIP model): kept exactly; the adapter is
+            # new unless the source has one for this LLM's width.
+            model = llm2clip_from_pretrained_vision(clip.vision_model, text_model, embed_text_model=embed,
+                                                    projection_dim=clip.projection_dim)
         else:
+            # A new tower; with --loss-type siglip it gets SigLIP's learnable bias and temperature at SigLIP's init.
+            siglip = dict(logit_bias_init_value=-10.0, logit_scale_init_value=math.log(10.0)) \
+                if args.loss_type == "siglip" else {}
             model = LLM2CLIPModel.from_text_model(
-                text_model, clip.vision_config(),
-                embed_text_model=clip.embed_text_model or not cached, projection_dim=clip.projection_dim)
+                text_model, clip.vision_config(), embed_text_model=embed,
+                projection_dim=1280 if clip.projection_dim is None else clip.projection_dim, **siglip)
         if cached:
             cache_dir = Path(data.embedding_cache) if data.embedding_cache else output_dir / "_embedding_cache"
             with state.main_process_first():  # one process writes the cache, the others reuse it
