@@ -12,9 +12,9 @@ from transformers import SiglipVisionConfig
 from llm2clip_hf import LLM2CLIPModel, LLM2CLIPTextModel
 from llm2clip_hf.data import precompute_text_embeddings
 from llm2clip_hf.testing import tiny_image_caption_rows, tiny_vision_config
-from llm2clip_hf.trainers import LLM2CLIPTrainer, LLM2CLIPTrainingArguments
-from llm2clip_hf.trainers.losses import SigLIPContrastiveLoss
+from llm2clip_hf.trainers import LLM2CLIPTrainer, LLM2CLIPTrainingArguments, SigLIPContrastiveLoss
 from numerics import assert_same_tensor
+from test_grad_cache import gradients_of_one_step
 
 CAPTIONS = ["short_caption", "long_caption"]
 SIGLIP_INIT = dict(logit_bias_init_value=-10.0, logit_scale_init_value=math.log(10.0))
@@ -124,21 +124,11 @@ def test_loss_type_is_validated(tmp_path):
     assert LLM2CLIPTrainingArguments(str(tmp_path), stage="clip", use_cpu=True).loss_type == "clip"
 
 
-def gradients_of_one_step(model, data, tmp_path, chunk_size):
-    args = siglip_args(tmp_path, per_device_train_batch_size=len(data), max_steps=1, gradcache_chunk_size=chunk_size)
-    trainer = LLM2CLIPTrainer(model=model, args=args, train_dataset=data)
-    trainer.create_optimizer()
-    batch = next(iter(trainer.get_train_dataloader()))
-    trainer.current_gradient_accumulation_steps = 1  # set by the training loop otherwise
-    trainer.model.zero_grad()
-    loss = trainer.training_step(trainer.model, batch)
-    return loss.item(), {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
-
-
 def test_siglip_gradcache_equals_full_batch(text_model, cached, tmp_path):
     data = cached.select(range(10))
     (loss, full), (cached_loss, chunked) = [
-        gradients_of_one_step(siglip_model(text_model, logit_bias_init_value=-2.0), data, tmp_path / str(chunk), chunk)
+        gradients_of_one_step("clip", siglip_model(text_model, logit_bias_init_value=-2.0), data, tmp_path / str(chunk),
+                              chunk, loss_type="siglip")
         for chunk in (None, 4)]
     assert cached_loss == pytest.approx(loss, rel=1e-5)
     assert full.keys() == chunked.keys() and {"logit_scale", "logit_bias"} <= full.keys()
