@@ -101,28 +101,20 @@ def llm2clip_from_pretrained_vision(
     follows the tower family; a transformers source's own ``preprocessor_config.json`` is compared with it and a
     difference is logged as a warning (never applied silently).
     """
-    model, _ = build_from_pretrained_vision(
+    return build_from_pretrained_vision(
         source, text_model, text_embedding_dim=text_embedding_dim, embed_text_model=embed_text_model,
         projection_dim=projection_dim, adapter=adapter, vision_num_heads=vision_num_heads, revision=revision,
-        token=token, **config_overrides)
-    return model
+        token=token, **config_overrides)[0]
 
 
-def build_from_pretrained_vision(
-    source: str | os.PathLike,
-    text_model: LLM2CLIPTextModel | None = None,
-    *,
-    text_embedding_dim: int | None = None,
-    embed_text_model: bool = True,
-    projection_dim: int | None = None,
-    adapter: str = "auto",
-    vision_num_heads: int | None = None,
-    revision: str | None = None,
-    token: str | bool | None = None,
-    **config_overrides: Any,
-) -> tuple[LLM2CLIPModel, dict[str, Any]]:
-    """:func:`llm2clip_from_pretrained_vision`, also returning what was done: ``{"source_kind", "family",
-    "adapter": "checkpoint" | "new", "adapter_reason"}``."""
+def build_from_pretrained_vision(source: str | os.PathLike, text_model: LLM2CLIPTextModel | None = None, *,
+                                 text_embedding_dim: int | None = None, embed_text_model: bool = True,
+                                 projection_dim: int | None = None, adapter: str = "auto",
+                                 vision_num_heads: int | None = None, revision: str | None = None,
+                                 token: str | bool | None = None, **config_overrides: Any,
+                                 ) -> tuple[LLM2CLIPModel, dict[str, Any]]:
+    """:func:`llm2clip_from_pretrained_vision` (same arguments), also returning what was done (for the CLI's
+    report): ``{"source_kind", "family", "adapter": "checkpoint" | "new", "adapter_reason"}``."""
     if adapter not in ADAPTER_POLICIES:
         raise ValueError(f"adapter must be one of {ADAPTER_POLICIES}, got {adapter!r}.")
     width = _llm_width(text_model, text_embedding_dim)
