@@ -120,16 +120,24 @@ def _grid(tokens: int, prefix: int, key: str) -> int:
     return grid
 
 
+def _tower_sizes(state: Mapping[str, torch.Tensor], patch_key: str, position_key: str, class_tokens: int,
+                 block_pattern: str, mlp_key: str) -> dict[str, int]:
+    """Image size, patch size, width, depth and MLP width of a ViT from its tensor shapes: the patch convolution
+    ``[width, 3, patch, patch]``, the position table (positions on axis -2: class tokens + grid^2), the numbered
+    blocks, and the first MLP input projection ``[mlp, width]``."""
+    conv = state[patch_key]
+    grid = _grid(state[position_key].shape[-2], class_tokens, position_key)
+    return dict(image_size=grid * conv.shape[-1], patch_size=conv.shape[-1], hidden_size=conv.shape[0],
+                num_hidden_layers=_count(state, block_pattern), intermediate_size=state[mlp_key].shape[0])
+
+
 # ------------------------------------------------------------------------------------------------ eva_clip EVA02
 def _infer_eva02(state, hf_vision):
     _require(state, "eva_clip EVA02", ("visual.cls_token", "visual.pos_embed", "visual.patch_embed.proj.weight",
                                        "visual.blocks.0.mlp.w1.weight", "visual.head.weight"))
-    width = state["visual.cls_token"].shape[-1]
-    patch = state["visual.patch_embed.proj.weight"].shape[-1]
     vision = dict(
-        image_size=_grid(state["visual.pos_embed"].shape[1], 1, "visual.pos_embed") * patch, patch_size=patch,
-        hidden_size=width, num_hidden_layers=_count(state, r"visual\.blocks\.(\d+)\."),
-        intermediate_size=state["visual.blocks.0.mlp.w1.weight"].shape[0],
+        **_tower_sizes(state, "visual.patch_embed.proj.weight", "visual.pos_embed", 1, r"visual\.blocks\.(\d+)\.",
+                       "visual.blocks.0.mlp.w1.weight"),
         qkv_bias="visual.blocks.0.attn.q_proj.bias" in state or "visual.blocks.0.attn.q_bias" in state,
     )
     top = dict(projection_dim=state["visual.head.weight"].shape[0],
@@ -156,13 +164,9 @@ EVA_CLIP_EVA02 = VisionLayout(
 def _infer_openai(state, hf_vision):
     _require(state, "eva_clip OpenAI-CLIP", ("visual.conv1.weight", "visual.positional_embedding",
                                              "visual.transformer.resblocks.0.mlp.c_fc.weight", "visual.proj"))
-    conv = state["visual.conv1.weight"]
     vision = dict(
-        image_size=_grid(state["visual.positional_embedding"].shape[0], 1, "visual.positional_embedding")
-        * conv.shape[-1],
-        patch_size=conv.shape[-1], hidden_size=conv.shape[0],
-        num_hidden_layers=_count(state, r"visual\.transformer\.resblocks\.(\d+)\."),
-        intermediate_size=state["visual.transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
+        **_tower_sizes(state, "visual.conv1.weight", "visual.positional_embedding", 1,
+                       r"visual\.transformer\.resblocks\.(\d+)\.", "visual.transformer.resblocks.0.mlp.c_fc.weight"),
         # The OpenAI-pretrained path (pretrained='openai': build_model_from_openai_state_dict(quick_gelu=True)).
         hidden_act="quick_gelu", layer_norm_eps=1e-5,
     )
@@ -212,12 +216,9 @@ def _merge_pool_qkv(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def _infer_siglip(state, hf_vision):
     _require(state, "eva_clip timm SigLIP", ("visual.trunk.patch_embed.proj.weight", "visual.trunk.pos_embed",
                                              "visual.trunk.blocks.0.mlp.fc1.weight"))
-    conv = state["visual.trunk.patch_embed.proj.weight"]
     vision = dict(
-        image_size=_grid(state["visual.trunk.pos_embed"].shape[-2], 0, "visual.trunk.pos_embed") * conv.shape[-1],
-        patch_size=conv.shape[-1], hidden_size=conv.shape[0],
-        num_hidden_layers=_count(state, r"visual\.trunk\.blocks\.(\d+)\."),
-        intermediate_size=state["visual.trunk.blocks.0.mlp.fc1.weight"].shape[0],
+        **_tower_sizes(state, "visual.trunk.patch_embed.proj.weight", "visual.trunk.pos_embed", 0,
+                       r"visual\.trunk\.blocks\.(\d+)\.", "visual.trunk.blocks.0.mlp.fc1.weight"),
         # timm's ViT: nn.GELU (exact) and LayerNorm eps 1e-6 (vit_so400m_patch14_siglip_224 sets neither).
         hidden_act="gelu", layer_norm_eps=1e-6, vision_use_head=True,
     )
@@ -251,17 +252,19 @@ EVA_CLIP_TIMM_SIGLIP = VisionLayout(
 
 
 # ------------------------------------------------------------------------------------------------ HF OpenAI CLIP
+def _hf_tower_sizes(state: Mapping[str, torch.Tensor], mlp_key: str) -> dict[str, int]:
+    """:func:`_tower_sizes` of a transformers-named tower (both Hugging Face LLM2CLIP exports)."""
+    return _tower_sizes(state, "vision_model.embeddings.patch_embedding.weight",
+                        "vision_model.embeddings.position_embedding.weight", 1,
+                        r"vision_model\.encoder\.layers\.(\d+)\.", mlp_key)
+
+
 def _infer_hf_clip(state, hf_vision):
     _require(state, "Hugging Face LLM2CLIP-Openai", (
         "vision_model.embeddings.patch_embedding.weight", "vision_model.embeddings.position_embedding.weight",
         "vision_model.encoder.layers.0.mlp.fc1.weight", "visual_projection.weight"))
-    conv = state["vision_model.embeddings.patch_embedding.weight"]
-    positions = state["vision_model.embeddings.position_embedding.weight"].shape[0]
     vision = dict(
-        image_size=_grid(positions, 1, "vision_model.embeddings.position_embedding.weight") * conv.shape[-1],
-        patch_size=conv.shape[-1], hidden_size=conv.shape[0],
-        num_hidden_layers=_count(state, r"vision_model\.encoder\.layers\.(\d+)\."),
-        intermediate_size=state["vision_model.encoder.layers.0.mlp.fc1.weight"].shape[0],
+        **_hf_tower_sizes(state, "vision_model.encoder.layers.0.mlp.fc1.weight"),
         # transformers' CLIPVisionConfig defaults, which the repos' config.json leave implicit.
         hidden_act=hf_vision.get("hidden_act", "quick_gelu"), layer_norm_eps=hf_vision.get("layer_norm_eps", 1e-5),
     )
@@ -293,14 +296,9 @@ def _infer_hf_eva02(state, hf_vision):
         "vision_model.embeddings.class_embedding", "vision_model.embeddings.position_embedding.weight",
         "vision_model.embeddings.patch_embedding.weight", "vision_model.encoder.layers.0.mlp.w1.weight",
         "visual_projection.weight"))
-    conv = state["vision_model.embeddings.patch_embedding.weight"]
-    positions = state["vision_model.embeddings.position_embedding.weight"].shape[-2]
     prefix = "vision_model.encoder.layers.0.self_attn."
     vision = dict(
-        image_size=_grid(positions, 1, "vision_model.embeddings.position_embedding.weight") * conv.shape[-1],
-        patch_size=conv.shape[-1], hidden_size=conv.shape[0],
-        num_hidden_layers=_count(state, r"vision_model\.encoder\.layers\.(\d+)\."),
-        intermediate_size=state["vision_model.encoder.layers.0.mlp.w1.weight"].shape[0],
+        **_hf_tower_sizes(state, "vision_model.encoder.layers.0.mlp.w1.weight"),
         qkv_bias=any(prefix + name in state for name in ("q_bias", "q_proj.bias")),
     )
     if "num_attention_heads" in hf_vision:
