@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 from typing import Any
@@ -180,6 +181,16 @@ class LLM2CLIPTrainer(Trainer):
             model.text_model.requires_grad_(False)
             if args.text_source == "lora":
                 inject_adapter_in_model(peft_config or default_lora_config(args), model.text_model)
+        # Hashing the LLM's weights is costly (an 8B model: ~16 GB read): once per trainer, for every dataset checked.
+        text_model_hash = functools.cache(lambda: text_model_fingerprint(text_model))
+
+        def check_cache(dataset: Dataset) -> None:
+            """The cache must be of the given text model, else of the one recorded by earlier training."""
+            expected = text_model_hash() if text_model is not None else model.config.text_model_fingerprint
+            metadata = check_embedding_cache(dataset, args.caption_columns, expected_fingerprint=expected,
+                                             embedding_dim=model.config.text_embedding_dim)
+            model.config.text_model_fingerprint = metadata["fingerprint"]
+            model.config.text_model_name_or_path = metadata.get("text_model") or model.config.text_model_name_or_path
 
         def prepare(dataset: Dataset, skip: bool) -> Dataset:
             require_columns(dataset, [args.image_column], "CLIP training")
@@ -187,7 +198,7 @@ class LLM2CLIPTrainer(Trainer):
             if in_loop:
                 dataset = drop_bad_caption_rows(dataset, args.caption_columns, skip)
             else:
-                self._check_cache(model, dataset, args, text_model)
+                check_cache(dataset)
             if isinstance(dataset.features[args.image_column], hf_datasets.Image):
                 # decode in the collator, where an unreadable image can be skipped or named
                 dataset = dataset.cast_column(args.image_column, hf_datasets.Image(decode=False))
@@ -203,14 +214,6 @@ class LLM2CLIPTrainer(Trainer):
 
         # Evaluation: resize + center crop, a fixed caption per row, and no row skipped.
         return collator(args.image_augmentation, args.skip_bad_rows), collator(False, False), prepare
-
-    @staticmethod
-    def _check_cache(model: LLM2CLIPModel, dataset: Dataset, args, text_model: LLM2CLIPTextModel | None) -> None:
-        expected = text_model_fingerprint(text_model) if text_model is not None else model.config.text_model_fingerprint
-        metadata = check_embedding_cache(dataset, args.caption_columns, expected_fingerprint=expected,
-                                         embedding_dim=model.config.text_embedding_dim)
-        model.config.text_model_fingerprint = metadata["fingerprint"]
-        model.config.text_model_name_or_path = metadata.get("text_model") or model.config.text_model_name_or_path
 
     # --------------------------------------------------------------------------------------------- data
     def _get_dataloader(self, dataset, description, batch_size, sampler_fn=None, is_training=False,
@@ -242,12 +245,13 @@ class LLM2CLIPTrainer(Trainer):
             loss = self.loss(embeddings["query"], embeddings["positive"], embeddings.get("negative"))
             return (loss, embeddings) if return_outputs else loss
         outputs = model(**inputs)
-        unwrapped = self.accelerator.unwrap_model(model)
-        logit_parameters = (unwrapped.logit_scale,)
-        if self.args.loss_type == "siglip":  # the sigmoid loss also takes SigLIP's logit_bias
-            logit_parameters += (unwrapped.logit_bias,)
-        loss = self.loss(outputs.image_embeds, outputs.text_embeds, *logit_parameters)
+        loss = self.loss(outputs.image_embeds, outputs.text_embeds,
+                         *self._logit_parameters(self.accelerator.unwrap_model(model)))
         return (loss, outputs) if return_outputs else loss
+
+    def _logit_parameters(self, model: LLM2CLIPModel) -> tuple[torch.Tensor, ...]:
+        """What the stage-2 loss takes besides the embeddings: ``logit_scale``, and SigLIP's ``logit_bias``."""
+        return (model.logit_scale, model.logit_bias) if self.args.loss_type == "siglip" else (model.logit_scale,)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         """The Trainer's step, or with ``gradcache_chunk_size`` a GradCache step: the exact gradient of the loss
@@ -297,10 +301,8 @@ class LLM2CLIPTrainer(Trainer):
         encoders = {"image": lambda batch: model.get_image_features(pixel_values=batch["pixel_values"]),
                     "text": lambda batch: model.get_text_features(**batch)}
 
-        logit_parameters = (model.logit_scale,) + ((model.logit_bias,) if self.args.loss_type == "siglip" else ())
-
         def clip_loss(embeddings):
-            return self.loss(embeddings["image"], embeddings["text"], *logit_parameters)
+            return self.loss(embeddings["image"], embeddings["text"], *self._logit_parameters(model))
 
         return encoders, {"image": {"pixel_values": inputs["pixel_values"]}, "text": text_inputs}, clip_loss
 
