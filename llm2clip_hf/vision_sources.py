@@ -13,7 +13,6 @@ into transformers' own classes or read by the converters with ``torch.load(weigh
 
 from __future__ import annotations
 
-import inspect
 import logging
 import math
 import os
@@ -30,6 +29,7 @@ from transformers import (
     SiglipVisionModel,
 )
 
+from .convert import convert_checkpoint, convert_checkpoint_with_report
 from .model_loading import _missing_model_error, hub_is_offline, load_clip_model
 from .modeling import LLM2CLIPConfig, LLM2CLIPModel, LLM2CLIPTextConfig, LLM2CLIPTextModel, TextAdapter
 from .modeling.configuration_llm2clip import vision_family
@@ -144,7 +144,7 @@ def build_from_pretrained_vision(source: str | os.PathLike, text_model: LLM2CLIP
             if kind == "llm2clip":
                 model = load_clip_model(source, **hub_kwargs)
             else:  # a published LLM2CLIP repo with its own (never run) remote code
-                model = _convert(source, text_embedding_dim=None, **hub_kwargs)
+                model = convert_checkpoint(source, **hub_kwargs)
             info = {"source_kind": kind, "adapter": "checkpoint", "adapter_reason": "the checkpoint's adapter"}
     info["family"] = vision_family(model.config.vision_config)
     if info["adapter"] == "checkpoint" and (width is not None or adapter == "new"):
@@ -402,51 +402,9 @@ def _from_checkpoint_file(path: Path, width: int | None, vision_num_heads: int |
         overrides["vision_num_heads"] = vision_num_heads
     if projection_dim is not None:
         overrides["projection_dim"] = projection_dim
-    has_adapter = _checkpoint_has_adapter(path)
-    model = _convert(str(path), text_embedding_dim=width, **overrides)
-    info = {"source_kind": "checkpoint-file", "adapter": "checkpoint", "adapter_reason": "the checkpoint's adapter"}
-    if has_adapter is False:
-        info.update(adapter="new", adapter_reason="the checkpoint has no text adapter")
-    return model, info
-
-
-def _checkpoint_has_adapter(path: Path) -> bool | None:
-    """Whether a checkpoint file holds text-adapter tensors (read memory-mapped, tensors only); ``None`` when it
-    cannot be told cheaply (the converter then reports what it finds)."""
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors import safe_open
-
-            with safe_open(str(path), "pt") as handle:
-                keys = list(handle.keys())
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            keys = []
-            pending = [state]
-            while pending:
-                item = pending.pop()
-                if isinstance(item, dict):
-                    keys += [str(k) for k in item]
-                    pending += [v for v in item.values() if isinstance(v, dict)]
-    except Exception:  # old-style pickles cannot be memory-mapped; the converter reads them
-        return None
-    return any("text_adaptor" in key or "text_adapter" in key for key in keys)
-
-
-def _convert(source: str, text_embedding_dim: int | None = None, **kwargs: Any) -> LLM2CLIPModel:
-    """Convert with :mod:`llm2clip_hf.convert`: ``convert_checkpoint`` (files and published repos) when it exists,
-    else ``convert_eva_clip_checkpoint`` for files."""
-    from . import convert
-
-    converter = getattr(convert, "convert_checkpoint", None)
-    if converter is None:
-        if not Path(source).is_file():
-            raise ValueError(f"{source} is a published LLM2CLIP repo with its own code; converting those needs "
-                             "llm2clip_hf.convert.convert_checkpoint, which this installation lacks.")
-        converter = convert.convert_eva_clip_checkpoint
-    if text_embedding_dim is not None and "text_embedding_dim" in inspect.signature(converter).parameters:
-        kwargs["text_embedding_dim"] = text_embedding_dim  # sizes a new adapter when the checkpoint has none
-    return converter(source, **kwargs)
+    model, report = convert_checkpoint_with_report(str(path), text_embedding_dim=width, **overrides)
+    reason = "the checkpoint's adapter" if report.adapter == "checkpoint" else "the checkpoint has no text adapter"
+    return model, {"source_kind": "checkpoint-file", "adapter": report.adapter, "adapter_reason": reason}
 
 
 def _compare_image_processor(source: str, vision_config: Any, hub_kwargs: dict[str, Any]) -> None:
