@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -53,11 +54,53 @@ class TextModelArguments:
         "help": "Template with {text}, or a preset name such as llama-3-instruct (plain LLMs; default none)."})
     max_length: int | None = field(default=None, metadata={"help": "Token budget per caption (default 512)."})
 
-    def load(self):
+    def load(self, precision: PrecisionArguments | None = None):
         from .model_loading import load_text_model
 
+        kwargs = precision.from_pretrained_kwargs() if precision is not None else {}
         return load_text_model(self.text_model, self.gguf_file, self.pooling_mode, self.text_template,
-                               self.max_length)
+                               self.max_length, **kwargs)
+
+
+@dataclass
+class PrecisionArguments:
+    dtype: str = field(default="float32", metadata={
+        "help": "Weight dtype of the models this command runs: float32, bfloat16 or float16. Training keeps the "
+                "trained weights in float32 (use --bf16 / --fp16 for mixed precision) and applies it to the frozen "
+                "LLM that embeds captions."})
+    attn_implementation: str | None = field(default=None, metadata={
+        "help": "Attention kernel of the LLM: sdpa (default), flash_attention_2 (GPU, bf16/fp16) or eager."})
+
+    DTYPES = ("float32", "bfloat16", "float16")
+    ATTENTION = ("sdpa", "flash_attention_2", "eager")
+
+    def from_pretrained_kwargs(self) -> dict[str, Any]:
+        """``dtype`` (and ``attn_implementation``) for ``from_pretrained``; unknown values are refused."""
+        import torch
+
+        if self.dtype not in self.DTYPES:
+            raise ValueError(f"--dtype {self.dtype!r} is not one of {list(self.DTYPES)}.")
+        if self.attn_implementation is not None and self.attn_implementation not in self.ATTENTION:
+            raise ValueError(f"--attn-implementation {self.attn_implementation!r} is not one of {list(self.ATTENTION)}.")
+        kwargs: dict[str, Any] = {"dtype": getattr(torch, self.dtype)}
+        if self.attn_implementation is not None:
+            kwargs["attn_implementation"] = self.attn_implementation
+        return kwargs
+
+
+def process_state():
+    """accelerate's state of this process. On a machine without an accelerator, processes started by torchrun /
+    ``accelerate launch --multi_gpu`` form a gloo group (accelerate's default would leave each one alone)."""
+    import torch
+    from accelerate import PartialState
+
+    has_accelerator = torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available()
+    return PartialState(cpu=not has_accelerator)
+
+
+def process_device():
+    """The device accelerate gives this process (its GPU under ``accelerate launch``, else the best available)."""
+    return process_state().device
 
 
 @dataclass
@@ -98,8 +141,19 @@ class EvaluateArguments:
 
 @dataclass
 class EmbedArguments:
-    output_dir: str = field(metadata={"help": "Folder of the dataset with embedding columns (Arrow)."})
+    output_dir: str = field(metadata={
+        "help": "Folder of the cache: a dataset (load_from_disk) of the embedding columns, one row per input row in "
+                "input order. An unfinished folder of the same job is resumed."})
     batch_size: int = field(default=32, metadata={"help": "Captions per forward pass."})
+    storage_dtype: str = field(default="float32", metadata={
+        "help": "float32 | float16 | bfloat16 (stored as uint16 bit patterns; the trainer decodes them)."})
+    rows_per_shard: int = field(default=4096, metadata={
+        "help": "Rows per Arrow shard: the unit of work, of memory per process and of resumption."})
+    cpu_threads: int | None = field(default=None, metadata={
+        "help": "Threads per process when embedding on the CPU. Default: the cores this process may use divided by "
+                "the processes on this machine. (`accelerate launch --cpu --num_processes N` starts ONE process with "
+                "OMP_NUM_THREADS=1; this default gives it the machine's cores back. Use --multi_gpu or an "
+                "`accelerate config` for several CPU processes.)"})
 
 
 @dataclass
@@ -207,41 +261,56 @@ def run_convert(args: ConvertArguments) -> dict[str, Any]:
     }
 
 
-def run_embed(text: TextModelArguments, data: DatasetArguments, columns: ColumnArguments,
-              args: EmbedArguments) -> dict[str, Any]:
-    from accelerate import PartialState
+def cpu_threads_per_process(state) -> int:
+    """The cores this process may use, shared evenly by the processes of this machine."""
+    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", state.num_processes))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // max(1, local_processes))
 
-    from .data import precompute_text_embeddings, read_cache_metadata
 
-    text_model = text.load()
-    dataset = data.load(columns.image_column)
-    # One process computes and writes; the others then find the complete cache and reuse it.
-    with PartialState().main_process_first():
-        cached = precompute_text_embeddings(dataset, text_model, columns.caption_columns, args.output_dir,
-                                            batch_size=args.batch_size)
-    return {"output_dir": args.output_dir, "rows": len(cached), **(read_cache_metadata(cached) or {})}
+def run_embed(text: TextModelArguments, data: DatasetArguments, columns: ColumnArguments, args: EmbedArguments,
+              precision: PrecisionArguments) -> dict[str, Any] | None:
+    import torch
+
+    from .data import build_embedding_cache, read_cache_metadata
+
+    state = process_state()
+    text_model = text.load(precision).to(state.device)
+    if text_model.device.type == "cpu":
+        torch.set_num_threads(args.cpu_threads or cpu_threads_per_process(state))
+    with state.main_process_first():  # one process converts the data files to Arrow, the others reuse them
+        dataset = data.load(columns.image_column)
+    # Every process embeds the shards it claims; all return once the folder is complete.
+    cached = build_embedding_cache(dataset, text_model, columns.caption_columns, Path(args.output_dir),
+                                   batch_size=args.batch_size, storage_dtype=args.storage_dtype,
+                                   rows_per_shard=args.rows_per_shard)
+    if not state.is_main_process:
+        return None
+    return {"output_dir": args.output_dir, "rows": len(cached), "processes": state.num_processes,
+            "device": str(text_model.device), "cpu_threads": torch.get_num_threads(),
+            **(read_cache_metadata(cached) or {})}
 
 
 def run_evaluate(text: TextModelArguments, data: DatasetArguments, columns: ColumnArguments,
-                 args: EvaluateArguments) -> dict[str, Any] | None:
-    from accelerate import PartialState
-
+                 args: EvaluateArguments, precision: PrecisionArguments) -> dict[str, Any] | None:
     from . import evaluation
     from .model_loading import load_clip_model
 
     tasks = ("retrieval", "zeroshot", "caption-retrieval")
     if args.task not in tasks:
         raise ValueError(f"Unknown --task {args.task!r}; choose one of {list(tasks)}.")
-    if not PartialState().is_main_process:
+    if not process_state().is_main_process:
         return None  # metrics are computed once, on the main process
+    device = process_device()
     if args.task == "caption-retrieval":
         metrics = evaluation.evaluate_caption_retrieval(
-            text.load(), data.load(), columns.caption_columns, args.query_instruction, args.batch_size)
+            text.load(precision).to(device), data.load(), columns.caption_columns, args.query_instruction, args.batch_size)
     else:
         if args.model is None:
             raise ValueError(f"--task {args.task} needs --model (a saved LLM2CLIPModel).")
-        model = load_clip_model(args.model)
-        text_model = text.load() if text.text_model is not None or model.text_model is None else None
+        model = load_clip_model(args.model, **precision.from_pretrained_kwargs()).to(device)
+        text_model = text.load(precision).to(device) if text.text_model is not None or model.text_model is None \
+            else None
         dataset = data.load(columns.image_column)
         if args.task == "retrieval":
             metrics = evaluation.evaluate_retrieval(model, dataset, columns.image_column, columns.caption_columns,
@@ -258,10 +327,10 @@ def run_evaluate(text: TextModelArguments, data: DatasetArguments, columns: Colu
 
 
 def run_train(text: TextModelArguments, data: TrainDataArguments, clip: ClipModelArguments,
-              training_args: Any) -> dict[str, Any] | None:
+              training_args: Any, precision: PrecisionArguments) -> dict[str, Any] | None:
     from .training_run import train_from_cli
 
-    return train_from_cli(text, data, clip, training_args)
+    return train_from_cli(text, data, clip, training_args, precision)
 
 
 def run_assemble(text: TextModelArguments, args: AssembleArguments) -> dict[str, Any]:
@@ -293,11 +362,14 @@ def _training_arguments() -> type:
 
 COMMANDS: dict[str, Command] = {
     "train": Command("Train stage 1 (--stage caption) or stage 2 (--stage clip) with LLM2CLIPTrainer.",
-                     (TextModelArguments, TrainDataArguments, ClipModelArguments, _training_arguments), run_train),
+                     (TextModelArguments, TrainDataArguments, ClipModelArguments, _training_arguments,
+                      PrecisionArguments), run_train),
     "embed": Command("Precompute LLM caption embeddings as dataset columns (the stage-2 cache).",
-                     (TextModelArguments, DatasetArguments, ColumnArguments, EmbedArguments), run_embed),
+                     (TextModelArguments, DatasetArguments, ColumnArguments, EmbedArguments, PrecisionArguments),
+                     run_embed),
     "evaluate": Command("Retrieval R@1/5/10, zero-shot accuracy, or caption retrieval accuracy (CRA).",
-                        (TextModelArguments, DatasetArguments, ColumnArguments, EvaluateArguments), run_evaluate),
+                        (TextModelArguments, DatasetArguments, ColumnArguments, EvaluateArguments,
+                         PrecisionArguments), run_evaluate),
     "convert": Command("Convert an official LLM2CLIP checkpoint (eva_clip .pt with an EVA02, OpenAI-CLIP or SigLIP2 "
                        "tower, a published Hugging Face repo, or an EVA-CLIP / open_clip .pt) to a transformers "
                        "checkpoint with remote code.",

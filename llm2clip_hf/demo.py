@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate import PartialState
 from datasets import Dataset
 
 from .demo_data import load_emoji_dataset
@@ -83,7 +84,7 @@ def _losses(trainer: LLM2CLIPTrainer) -> list[tuple[int, float]]:
 def _common_args(args: DemoArguments, directory: Path, logging_steps: int,
                  **settings: Any) -> LLM2CLIPTrainingArguments:
     return LLM2CLIPTrainingArguments(
-        output_dir=str(directory), save_strategy="no", logging_steps=logging_steps, use_cpu=True,
+        output_dir=str(directory), save_strategy="no", logging_steps=logging_steps,
         seed=args.seed, dataloader_drop_last=True, **settings,
     )
 
@@ -100,9 +101,10 @@ def run(args: DemoArguments) -> dict[str, Any]:
         timings[name] = round(time.perf_counter() - since, 1)
         return time.perf_counter()
 
+    device = PartialState().device  # the GPU when there is one
     t = time.perf_counter()
     train, test = emoji_splits(args.smoke)
-    text_model = _text_model(args, out)
+    text_model = _text_model(args, out).to(device)
     t = lap("load", t)
 
     # ---- stage 1: caption contrastive fine-tuning, CRA on held-out pairs before and after
@@ -116,7 +118,7 @@ def run(args: DemoArguments) -> dict[str, Any]:
     stage1 = LLM2CLIPTrainer(model=text_model, args=stage1_args, train_dataset=train)
     stage1.train()
     stage1.save_model()
-    tuned = LLM2CLIPTextModel.from_pretrained(out / "stage1")  # the merged, saved encoder
+    tuned = LLM2CLIPTextModel.from_pretrained(out / "stage1").to(device)  # the merged, saved encoder
     cra_after = evaluate_caption_retrieval(tuned, test, [SHORT, LONG])
     t = lap("stage1", t)
 
@@ -146,13 +148,14 @@ def run(args: DemoArguments) -> dict[str, Any]:
     # ---- reload with remote code only, check it is the same model, answer a zero-shot query
     from transformers import AutoModel, pipeline
 
-    reloaded = AutoModel.from_pretrained(out / "stage2", trust_remote_code=True)
+    reloaded = AutoModel.from_pretrained(out / "stage2", trust_remote_code=True).to(device)
     probe = test.select(range(min(8, len(test))))
     reload_difference = (embed_images(reloaded, probe["image"]) - embed_images(model, probe["image"])).abs().max()
     categories = sorted(set(test["category"]))
     zero_shot = evaluate_zero_shot(reloaded, test, "image", "category", class_names=categories,
                                    templates=ZERO_SHOT_TEMPLATES)
-    classify = pipeline("zero-shot-image-classification", model=str(out / "stage2"), trust_remote_code=True)
+    classify = pipeline("zero-shot-image-classification", model=str(out / "stage2"), trust_remote_code=True,
+                        device=device)
     query_row = test[0]
     candidates = sorted({query_row["name"], *test.select(range(1, min(len(test), 6)))["name"]})
     answer = classify(query_row["image"], candidate_labels=candidates)

@@ -31,8 +31,12 @@ def has_cache(dataset: Dataset, caption_columns: list[str]) -> bool:
         embedding_column(c) in dataset.column_names for c in caption_columns)
 
 
-def train_from_cli(text: Any, data: Any, clip: Any, args: LLM2CLIPTrainingArguments) -> dict[str, Any] | None:
-    """Run one training stage as the CLI describes it; return (and save) the metrics on the main process."""
+def train_from_cli(text: Any, data: Any, clip: Any, args: LLM2CLIPTrainingArguments,
+                   precision: Any = None) -> dict[str, Any] | None:
+    """Run one training stage as the CLI describes it; return (and save) the metrics on the main process.
+
+    ``precision`` (the CLI's ``--dtype`` / ``--attn-implementation``) applies to the LLM; the stage-2 cache step
+    embeds on this process's training device, every process taking its share of the shards."""
     state = PartialState()
     if args.stage != CAPTION_STAGE:
         clip.check()  # before any data is read: conflicting model options end the run at once
@@ -47,12 +51,12 @@ def train_from_cli(text: Any, data: Any, clip: Any, args: LLM2CLIPTrainingArgume
     output_dir = Path(args.output_dir)
     text_model = None
     if args.stage == CAPTION_STAGE:
-        model = text_model = text.load()
+        model = text_model = text.load(precision)
     else:
         cached = args.text_source == "cached"
         needs_text_model = clip.model is None or text.text_model is not None or (
             cached and not has_cache(train, args.caption_columns))
-        text_model = text.load() if needs_text_model else None
+        text_model = text.load(precision) if needs_text_model else None
         embed = clip.embed_text_model or not cached
         if clip.model is not None:
             model = load_clip_model(clip.model)
@@ -70,17 +74,22 @@ def train_from_cli(text: Any, data: Any, clip: Any, args: LLM2CLIPTrainingArgume
                 projection_dim=1280 if clip.projection_dim is None else clip.projection_dim, **siglip)
         if cached:
             cache_dir = Path(data.embedding_cache) if data.embedding_cache else output_dir / "_embedding_cache"
-            with state.main_process_first():  # one process writes the cache, the others reuse it
-                if not has_cache(train, args.caption_columns):
-                    # The training policy for bad captions (skip_bad_rows) applies before embedding; row indices
-                    # keep naming the rows of the given dataset.
-                    train = drop_bad_caption_rows(with_row_index(train), args.caption_columns, args.skip_bad_rows)
-                    train = precompute_text_embeddings(train, text_model, args.caption_columns, cache_dir,
-                                                       batch_size=args.per_device_eval_batch_size)
-                if evaluation is not None and not has_cache(evaluation, args.caption_columns):
-                    evaluation = precompute_text_embeddings(
-                        evaluation, text_model, args.caption_columns, cache_dir.with_name(cache_dir.name + "_eval"),
-                        batch_size=args.per_device_eval_batch_size)
+            needs_cache = [part for part in (train, evaluation) if part is not None
+                           and not has_cache(part, args.caption_columns)]
+            if needs_cache:
+                text_model.to(args.device)
+            if not has_cache(train, args.caption_columns):
+                # The training policy for bad captions (skip_bad_rows) applies before embedding; row indices keep
+                # naming the rows of the given dataset.
+                train = drop_bad_caption_rows(with_row_index(train), args.caption_columns, args.skip_bad_rows)
+                train = precompute_text_embeddings(train, text_model, args.caption_columns, cache_dir,
+                                                   batch_size=args.per_device_eval_batch_size)
+            if evaluation is not None and not has_cache(evaluation, args.caption_columns):
+                evaluation = precompute_text_embeddings(
+                    evaluation, text_model, args.caption_columns, cache_dir.with_name(cache_dir.name + "_eval"),
+                    batch_size=args.per_device_eval_batch_size)
+            if needs_cache and model.text_model is not text_model:
+                text_model.to("cpu")  # the LLM is not part of the trained model: free the accelerator for training
     if evaluation is None and data.eval_fraction > 0:
         parts = train.train_test_split(test_size=data.eval_fraction, seed=args.seed)
         train, evaluation = parts["train"], parts["test"]

@@ -1,6 +1,10 @@
 """Every `llm2clip-hf` command on tiny data in the formats users bring (jsonl, csv, parquet, imagefolder)."""
 
 import json
+import os
+import socket
+import subprocess
+import sys
 
 import pandas as pd
 import pytest
@@ -12,7 +16,7 @@ from PIL import Image
 from llm2clip_hf import LLM2CLIPModel, LLM2CLIPProcessor, LLM2CLIPTextModel
 from llm2clip_hf.cli import main
 from llm2clip_hf.testing import tiny_caption_pair_rows, tiny_image_caption_rows
-from llm2clip_hf.data import read_cache_metadata, text_model_fingerprint
+from llm2clip_hf.data import load_dataset_from_spec, read_cache_metadata, text_model_fingerprint
 
 TINY_TOWER = ["--vision-preset", "B/16", "--image-size", "32", "--patch-size", "8", "--vision-width", "64",
               "--vision-layers", "2", "--vision-heads", "2", "--projection-dim", "32"]
@@ -23,6 +27,12 @@ SPLIT = ["--seed", str(SEED), "--eval-fraction", str(EVAL_FRACTION), "--caption-
 ZERO_SHOT_TEMPLATES = ["a {}", "a {} shape"]
 # A score this close to a query's bar could rank either way between the CLI's float32 path and this one.
 TIE_TOLERANCE = 1e-5
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def run_cli(capsys, *argv):
@@ -173,13 +183,16 @@ def test_train_caption_stage_then_evaluate_the_saved_encoder(capsys, data_dir, t
     assert last_json(after)["cra"] > last_json(before)["cra"] + 20
 
 
-def test_train_clip_stage_on_imagefolder_with_several_captions_per_image(clip_model_dir):
+def test_train_clip_stage_on_imagefolder_with_several_captions_per_image(clip_model_dir, data_dir):
     metrics = json.loads((clip_model_dir / "metrics.json").read_text())
     assert metrics["eval_num_images"] == 8 and metrics["eval_num_captions"] == 24  # 3 captions per held-out image
     # The Trainer's evaluation hook, redone from the saved model on the held-out rows: the split is made from the
-    # rows as cached (_embedding_cache holds them in the order the CLI read them).
+    # rows as the CLI read them (the cache holds only their embeddings, one row per image row).
     cached = load_from_disk(str(clip_model_dir / "_embedding_cache"))
-    held_out = list(cached.train_test_split(test_size=EVAL_FRACTION, seed=SEED)["test"])
+    source = load_dataset_from_spec(str(data_dir / "images"), image_column="image")
+    assert cached.column_names == ["short_caption_llm_embedding", "long_caption_llm_embedding"]
+    assert len(cached) == len(source)
+    held_out = list(source.train_test_split(test_size=EVAL_FRACTION, seed=SEED)["test"])
     assert len(held_out) == 8
     assert_retrieval_metrics(metrics, "eval_", clip_model_dir, [row["image"] for row in held_out],
                              [[row["short_caption"], *row["long_caption"]] for row in held_out])
@@ -238,20 +251,72 @@ def test_evaluate_zero_shot_from_label_strings(capsys, clip_model_dir, data_dir)
 
 def test_embed_writes_a_cache_bound_to_the_text_model(capsys, data_dir, tiny_llm_dir, tmp_path):
     code, out, _ = run_cli(capsys, "embed", "--text-model", tiny_llm_dir, "--dataset", data_dir / "captions.csv",
-                           "--image-column", "image", "--output-dir", tmp_path / "cache")
-    assert code == 0
+                           "--image-column", "image", "--output-dir", tmp_path / "cache", "--rows-per-shard", "10")
+    assert code == 0 and last_json(out)["rows"] == 32 and last_json(out)["device"] == "cpu"
     from datasets import load_from_disk
 
     cached = load_from_disk(str(tmp_path / "cache"))
     text_model = LLM2CLIPTextModel.from_llm(tiny_llm_dir)
     assert read_cache_metadata(cached)["fingerprint"] == text_model_fingerprint(text_model)
-    expected = text_model.encode(list(cached["short_caption"]))
+    source = load_dataset_from_spec(str(data_dir / "captions.csv"))
+    expected = text_model.encode(list(source["short_caption"]))
     assert torch.allclose(torch.tensor(cached["short_caption_llm_embedding"]), expected, atol=1e-5)
-    # the cache folder trains stage 2 directly (no text model needed: it was recorded in the cache)
+    # stage 2 on the same data reuses the finished cache (nothing is recomputed) and joins it to the images
+    shards = {p: p.stat().st_mtime_ns for p in (tmp_path / "cache").glob("data-*.arrow")}
+    assert len(shards) == 4
     code, out, _ = run_cli(capsys, "train", "--stage", "clip", "--text-model", tiny_llm_dir, "--dataset",
-                           tmp_path / "cache", "--output-dir", tmp_path / "s2", "--max-steps", "2",
-                           *TINY_TOWER, *QUICK)
+                           data_dir / "captions.csv", "--embedding-cache", tmp_path / "cache",
+                           "--output-dir", tmp_path / "s2", "--max-steps", "2", *TINY_TOWER, *QUICK)
     assert code == 0
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "cache").glob("data-*.arrow")} == shards
+
+
+def test_embed_dtype_and_attention_options(capsys, data_dir, tiny_llm_dir, tmp_path):
+    code, out, _ = run_cli(capsys, "embed", "--text-model", tiny_llm_dir, "--dataset", data_dir / "pairs.jsonl",
+                           "--output-dir", tmp_path / "cache", "--dtype", "bfloat16", "--attn-implementation", "eager",
+                           "--storage-dtype", "bfloat16")
+    assert code == 0
+    from datasets import load_from_disk
+
+    from llm2clip_hf.data import embeddings_as_float32
+
+    cached = load_from_disk(str(tmp_path / "cache")).with_format("numpy")[:]
+    got = torch.from_numpy(embeddings_as_float32(cached["long_caption_llm_embedding"]))
+    reference = LLM2CLIPTextModel.from_llm(tiny_llm_dir).encode([r["long_caption"] for r in tiny_caption_pair_rows()])
+    assert (got - reference).norm() / reference.norm() < 0.03  # a bf16 LLM: close, not equal
+    assert (got - reference).abs().max() > 0  # it did run in bf16
+    code, _, err = run_cli(capsys, "embed", "--text-model", tiny_llm_dir, "--dataset", data_dir / "pairs.jsonl",
+                           "--output-dir", tmp_path / "other", "--dtype", "float64")
+    assert code == 1 and "--dtype 'float64' is not one of" in err
+
+
+def test_embed_under_accelerate_launch_splits_the_work_and_equals_one_process(capsys, data_dir, tiny_llm_dir,
+                                                                               tmp_path):
+    """Two gloo processes (`--multi_gpu` on a CPU machine is torchrun with gloo: `--cpu` would start one)."""
+    rows = [{"caption": f"{r['long_caption']} number {i}"} for i, r in enumerate(tiny_caption_pair_rows() * 3)]
+    captions = tmp_path / "captions.jsonl"
+    captions.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = ["embed", "--text-model", str(tiny_llm_dir), "--dataset", str(captions), "--caption-columns", "caption",
+            "--rows-per-shard", "8"]
+    assert main([*args, "--output-dir", str(tmp_path / "one")]) == 0
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    launched = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+         "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+         "-m", "llm2clip_hf.cli", *args, "--output-dir", str(tmp_path / "two")],
+        capture_output=True, text=True, env=env, timeout=300)
+    assert launched.returncode == 0, launched.stderr[-3000:]
+    assert last_json(launched.stdout)["processes"] == 2
+    assert last_json(launched.stdout)["cpu_threads"] == max(1, len(os.sched_getaffinity(0)) // 2)
+    from datasets import load_from_disk
+
+    one, two = (load_from_disk(str(tmp_path / name)) for name in ("one", "two"))
+    assert len(two) == len(rows) == len(one)
+    got = torch.tensor(two["caption_llm_embedding"])
+    torch.testing.assert_close(got, torch.tensor(one["caption_llm_embedding"]), atol=1e-5, rtol=1e-5)
+    text_model = LLM2CLIPTextModel.from_llm(tiny_llm_dir)
+    for index in (0, 17, len(rows) - 1):  # row order is input order
+        torch.testing.assert_close(got[index], text_model.encode([rows[index]["caption"]])[0], atol=1e-5, rtol=1e-5)
 
 
 def test_config_file_supplies_arguments_and_flags_override_it(capsys, data_dir, tiny_llm_dir, tmp_path):

@@ -1,13 +1,25 @@
-"""The embedding cache is tied to the data and to what the text encoder computes (review defects 1 and 2)."""
+"""The embedding cache: a sharded, resumable, data-parallel job whose result is tied to the data and to what the text
+encoder computes, joined to the source rows without copying them."""
 
 import copy
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
 from datasets import Dataset, load_from_disk
 
 from llm2clip_hf import LLM2CLIPTextModel
-from llm2clip_hf.data import precompute_text_embeddings, read_cache_metadata, text_model_fingerprint
+from llm2clip_hf.data import (
+    build_embedding_cache,
+    embeddings_as_float32,
+    precompute_text_embeddings,
+    read_cache_metadata,
+    text_model_fingerprint,
+)
 from llm2clip_hf.testing import tiny_caption_pair_rows
 from llm2clip_hf.trainers import LLM2CLIPTrainer, LLM2CLIPTrainingArguments
 
@@ -67,3 +79,138 @@ def test_fingerprint_ignores_bookkeeping(text_model, tmp_path):
     text_model.save_pretrained(tmp_path / "saved")
     reloaded = LLM2CLIPTextModel.from_pretrained(tmp_path / "saved")  # other name, architectures, auto_map, dtype
     assert text_model_fingerprint(reloaded) == text_model_fingerprint(text_model)
+
+
+def shard_files(folder):
+    return sorted(p.name for p in folder.glob("data-*.arrow"))
+
+
+def test_cache_is_sharded_in_row_order_apart_from_the_source_and_equals_direct_encoding(text_model, tmp_path):
+    rows = tiny_caption_pair_rows()[:10]
+    data = Dataset.from_list([  # long_caption: a list of captions per row, of varying length
+        {**r, "long_caption": [r["long_caption"]] + ([r["short_caption"] + " again"] if i % 3 == 0 else [])}
+        for i, r in enumerate(rows)])
+    folder = tmp_path / "cache"
+    joined = precompute_text_embeddings(data, text_model, CAPTIONS, output_dir=folder, rows_per_shard=3,
+                                        batch_size=2)
+    assert shard_files(folder) == [f"data-{i:05d}-of-00004.arrow" for i in range(4)]
+    cache = load_from_disk(str(folder))
+    assert cache.column_names == ["short_caption_llm_embedding", "long_caption_llm_embedding"]  # no source columns
+    assert len(cache) == 10 and joined.column_names == data.column_names + cache.column_names
+    short = torch.tensor(cache["short_caption_llm_embedding"])
+    torch.testing.assert_close(short, text_model.encode(data["short_caption"]), atol=1e-5, rtol=1e-5)
+    for row in range(10):
+        expected = text_model.encode(data[row]["long_caption"])
+        torch.testing.assert_close(torch.tensor(cache[row]["long_caption_llm_embedding"]), expected,
+                                   atol=1e-5, rtol=1e-5)
+    assert not (folder / ".locks").exists() and not list(folder.glob(".*partial*"))
+
+
+@pytest.mark.parametrize("storage_dtype, torch_dtype", [("float16", torch.float16), ("bfloat16", torch.bfloat16)])
+def test_storage_dtypes_hold_the_rounded_embeddings(text_model, tmp_path, storage_dtype, torch_dtype):
+    data = pairs(6)
+    cache = build_embedding_cache(data, text_model, CAPTIONS, tmp_path / "cache", storage_dtype=storage_dtype)
+    stored = cache.with_format("numpy")[:]["short_caption_llm_embedding"]
+    decoded = torch.from_numpy(embeddings_as_float32(stored))
+    expected = text_model.encode(data["short_caption"]).to(torch_dtype).float()
+    assert decoded.dtype == torch.float32
+    assert torch.equal(decoded.to(torch_dtype).float(), decoded)  # values of the storage type
+    # within one unit in the last place (batches differ in padding, so a value may round to the neighbour)
+    ulp = torch.finfo(torch_dtype).eps
+    torch.testing.assert_close(decoded, expected, atol=1e-6, rtol=ulp)
+    assert read_cache_metadata(cache)["storage_dtype"] == storage_dtype
+    with pytest.raises(ValueError, match="storage_dtype must be one of"):
+        build_embedding_cache(data, text_model, CAPTIONS, tmp_path / "other", storage_dtype="int8")
+
+
+SLOW_WRITER = """
+import sys, time
+from datasets import Dataset
+from llm2clip_hf import LLM2CLIPTextModel
+from llm2clip_hf.testing import tiny_caption_pair_rows
+from llm2clip_hf.data import build_embedding_cache
+model = LLM2CLIPTextModel.from_llm(sys.argv[1])
+original = model.embed_items
+def slow(items, *args, **kwargs):
+    print("SHARD", flush=True)
+    time.sleep(float(sys.argv[3]))
+    return original(items, *args, **kwargs)
+model.embed_items = slow
+data = Dataset.from_list(tiny_caption_pair_rows()[:12])
+out = build_embedding_cache(data, model, ["short_caption", "long_caption"], __import__("pathlib").Path(sys.argv[2]),
+                            rows_per_shard=2)
+print("ROWS", len(out), flush=True)
+"""
+
+
+def run_writer(script, llm_dir, folder, delay):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    return subprocess.Popen([sys.executable, str(script), str(llm_dir), str(folder), str(delay)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def test_a_killed_job_keeps_its_shards_and_a_rerun_computes_only_the_missing_ones(tiny_llm_dir, tmp_path):
+    script = tmp_path / "writer.py"
+    script.write_text(SLOW_WRITER)
+    folder = tmp_path / "cache"
+    first = run_writer(script, tiny_llm_dir, folder, 0.7)
+    deadline = time.time() + 120
+    while len(shard_files(folder)) < 2:
+        assert time.time() < deadline and first.poll() is None, first.stderr.read()[-2000:] if first.poll() else ""
+        time.sleep(0.05)
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    kept = shard_files(folder)
+    assert 2 <= len(kept) < 6 and not (folder / "state.json").exists()
+    with pytest.raises(FileNotFoundError):  # an unfinished folder is not a dataset
+        load_from_disk(str(folder))
+    second = run_writer(script, tiny_llm_dir, folder, 0.0)
+    out, err = second.communicate(timeout=120)
+    assert second.returncode == 0, err[-2000:]
+    assert out.count("SHARD") == 6 - len(kept) and "ROWS 12" in out
+    resumed = load_from_disk(str(folder))
+    fresh = build_embedding_cache(pairs(12), LLM2CLIPTextModel.from_llm(tiny_llm_dir), CAPTIONS, tmp_path / "fresh",
+                                  rows_per_shard=2)
+    for column in resumed.column_names:
+        torch.testing.assert_close(torch.tensor(resumed[column]), torch.tensor(fresh[column]), atol=1e-6, rtol=0)
+
+
+def test_processes_sharing_a_folder_split_the_shards_between_them(tiny_llm_dir, tmp_path):
+    script = tmp_path / "writer.py"
+    script.write_text(SLOW_WRITER)
+    procs = [run_writer(script, tiny_llm_dir, tmp_path / "cache", 0.5) for _ in range(2)]
+    outputs = [p.communicate(timeout=180) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outputs]
+    counts = [o[0].count("SHARD") for o in outputs]
+    assert sum(counts) == 6 and min(counts) >= 1, counts  # each shard embedded once, by one of them
+    assert all("ROWS 12" in o[0] for o in outputs)
+    cached = load_from_disk(str(tmp_path / "cache"))
+    model = LLM2CLIPTextModel.from_llm(tiny_llm_dir)
+    torch.testing.assert_close(torch.tensor(cached["long_caption_llm_embedding"]),
+                               model.encode(pairs(12)["long_caption"]), atol=1e-5, rtol=1e-5)
+
+
+def test_an_unfinished_cache_of_another_text_model_or_data_is_refused(text_model, tiny_llm_nobos_dir, tmp_path):
+    folder = tmp_path / "cache"
+    build_embedding_cache(pairs(6), text_model, CAPTIONS, folder, rows_per_shard=2)
+    (folder / "state.json").unlink()  # as if killed before the end
+    (folder / "data-00001-of-00003.arrow").unlink()
+    other = LLM2CLIPTextModel.from_llm(tiny_llm_nobos_dir)
+    with pytest.raises(ValueError, match="unfinished embedding cache of a different text model"):
+        build_embedding_cache(pairs(6), other, CAPTIONS, folder, rows_per_shard=2)
+    with pytest.raises(ValueError, match="other data"):
+        build_embedding_cache(pairs(8), text_model, CAPTIONS, folder, rows_per_shard=2)
+    assert shard_files(folder) == ["data-00000-of-00003.arrow", "data-00002-of-00003.arrow"]  # nothing lost
+    (tmp_path / "stranger").mkdir()
+    (tmp_path / "stranger" / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="is not an LLM2CLIP embedding cache"):
+        build_embedding_cache(pairs(6), text_model, CAPTIONS, tmp_path / "stranger")
+    assert len(build_embedding_cache(pairs(6), text_model, CAPTIONS, folder)) == 6  # resumes with its own shard size
+
+
+def test_a_bad_caption_is_named_before_any_shard_is_written(text_model, tmp_path):
+    rows = tiny_caption_pair_rows()[:6]
+    rows[4]["long_caption"] = "  "
+    with pytest.raises(ValueError, match=r"Row 4, column 'long_caption'"):
+        build_embedding_cache(Dataset.from_list(rows), text_model, CAPTIONS, tmp_path / "cache", rows_per_shard=2)
+    assert not shard_files(tmp_path / "cache") if (tmp_path / "cache").exists() else True

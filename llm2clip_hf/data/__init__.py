@@ -1,8 +1,12 @@
 """The data path shared by training and evaluation: opening datasets, reading images, and the embedding cache."""
 
 from .embedding_cache import (
+    STORAGE_DTYPES,
+    build_embedding_cache,
     check_embedding_cache,
     embedding_column,
+    embeddings_as_float32,
+    join_embeddings,
     precompute_text_embeddings,
     read_cache_metadata,
     text_model_fingerprint,
@@ -18,7 +22,7 @@ from .loading import (
 )
 
 __all__ = [
-    "CLIPImageTransform", "ROW_INDEX", "caption_texts", "check_embedding_cache", "drop_bad_caption_rows",
-    "embedding_column", "load_dataset_from_spec", "load_image", "precompute_text_embeddings", "read_cache_metadata",
-    "require_columns", "text_model_fingerprint", "with_row_index",
+    "CLIPImageTransform", "ROW_INDEX", "STORAGE_DTYPES", "build_embedding_cache", "caption_texts",
+    "check_embedding_cache", "drop_bad_caption_rows", "embedding_column", "embeddings_as_float32", "join_embeddings",
+    "load_dataset_from_spec", "load_image", "precompute_text_embeddings", "read_cache_metadata", "require_columns", "text_model_fingerprint", "with_row_index",
 ]

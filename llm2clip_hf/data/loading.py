@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import datasets
 from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
@@ -109,15 +110,27 @@ def caption_texts(dataset: Dataset, caption_columns: Sequence[str]) -> tuple[lis
     columns = [dataset[c] for c in caption_columns]
     for row, cells in enumerate(zip(*columns)):
         for column, cell in zip(caption_columns, cells):
-            for text in (cell if isinstance(cell, (list, tuple)) else [cell]):
-                if not isinstance(text, str) or not text.strip():
-                    raise ValueError(
-                        f"Row {row}, column {column!r}: the caption is {text!r}, not a non-empty string. Fix or drop "
-                        "that row (e.g. dataset.filter(...)) before embedding or evaluating."
-                    )
-                texts.append(text)
-                rows.append(row)
+            cell_texts, _ = flatten_captions([cell], column, first_row=row)
+            texts += cell_texts
+            rows += [row] * len(cell_texts)
     return texts, rows
+
+
+def flatten_captions(cells: Sequence[Any], column: str, first_row: int = 0) -> tuple[list[str], list[int]]:
+    """The captions of consecutive cells of one column (each one string or a list of strings) and, for each, the
+    position of its cell; a missing, empty or non-string caption raises a ``ValueError`` naming its row."""
+    texts: list[str] = []
+    owners: list[int] = []
+    for offset, cell in enumerate(cells):
+        for text in (cell if isinstance(cell, (list, tuple)) else [cell]):
+            if not isinstance(text, str) or not text.strip():
+                raise ValueError(
+                    f"Row {first_row + offset}, column {column!r}: the caption is {text!r}, not a non-empty string. "
+                    "Fix or drop that row (e.g. dataset.filter(...)) before embedding or evaluating."
+                )
+            texts.append(text)
+            owners.append(offset)
+    return texts, owners
 
 
 def with_row_index(dataset: Dataset) -> Dataset:

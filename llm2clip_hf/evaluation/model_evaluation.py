@@ -13,7 +13,15 @@ import torch
 from datasets import Dataset
 from transformers.utils import logging as hf_logging
 
-from ..data import caption_texts, check_embedding_cache, embedding_column, load_image, read_cache_metadata, require_columns
+from ..data import (
+    caption_texts,
+    check_embedding_cache,
+    embedding_column,
+    embeddings_as_float32,
+    load_image,
+    read_cache_metadata,
+    require_columns,
+)
 from ..modeling import LLM2CLIPModel, LLM2CLIPTextModel
 from ..modeling.processing_llm2clip import image_processor_for
 from .caption_retrieval import caption_retrieval_metrics
@@ -78,9 +86,10 @@ def cached_llm_embeddings(dataset: Dataset, caption_columns: Sequence[str], mode
         return None
     check_embedding_cache(dataset, caption_columns, model.config.text_model_fingerprint, model.config.text_embedding_dim)
     vectors = []
-    for cells in zip(*[dataset[embedding_column(c)] for c in caption_columns]):
+    columns = dataset.select_columns([embedding_column(c) for c in caption_columns]).with_format("numpy")
+    for cells in zip(*[columns[embedding_column(c)] for c in caption_columns]):
         for cell in cells:
-            array = np.asarray(cell, dtype=np.float32)
+            array = embeddings_as_float32(cell)
             vectors.extend(array if array.ndim == 2 else [array])
     return torch.from_numpy(np.stack(vectors))
 

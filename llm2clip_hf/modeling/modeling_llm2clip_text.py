@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -207,22 +207,40 @@ class LLM2CLIPTextModel(PreTrainedModel):
         """
         if isinstance(texts, str):
             texts = [texts]
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be positive, got {batch_size}.")
         items = self.tokenize_items(texts, instruction)
         self.warn_truncation(sum(item.truncated for item in items), len(items))
-        order = sorted(range(len(items)), key=lambda i: -len(items[i].input_ids))
         if show_progress_bar is None:
             show_progress_bar = hf_logging.is_progress_bar_enabled() and len(items) > batch_size
+        with hf_logging.tqdm(total=len(items), desc="Encoding", unit="texts", disable=not show_progress_bar) as bar:
+            return self.embed_items(items, batch_size, progress=bar.update)
+
+    @torch.no_grad()
+    def embed_items(
+        self,
+        items: Sequence[TokenizedText],
+        batch_size: int = 32,
+        progress: Callable[[int], Any] | None = None,
+    ) -> torch.FloatTensor:
+        """Embeddings of tokenized texts (:meth:`tokenize_items`): float32 CPU tensor in input order.
+
+        Items are sorted by length so that each batch pads little; ``progress`` is called with the size of each
+        finished batch.
+        """
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be positive, got {batch_size}.")
+        order = sorted(range(len(items)), key=lambda i: -len(items[i].input_ids))
         was_training = self.training
         self.eval()
         embeddings = torch.empty((len(items), self.config.hidden_size), dtype=torch.float32)
-        starts = range(0, len(order), batch_size)
-        for start in hf_logging.tqdm(starts, desc="Encoding", unit="batch", disable=not show_progress_bar):
-            rows = order[start:start + batch_size]
-            batch = collate_left_padded([items[i] for i in rows], self.tokenizer.pad_token_id, self.device)
-            embeddings[rows] = self(**batch).text_embeds.float().cpu()
-        self.train(was_training)
+        try:
+            for start in range(0, len(order), batch_size):
+                rows = order[start:start + batch_size]
+                batch = collate_left_padded([items[i] for i in rows], self.tokenizer.pad_token_id, self.device)
+                embeddings[rows] = self(**batch).text_embeds.float().cpu()
+                if progress is not None:
+                    progress(len(rows))
+        finally:
+            self.train(was_training)
         return embeddings
 
     def retokenize(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> dict[str, torch.Tensor]:

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from transformers.utils import logging as hf_logging
 
-from ..data import ROW_INDEX, CLIPImageTransform, embedding_column
+from ..data import ROW_INDEX, CLIPImageTransform, embedding_column, embeddings_as_float32
 from ..modeling import LLM2CLIPTextModel
 from ..modeling.caption_tokenization import collate_left_padded
 from .data_statistics import BATCH_STATISTICS, batch_statistics
@@ -65,7 +65,7 @@ class CLIPCollator:
         if self.text_model is None:
             vectors = [_one_of(row[embedding_column(column)], rng, is_vector=True) for (row, column), rng in
                        zip(chosen, rngs)]
-            batch["llm_embeddings"] = torch.from_numpy(np.stack(vectors))
+            batch["llm_embeddings"] = torch.from_numpy(embeddings_as_float32(np.stack(vectors)))
         else:
             items = self.text_model.tokenize_items([_one_of(row[column], rng) for (row, column), rng in
                                                     zip(chosen, rngs)])
@@ -84,11 +84,13 @@ class CLIPCollator:
 
 
 def _one_of(value: Any, rng: np.random.Generator, is_vector: bool = False) -> Any:
-    """The cell itself, or one random element when the cell holds several captions (or their embeddings)."""
-    array_like = isinstance(value, (list, tuple, np.ndarray))
-    several = (array_like and len(value) > 0 and isinstance(value[0], (list, tuple, np.ndarray))) if is_vector \
-        else array_like
-    if not several:
-        return np.asarray(value, dtype=np.float32) if is_vector else value
-    choice = value[int(rng.integers(len(value)))]
-    return np.asarray(choice, dtype=np.float32) if is_vector else choice
+    """The cell itself, or one random element when the cell holds several captions (or their embeddings: numpy
+    arrays under the trainer's numpy format, lists otherwise)."""
+    if is_vector:
+        array = np.asarray(value)
+        if array.dtype == object or array.ndim == 2:  # several vectors (of one row)
+            return np.asarray(array[int(rng.integers(len(array)))])
+        return array
+    if not isinstance(value, (list, tuple, np.ndarray)):
+        return value
+    return value[int(rng.integers(len(value)))]
