@@ -37,6 +37,12 @@ class LLM2CLIPOutput(ModelOutput):
         text_embeds / image_embeds: L2-normalised joint-space embeddings.
         text_model_output: output of the embedded text encoder, when it ran.
         vision_model_output: output of the vision tower, when it ran.
+        logit_scale: the model's ``logit_scale`` (log of the scale) as this forward used it.
+        logit_bias: SigLIP's ``logit_bias`` as this forward used it, or ``None``.
+
+    ``logit_scale`` / ``logit_bias`` are copies taken inside ``forward`` that keep the gradient to the parameters:
+    a loss computed outside the model should take them from here, as a sharding wrapper (FSDP, DeepSpeed ZeRO-3)
+    frees the parameters' gathered values once ``forward`` returns.
     """
 
     loss: torch.FloatTensor | None = None
@@ -46,6 +52,8 @@ class LLM2CLIPOutput(ModelOutput):
     image_embeds: torch.FloatTensor | None = None
     text_model_output: LLM2CLIPTextOutput | None = None
     vision_model_output: Any = None
+    logit_scale: torch.FloatTensor | None = None
+    logit_bias: torch.FloatTensor | None = None
 
     def to_tuple(self) -> tuple[Any, ...]:
         return tuple(v.to_tuple() if isinstance(v, ModelOutput) else v for v in self.values())
@@ -59,8 +67,6 @@ class LLM2CLIPPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _supports_sdpa = True
     _supports_flash_attn = True
-    _no_split_modules = ["EVA02Block", "CLIPEncoderLayer", "SiglipEncoderLayer", "LlamaDecoderLayer",
-                         "MistralDecoderLayer", "Qwen2DecoderLayer"]
 
     def _init_weights(self, module: nn.Module) -> None:
         # The vision tower is a PreTrainedModel of its own: transformers initialises it with its own _init_weights.
@@ -93,6 +99,16 @@ def build_vision_tower(vision_config) -> nn.Module:
     return tower_class._from_config(vision_config)
 
 
+def present_no_split_modules(model: nn.Module) -> set[str]:
+    """The ``_no_split_modules`` of ``model``'s sub-models (the LLM's decoder layer, the vision tower's block, ...)
+    that name a class ``model`` contains: accelerate's FSDP auto-wrap fails on a listed class it cannot find (a
+    ``CLIPVisionModel`` lists ``CLIPTextEmbeddings``), and ``device_map="auto"`` keeps each such module whole."""
+    present = {type(module).__name__ for module in model.modules()}
+    listed = {name for module in model.modules() if module is not model and isinstance(module, PreTrainedModel)
+              for name in getattr(module, "_no_split_modules", None) or ()}
+    return listed & present
+
+
 class LLM2CLIPModel(LLM2CLIPPreTrainedModel):
     """CLIP whose text side is an LLM: a vision tower (+ ``visual_projection``, unless the family has none) for
     images, ``text_adapter`` for texts.
@@ -121,6 +137,7 @@ class LLM2CLIPModel(LLM2CLIPPreTrainedModel):
         self.logit_bias = None if config.logit_bias_init_value is None else nn.Parameter(
             torch.tensor(float(config.logit_bias_init_value)))
         self.post_init()
+        self._no_split_modules = present_no_split_modules(self)
 
     @classmethod
     def from_text_model(
@@ -147,6 +164,10 @@ class LLM2CLIPModel(LLM2CLIPPreTrainedModel):
             model.text_model.load_state_dict(text_model.state_dict())
             model.text_model.tokenizer = text_model.tokenizer
         return model.to(next(text_model.parameters()).device)
+
+    def get_input_embeddings(self) -> nn.Module | None:
+        """The embedded LLM's token embedding, or ``None`` without one (accelerate's FSDP2 asks for it)."""
+        return self.text_model.get_input_embeddings() if self.text_model is not None else None
 
     # ------------------------------------------------------------------------------------------- features
     def get_image_features(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
@@ -236,7 +257,8 @@ class LLM2CLIPModel(LLM2CLIPPreTrainedModel):
         output = LLM2CLIPOutput(
             loss=loss, logits_per_image=logits_per_image, logits_per_text=logits_per_image.t(),
             text_embeds=text_embeds, image_embeds=image_embeds, text_model_output=text_output,
-            vision_model_output=vision_output,
+            vision_model_output=vision_output, logit_scale=self.logit_scale.clone(),
+            logit_bias=None if self.logit_bias is None else self.logit_bias.clone(),
         )
         return output if return_dict else output.to_tuple()
 
