@@ -14,7 +14,8 @@ words) and a random Llama of width 512 with one layer.
    PNG images): embeddings read as Python lists (before) against the numpy format the trainer now sets (after),
    median of interleaved repeats.
 
-Full run: N = 20,000 (so 200,000 for the large figures). ``--quick``: N = 2,000, smaller collator rows.
+Full run: N = 20,000 (so 200,000 for the large figures), shards of 4096 rows. ``--quick``: N = 300, shards of 256
+rows.
 """
 
 from __future__ import annotations
@@ -46,10 +47,10 @@ def write_captions(path: Path, rows: int) -> Path:
     return path
 
 
-def run_embed(llm: Path, captions: Path, output: Path, processes: int = 1) -> tuple[float, int]:
+def run_embed(llm: Path, captions: Path, output: Path, rows_per_shard: int, processes: int = 1) -> tuple[float, int]:
     """Seconds and peak KiB (largest process) of one ``llm2clip-hf embed`` run."""
     embed = [sys.executable, "-m", "llm2clip_hf.cli", "embed", "--text-model", str(llm), "--dataset", str(captions),
-             "--caption-columns", "caption", "--output-dir", str(output)]
+             "--caption-columns", "caption", "--output-dir", str(output), "--rows-per-shard", str(rows_per_shard)]
     if processes > 1:
         # --multi_gpu on a machine without GPUs is torchrun with gloo (--cpu would start a single process)
         embed = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
@@ -98,15 +99,15 @@ def collator_seconds(repeats: int, dim: int = 4096) -> dict[str, float]:
 
 def main() -> None:
     args = bench.build_parser(__doc__).parse_args()
-    base_rows = 2_000 if args.quick else 20_000
+    base_rows, rows_per_shard = (300, 256) if args.quick else (20_000, 4096)
     work = bench.scratch_dir()
     llm = bench.tiny_llm_dir(hidden_size=512, num_hidden_layers=1, num_attention_heads=8)
     small = write_captions(work / "small.jsonl", base_rows)
     large = write_captions(work / "large.jsonl", 10 * base_rows)
 
-    _, small_peak = run_embed(llm, small, work / "small_cache")
-    one_seconds, large_peak = run_embed(llm, large, work / "large_cache_1")
-    two_seconds, _ = run_embed(llm, large, work / "large_cache_2", processes=2)
+    _, small_peak = run_embed(llm, small, work / "small_cache", rows_per_shard)
+    one_seconds, large_peak = run_embed(llm, large, work / "large_cache_1", rows_per_shard)
+    two_seconds, _ = run_embed(llm, large, work / "large_cache_2", rows_per_shard, processes=2)
 
     from datasets import load_from_disk
     import numpy as np
@@ -127,12 +128,12 @@ def main() -> None:
     time_ratio = two_seconds / one_seconds
     collator_speedup = collator["before (lists)"] / collator["after (numpy)"]
     print(f"embeddings of 2 processes vs 1: max |difference| / max |value| = {difference:.2e}")
-    bench.print_ratio(bench.ratio_text("peak RSS at 10x captions / 1x", memory_ratio, 1.2, higher_is_better=False,
-                                       quick=args.quick))
-    bench.print_ratio(bench.ratio_text("wall time 2 processes / 1 process", time_ratio, 1.2, higher_is_better=False,
-                                       quick=args.quick))
-    bench.print_ratio(bench.ratio_text("collator lists / numpy", collator_speedup, 1.0, quick=args.quick))
-    bench.write_json(args.output, {"rows": base_rows, "peak_kib": [small_peak, large_peak],
+    bench.print_ratio("; ".join([
+        bench.ratio_text("peak RSS at 10x captions / 1x", memory_ratio, 1.2, higher_is_better=False, quick=args.quick),
+        bench.ratio_text("wall time 2 processes / 1 process", time_ratio, 1.2, higher_is_better=False,
+                         quick=args.quick),
+        bench.ratio_text("collator lists / numpy", collator_speedup, 1.0, quick=args.quick)]))
+    bench.write_json(args.output, {"quick": args.quick, "rows": base_rows, "peak_kib": [small_peak, large_peak],
                                    "seconds": [one_seconds, two_seconds], "memory_ratio": memory_ratio,
                                    "time_ratio": time_ratio, "relative_difference": difference,
                                    "collator_seconds": collator})

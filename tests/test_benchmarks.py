@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-SCRIPTS = ["stage2_throughput.py", "eva02_speed.py", "encode_speed.py", "trainer_overhead.py", "scaling.py"]
+SCRIPTS = ["stage2_throughput.py", "eva02_speed.py", "encode_speed.py", "trainer_overhead.py", "scaling.py",
+           "embedding_cache.py", "stream_vs_map.py"]
 
 
 def test_every_script_is_covered():

@@ -26,3 +26,18 @@ __all__ = [
     "check_embedding_cache", "drop_bad_caption_rows", "embedding_column", "embeddings_as_float32", "join_embeddings",
     "load_dataset_from_spec", "load_image", "precompute_text_embeddings", "read_cache_metadata", "require_columns", "text_model_fingerprint", "with_row_index",
 ]
+
+from .streaming import (  # noqa: E402 - streams of stage 2 (docs/streaming.md)
+    KEY_COLUMN,
+    KeyIndex,
+    drop_bad_stream_caption_rows,
+    join_stream_embeddings,
+    key_hashes,
+    training_stream,
+    with_key_row_index,
+)
+
+__all__ += [
+    "KEY_COLUMN", "KeyIndex", "drop_bad_stream_caption_rows", "join_stream_embeddings", "key_hashes",
+    "training_stream", "with_key_row_index",
+]

@@ -9,10 +9,13 @@ import os
 from typing import Any
 
 import torch
+from accelerate.data_loader import prepare_data_loader
 from datasets import Dataset
 from peft import LoraConfig, PeftModel, get_peft_model, inject_adapter_in_model
 from torch import nn
+from torch.distributed.tensor import DTensor
 from transformers import Trainer, TrainerCallback
+from transformers.trainer_utils import has_length
 from transformers.utils import logging as hf_logging
 
 import datasets as hf_datasets
@@ -22,18 +25,22 @@ from ..data import (
     CLIPImageTransform,
     check_embedding_cache,
     drop_bad_caption_rows,
+    drop_bad_stream_caption_rows,
+    embedding_column,
     require_columns,
     text_model_fingerprint,
+    training_stream,
+    with_key_row_index,
     with_row_index,
 )
 from ..evaluation import evaluate_caption_retrieval, evaluate_retrieval
-from ..lora import merged_state_dict, unwrap_peft
-from ..modeling import LLM2CLIPModel, LLM2CLIPTextModel
+from ..lora import merge_lora_state_dict, merged_state_dict, unwrap_peft
+from ..modeling import LLM2CLIPModel, LLM2CLIPOutput, LLM2CLIPTextModel
 from .caption_pairs import QUERY, CaptionPairCollator, build_caption_pairs
 from .clip_data import CLIPCollator
 from .data_statistics import BATCH_STATISTICS, DataStatistics
 from .distributed import average_gradients
-from .epoch_sampling import EpochTaggedDataset, EpochTaggedSampler
+from .epoch_sampling import EPOCH, EpochTaggedDataset, EpochTaggedSampler
 from .grad_cache import grad_cache_backward
 from .layer_decay import layer_decay_parameter_groups
 from .losses import CaptionContrastiveLoss, CLIPContrastiveLoss, SigLIPContrastiveLoss
@@ -45,14 +52,32 @@ logger = hf_logging.get_logger(__name__)
 
 
 class LogitScaleClampCallback(TrainerCallback):
-    """Clamp ``logit_scale`` to ``[0, max_value]`` right after every optimizer step, as the official training does."""
+    """Clamp ``logit_scale`` to ``[0, max_value]`` right after every optimizer step, as the official training does.
 
-    def __init__(self, model: LLM2CLIPModel, max_value: float) -> None:
-        self.model, self.max_value = model, max_value
+    It clamps what the optimizer updates: the parameter of the model as the trainer wrapped it (DDP's module; under
+    FSDP the view of this process's shard, or an FSDP2 parameter's local shard) and, under DeepSpeed, also the
+    float32 master copy, from which DeepSpeed rewrites the parameter at the next step.
+    """
+
+    def __init__(self, trainer: Trainer, max_value: float) -> None:
+        self.trainer, self.max_value = trainer, max_value
 
     def on_optimizer_step(self, args, state, control, **kwargs):
+        trainer = self.trainer
+        parameter = trainer.accelerator.unwrap_model(trainer.model_wrapped).logit_scale
+        if not isinstance(parameter, nn.Parameter):
+            raise RuntimeError(
+                "logit_scale is not a parameter of the wrapped model, so the optimizer's copy cannot be clamped. "
+                "Under FSDP (version 1) keep fsdp_use_orig_params: true (accelerate's default)."
+            )
         with torch.no_grad():
-            self.model.logit_scale.clamp_(0.0, self.max_value)
+            (parameter.to_local() if isinstance(parameter, DTensor) else parameter).clamp_(0.0, self.max_value)
+        if trainer.is_deepspeed_enabled:
+            from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
+
+            master = safe_get_full_fp32_param(parameter)  # collective: every process calls it
+            if master is not None:
+                safe_set_full_fp32_param(parameter, master.clamp(0.0, self.max_value))
 
 
 class EpochCallback(TrainerCallback):
@@ -125,7 +150,7 @@ class LLM2CLIPTrainer(Trainer):
                 loss = loss or SigLIPContrastiveLoss(world_size=args.world_size, rank=args.process_index)
             else:
                 loss = loss or CLIPContrastiveLoss(world_size=args.world_size, rank=args.process_index)
-            callbacks.append(LogitScaleClampCallback(model, args.logit_scale_max))
+            callbacks.append(LogitScaleClampCallback(self, args.logit_scale_max))
         # Training applies the bad-row policy; evaluation never drops a row.
         self._prepare_dataset = prepare
         train_dataset = prepare(train_dataset, args.skip_bad_rows) if train_dataset is not None else None
@@ -192,16 +217,23 @@ class LLM2CLIPTrainer(Trainer):
             model.config.text_model_fingerprint = metadata["fingerprint"]
             model.config.text_model_name_or_path = metadata.get("text_model") or model.config.text_model_name_or_path
 
-        def prepare(dataset: Dataset, skip: bool) -> Dataset:
+        def prepare(dataset: Dataset | hf_datasets.IterableDataset,
+                    skip: bool) -> Dataset | hf_datasets.IterableDataset:
+            # A stream's rows are named by the hash of their key and its bad captions dropped as they are read.
+            stream = isinstance(dataset, hf_datasets.IterableDataset)
+            dataset = with_key_row_index(dataset) if stream else with_row_index(dataset)
             require_columns(dataset, [args.image_column], "CLIP training")
-            dataset = with_row_index(dataset)
             if in_loop:
-                dataset = drop_bad_caption_rows(dataset, args.caption_columns, skip)
+                drop_bad_rows = drop_bad_stream_caption_rows if stream else drop_bad_caption_rows
+                dataset = drop_bad_rows(dataset, args.caption_columns, skip)
             else:
                 check_cache(dataset)
             if isinstance(dataset.features[args.image_column], hf_datasets.Image):
                 # decode in the collator, where an unreadable image can be skipped or named
                 dataset = dataset.cast_column(args.image_column, hf_datasets.Image(decode=False))
+            if not in_loop and not stream:  # cached vectors as numpy arrays, not one Python float per value
+                dataset = dataset.with_format("numpy", columns=[embedding_column(c) for c in args.caption_columns],
+                                              output_all_columns=True)
             return dataset
 
         def collator(augment: bool, skip_bad_rows: bool) -> CLIPCollator:
@@ -218,9 +250,27 @@ class LLM2CLIPTrainer(Trainer):
     # --------------------------------------------------------------------------------------------- data
     def _get_dataloader(self, dataset, description, batch_size, sampler_fn=None, is_training=False,
                         dataloader_key=None):
-        """The Trainer's DataLoader, with two changes. Training reads ``(epoch, row)`` keys from
-        :class:`EpochTaggedSampler` (so per-epoch draws reach DataLoader workers); evaluation uses the evaluation
-        collator."""
+        """The Trainer's DataLoader, with three changes. Training reads ``(epoch, row)`` keys from
+        :class:`EpochTaggedSampler` (so per-epoch draws reach DataLoader workers), or a stream
+        (``datasets.IterableDataset``) of which each process reads its own part, rows tagged with the epoch (see
+        :func:`~llm2clip_hf.data.training_stream`); evaluation uses the evaluation collator."""
+        if is_training and isinstance(dataset, hf_datasets.IterableDataset):
+            # Accelerate would read the whole stream on the main process and send the batches (dispatch_batches,
+            # its default for streams) or split it again: the split stream is prepared as a one-process loader,
+            # which only moves the batches to this process's device.
+            args = self.args
+            stream = training_stream(dataset, args.seed, args.process_index, args.world_size, EPOCH,
+                                     shuffle=args.train_sampling_strategy == "random")
+            loader = torch.utils.data.DataLoader(
+                stream, batch_size=batch_size, collate_fn=self.data_collator, drop_last=args.dataloader_drop_last,
+                num_workers=args.dataloader_num_workers, pin_memory=args.dataloader_pin_memory,
+                persistent_workers=args.dataloader_persistent_workers, in_order=args.dataloader_in_order,
+                multiprocessing_context=args.dataloader_multiprocessing_context,
+                prefetch_factor=args.dataloader_prefetch_factor,
+            )
+            return prepare_data_loader(loader, self.accelerator.device, num_processes=1, process_index=0,
+                                       put_on_device=self.accelerator.device_placement, dispatch_batches=False,
+                                       non_blocking=self.accelerator.non_blocking)
         train_collator = self.data_collator
         if is_training and not isinstance(dataset, torch.utils.data.IterableDataset):
             self._train_sampler.num_rows = len(dataset)
@@ -245,13 +295,13 @@ class LLM2CLIPTrainer(Trainer):
             loss = self.loss(embeddings["query"], embeddings["positive"], embeddings.get("negative"))
             return (loss, embeddings) if return_outputs else loss
         outputs = model(**inputs)
-        loss = self.loss(outputs.image_embeds, outputs.text_embeds,
-                         *self._logit_parameters(self.accelerator.unwrap_model(model)))
+        loss = self.loss(outputs.image_embeds, outputs.text_embeds, *self._logit_parameters(outputs))
         return (loss, outputs) if return_outputs else loss
 
-    def _logit_parameters(self, model: LLM2CLIPModel) -> tuple[torch.Tensor, ...]:
-        """What the stage-2 loss takes besides the embeddings: ``logit_scale``, and SigLIP's ``logit_bias``."""
-        return (model.logit_scale, model.logit_bias) if self.args.loss_type == "siglip" else (model.logit_scale,)
+    def _logit_parameters(self, source: LLM2CLIPModel | LLM2CLIPOutput) -> tuple[torch.Tensor, ...]:
+        """What the stage-2 loss takes besides the embeddings: ``logit_scale``, and SigLIP's ``logit_bias``; from
+        the model's output (a sharded model's parameters are whole only inside ``forward``) or the model itself."""
+        return (source.logit_scale, source.logit_bias) if self.args.loss_type == "siglip" else (source.logit_scale,)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         """The Trainer's step, or with ``gradcache_chunk_size`` a GradCache step: the exact gradient of the loss
@@ -378,14 +428,23 @@ class LLM2CLIPTrainer(Trainer):
         finally:
             self._saving_checkpoint = False
 
-    def _save(self, output_dir: str | None = None, state_dict=None):
-        """Checkpoints: the Trainer's own format (LoRA adapter + optimizer). Final saves: the merged model."""
+    def _save(self, output_dir: str | None = None, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+        """Checkpoints: the Trainer's own format (LoRA adapter + optimizer). Final saves: the merged model, from the
+        ``state_dict`` the Trainer consolidates under FSDP / DeepSpeed (the model then holds only shards), else from
+        the model. Only the process that saves (``args.should_save``) writes anything."""
         if self._saving_checkpoint:
             return super()._save(output_dir, state_dict)
+        if not self.args.should_save:
+            return
         output_dir = output_dir or self.args.output_dir
         os.makedirs(output_dir, exist_ok=True)
         base = self._base_model()
-        base.save_pretrained(output_dir, state_dict=merged_state_dict(base), safe_serialization=True)
+        if state_dict is None:
+            weights = merged_state_dict(base)
+        else:  # the trained model's keys; under PEFT (stage 1) the base model's follow "base_model.model."
+            prefix = "base_model.model." if isinstance(self.accelerator.unwrap_model(self.model), PeftModel) else ""
+            weights = merge_lora_state_dict({k.removeprefix(prefix): v for k, v in state_dict.items()}, base)
+        base.save_pretrained(output_dir, state_dict=weights, safe_serialization=True)
         torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
         self._write_model_card(output_dir)
 
@@ -409,7 +468,7 @@ class LLM2CLIPTrainer(Trainer):
         card = build_model_card(
             repo=model_name or getattr(self, "hub_model_id", None) or os.path.basename(os.path.abspath(output_dir)),
             args=self.args, base_models=base_models, datasets=datasets,
-            num_train_examples=len(self.train_dataset) if self.train_dataset is not None else None,
+            num_train_examples=len(self.train_dataset) if has_length(self.train_dataset) else None,
             metrics=metrics, world_size=self.args.world_size,
         )
         with open(os.path.join(output_dir, "README.md"), "w", encoding="utf-8") as handle:
