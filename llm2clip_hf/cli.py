@@ -149,6 +149,9 @@ class EmbedArguments:
         "help": "float32 | float16 | bfloat16 (stored as uint16 bit patterns; the trainer decodes them)."})
     rows_per_shard: int = field(default=4096, metadata={
         "help": "Rows per Arrow shard: the unit of work, of memory per process and of resumption."})
+    key_column: str | None = field(default=None, metadata={
+        "help": "Copy this column (e.g. webdataset's __key__) into the cache, so that `train --streaming` can join "
+                "the embeddings to streamed rows by key."})
     cpu_threads: int | None = field(default=None, metadata={
         "help": "Threads per process when embedding on the CPU. Default: the cores this process may use divided by "
                 "the processes on this machine. (`accelerate launch --cpu --num_processes N` starts ONE process with "
@@ -167,6 +170,12 @@ class TrainDataArguments:
     max_samples: int | None = field(default=None, metadata={"help": "Use only the first N training rows."})
     embedding_cache: str | None = field(default=None, metadata={
         "help": "Folder of the stage-2 embedding cache (default: OUTPUT_DIR/_embedding_cache, not pushed to the Hub)."})
+    streaming: bool = field(default=False, metadata={
+        "help": "Stage 2: read --dataset as a stream (parquet / webdataset shards, local or Hub), each process its "
+                "own shards; needs --max-steps, and with cached embeddings a finished --embedding-cache made by "
+                "`embed --key-column` (joined by --key-column). See docs/streaming.md for resuming."})
+    key_column: str = field(default="__key__", metadata={
+        "help": "Column naming each streamed row (webdataset: __key__): seeds its draws and joins its embeddings."})
 
 
 @dataclass
@@ -283,7 +292,7 @@ def run_embed(text: TextModelArguments, data: DatasetArguments, columns: ColumnA
     # Every process embeds the shards it claims; all return once the folder is complete.
     cached = build_embedding_cache(dataset, text_model, columns.caption_columns, Path(args.output_dir),
                                    batch_size=args.batch_size, storage_dtype=args.storage_dtype,
-                                   rows_per_shard=args.rows_per_shard)
+                                   rows_per_shard=args.rows_per_shard, key_column=args.key_column)
     if not state.is_main_process:
         return None
     return {"output_dir": args.output_dir, "rows": len(cached), "processes": state.num_processes,

@@ -8,11 +8,12 @@ from pathlib import Path
 from typing import Any
 
 from accelerate import PartialState
-from datasets import Dataset
+from datasets import Dataset, load_from_disk
 
 from .data import (
     drop_bad_caption_rows,
     embedding_column,
+    join_stream_embeddings,
     load_dataset_from_spec,
     precompute_text_embeddings,
     read_cache_metadata,
@@ -31,6 +32,39 @@ def has_cache(dataset: Dataset, caption_columns: list[str]) -> bool:
         embedding_column(c) in dataset.column_names for c in caption_columns)
 
 
+def check_streaming_options(data: Any, args: LLM2CLIPTrainingArguments) -> None:
+    """Streams train stage 2 for a set number of steps from a finished cache; say what is missing otherwise."""
+    problems = []
+    if args.stage == CAPTION_STAGE:
+        problems.append("--streaming is for stage 2 (--stage clip)")
+    if args.max_steps is None or args.max_steps <= 0:
+        problems.append("a stream has no length: give --max-steps")
+    if data.eval_fraction > 0 or data.eval_dataset or data.eval_split:
+        problems.append("evaluation during a streamed run is not supported: evaluate the saved model with "
+                        "`llm2clip-hf evaluate`")
+    if args.text_source == "cached" and not data.embedding_cache:
+        problems.append("cached embeddings of a stream come from a finished --embedding-cache made by "
+                        "`llm2clip-hf embed --key-column KEY` on the same rows")
+    if problems:
+        raise ValueError("--streaming: " + "; ".join(problems) + ".")
+    if args.text_source == "cached":
+        load_stream_cache(data)  # before any data is read
+
+
+def load_stream_cache(data: Any) -> Dataset:
+    """The finished cache that a stream joins by key."""
+    folder = Path(data.embedding_cache)
+    if not (folder / "state.json").is_file():
+        raise ValueError(f"--embedding-cache {folder} is not a finished embedding cache. Make it first: llm2clip-hf "
+                         f"embed --dataset <the same rows, map-style> --key-column {data.key_column} "
+                         f"--output-dir {folder}.")
+    cache = load_from_disk(str(folder))
+    if not (read_cache_metadata(cache) or {}).get("key_column"):
+        raise ValueError(f"The embedding cache {folder} has no key column to join a stream by; remake it with "
+                         f"`llm2clip-hf embed --key-column {data.key_column}`.")
+    return cache
+
+
 def train_from_cli(text: Any, data: Any, clip: Any, args: LLM2CLIPTrainingArguments,
                    precision: Any = None) -> dict[str, Any] | None:
     """Run one training stage as the CLI describes it; return (and save) the metrics on the main process.
@@ -41,9 +75,12 @@ def train_from_cli(text: Any, data: Any, clip: Any, args: LLM2CLIPTrainingArgume
     if args.stage != CAPTION_STAGE:
         clip.check()  # before any data is read: conflicting model options end the run at once
     image_column = args.image_column if args.stage != CAPTION_STAGE else None
-    train = load_dataset_from_spec(data.dataset, data.split, image_column)
+    if data.streaming:
+        check_streaming_options(data, args)
+    train = load_dataset_from_spec(data.dataset, data.split, image_column, streaming=data.streaming)
     if data.max_samples:
-        train = train.select(range(min(data.max_samples, len(train))))
+        train = train.take(data.max_samples) if data.streaming else train.select(range(min(data.max_samples,
+                                                                                                 len(train))))
     evaluation = None
     if data.eval_dataset or data.eval_split:
         evaluation = load_dataset_from_spec(data.eval_dataset or data.dataset, data.eval_split or data.split,
@@ -55,7 +92,7 @@ def train_from_cli(text: Any, data: Any, clip: Any, args: LLM2CLIPTrainingArgume
     else:
         cached = args.text_source == "cached"
         needs_text_model = clip.model is None or text.text_model is not None or (
-            cached and not has_cache(train, args.caption_columns))
+            cached and not data.streaming and not has_cache(train, args.caption_columns))
         text_model = text.load(precision) if needs_text_model else None
         embed = clip.embed_text_model or not cached
         if clip.model is not None:
@@ -72,7 +109,11 @@ def train_from_cli(text: Any, data: Any, clip: Any, args: LLM2CLIPTrainingArgume
             model = LLM2CLIPModel.from_text_model(
                 text_model, clip.vision_config(), embed_text_model=embed,
                 projection_dim=1280 if clip.projection_dim is None else clip.projection_dim, **siglip)
-        if cached:
+        if cached and data.streaming:
+            cache = load_stream_cache(data)
+            train = join_stream_embeddings(train, cache, key_column=data.key_column,
+                                           cache_key_column=read_cache_metadata(cache)["key_column"])
+        elif cached:
             cache_dir = Path(data.embedding_cache) if data.embedding_cache else output_dir / "_embedding_cache"
             needs_cache = [part for part in (train, evaluation) if part is not None
                            and not has_cache(part, args.caption_columns)]

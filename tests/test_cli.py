@@ -355,3 +355,31 @@ def test_demo_smoke_mode_runs_every_step_and_writes_the_report(capsys, tmp_path)
     assert len(metrics["stage1_loss"]) == 2 and len(metrics["stage2_loss"]) == 3
     assert metrics["zero_shot_query"]["answer"] in metrics["zero_shot_query"]["scores"]
     assert "caption retrieval accuracy" in out
+
+
+def test_train_clip_stage_streaming_parquet_shards_with_a_keyed_cache(capsys, data_dir, tiny_llm_dir, tmp_path):
+    table = pd.read_parquet(data_dir / "captions.parquet")
+    table["image"] = [str(data_dir / path) for path in table["image"]]
+    table["key"] = [f"row-{i:03d}" for i in range(len(table))]
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for part in range(2):
+        table.iloc[part::2].to_parquet(shards / f"part-{part}.parquet")
+    # a stream needs a keyed cache, and says how to make it
+    stream_args = ["train", "--stage", "clip", "--text-model", tiny_llm_dir, "--dataset", shards, "--streaming",
+                   "true", "--key-column", "key", "--embedding-cache", tmp_path / "cache", "--max-steps", "2",
+                   "--output-dir", tmp_path / "s2", "--caption-columns", *CAPTION_COLUMNS, *TINY_TOWER, *QUICK]
+    code, _, err = run_cli(capsys, *stream_args)
+    assert code == 1 and "embed --dataset <the same rows, map-style> --key-column key" in err
+    code, out, err = run_cli(capsys, "embed", "--text-model", tiny_llm_dir, "--dataset", shards, "--key-column", "key",
+                           "--caption-columns", *CAPTION_COLUMNS, "--output-dir", tmp_path / "cache")
+    assert code == 0 and last_json(out)["key_column"] == "key", err[-1500:]
+    assert sorted(load_from_disk(str(tmp_path / "cache"))["key"]) == sorted(table["key"])
+    code, out, err = run_cli(capsys, *stream_args)
+    assert code == 0, err[-2000:]
+    metrics = last_json(out)
+    assert metrics["stage"] == "clip" and metrics["train_loss"] > 0
+    assert LLM2CLIPModel.from_pretrained(tmp_path / "s2").config.text_model_fingerprint
+    at = stream_args.index("--max-steps")
+    code, _, err = run_cli(capsys, *stream_args[:at], *stream_args[at + 2:], "--eval-fraction", "0.25")
+    assert code == 1 and "give --max-steps" in err and "evaluation during a streamed run" in err

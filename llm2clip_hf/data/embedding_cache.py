@@ -156,6 +156,7 @@ def precompute_text_embeddings(
     show_progress_bar: bool | None = None,
     storage_dtype: str = "float32",
     rows_per_shard: int = DEFAULT_ROWS_PER_SHARD,
+    key_column: str | None = None,
 ) -> Dataset:
     """Embed every caption column with the frozen text model; return ``dataset`` joined with the embedding columns.
 
@@ -167,25 +168,32 @@ def precompute_text_embeddings(
 
     ``storage_dtype`` is ``float32`` (default), ``float16`` or ``bfloat16`` (stored as uint16 bit patterns; the
     trainer and :func:`embeddings_as_float32` decode them). Each process holds ``rows_per_shard`` rows at a time.
+    ``key_column`` copies that column of ``dataset`` into the cache, so a stream of the same rows can join the
+    embeddings by key (:func:`~llm2clip_hf.data.join_stream_embeddings`).
     """
     require_columns(dataset, caption_columns, "Embedding captions")
     if output_dir is None:  # removed when the process exits; pass output_dir to keep it or share it between processes
         output_dir = Path(tempfile.mkdtemp(prefix="llm2clip_embeddings_", dir=get_temporary_cache_files_directory()))
     cache = build_embedding_cache(dataset, text_model, caption_columns, Path(output_dir), batch_size,
-                                  show_progress_bar, storage_dtype, rows_per_shard)
+                                  show_progress_bar, storage_dtype, rows_per_shard, key_column)
     return join_embeddings(dataset, cache)
 
 
 def build_embedding_cache(dataset: Dataset, text_model: LLM2CLIPTextModel, caption_columns: Sequence[str],
                           output_dir: Path, batch_size: int = 32, show_progress_bar: bool | None = None,
-                          storage_dtype: str = "float32", rows_per_shard: int = DEFAULT_ROWS_PER_SHARD) -> Dataset:
-    """The embedding-columns dataset in ``output_dir``: reused when finished, else completed (see the module)."""
-    require_columns(dataset, caption_columns, "Embedding captions")
+                          storage_dtype: str = "float32", rows_per_shard: int = DEFAULT_ROWS_PER_SHARD,
+                          key_column: str | None = None) -> Dataset:
+    """The embedding-columns dataset in ``output_dir`` (with ``key_column`` copied from ``dataset`` when given):
+    reused when finished, else completed (see the module)."""
+    require_columns(dataset, [*caption_columns, *([key_column] if key_column else [])], "Embedding captions")
     if storage_dtype not in STORAGE_DTYPES:
         raise ValueError(f"storage_dtype must be one of {list(STORAGE_DTYPES)}, got {storage_dtype!r}.")
     if rows_per_shard < 1 or batch_size < 1:
         raise ValueError(f"rows_per_shard and batch_size must be positive, got {rows_per_shard} and {batch_size}.")
     metadata = _cache_metadata(dataset, text_model, caption_columns, storage_dtype, rows_per_shard)
+    if key_column is not None:
+        metadata["key_column"] = key_column
+        metadata["key_feature"] = Features({key_column: dataset.features[key_column]}).to_dict()[key_column]
     with _exclusive_lock(output_dir):
         finished = _finished_cache(output_dir, metadata)
         if finished is not None:
@@ -279,7 +287,14 @@ def _start_or_resume(output_dir: Path, metadata: dict[str, Any]) -> dict[str, An
 
 
 def _check_same_data(found: dict[str, Any], metadata: dict[str, Any], output_dir: Path) -> None:
-    """Refuse a cache folder made from other captions than this dataset's (another subset, another dataset)."""
+    """Refuse a cache folder made from other captions than this dataset's (another subset, another dataset), or
+    without the key column asked for."""
+    if metadata.get("key_column") and found.get("key_column") != metadata["key_column"]:
+        raise ValueError(
+            f"The embedding cache in {output_dir} was made with key column {found.get('key_column')!r}, not "
+            f"{metadata.get('key_column')!r}. Nothing was changed: use the same key column, or write this cache to "
+            "another folder."
+        )
     if found.get("data_fingerprint") != metadata["data_fingerprint"] or found.get("num_rows") != metadata["num_rows"]:
         raise ValueError(
             f"The embedding cache in {output_dir} was made from other data ({found.get('num_rows')} rows, data "
@@ -292,8 +307,11 @@ def _check_same_data(found: dict[str, Any], metadata: dict[str, Any], output_dir
 def _features(plan: dict[str, Any]) -> Features:
     value = Value("uint16" if plan["storage_dtype"] == "bfloat16" else plan["storage_dtype"])
     vector = ArrowSequence(value, length=plan["embedding_dim"])
-    return Features({embedding_column(column): ArrowSequence(vector) if several else vector
-                     for column, several in zip(plan["caption_columns"], plan["several_captions"])})
+    features = {embedding_column(column): ArrowSequence(vector) if several else vector
+                for column, several in zip(plan["caption_columns"], plan["several_captions"])}
+    if plan.get("key_column"):
+        features.update(Features.from_dict({plan["key_column"]: plan["key_feature"]}))
+    return Features(features)
 
 
 def _shard_path(output_dir: Path, plan: dict[str, Any], shard: int) -> Path:
@@ -337,7 +355,8 @@ def _embed_shard(dataset: Dataset, text_model: LLM2CLIPTextModel, output_dir: Pa
     start = shard * plan["rows_per_shard"]
     stop = min(plan["num_rows"], start + plan["rows_per_shard"])
     columns = plan["caption_columns"]
-    cells = dataset.select_columns(columns).with_format(None)[start:stop]
+    key_column = plan.get("key_column")
+    cells = dataset.select_columns([*columns, *([key_column] if key_column else [])]).with_format(None)[start:stop]
     texts, owners, spans = [], [], []
     for column in columns:
         column_texts, column_owners = flatten_captions(cells[column], column, start)
@@ -352,6 +371,8 @@ def _embed_shard(dataset: Dataset, text_model: LLM2CLIPTextModel, output_dir: Pa
     table = {}
     for column, (first, last), column_owners, several in zip(columns, spans, owners, plan["several_captions"]):
         table[embedding_column(column)] = _arrow_column(stored[first:last], column_owners, stop - start, several)
+    if key_column:
+        table[key_column] = pa.array(cells[key_column], type=features[key_column].pa_type)
     path = _shard_path(output_dir, plan, shard)
     partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
     with ArrowWriter(features=features, path=str(partial)) as writer:
@@ -383,7 +404,8 @@ def _assemble(output_dir: Path, plan: dict[str, Any]) -> None:
     if missing:
         raise RuntimeError(f"Embedding shards {missing[:10]} of {output_dir} are missing after every process "
                            "finished; run the same command again to compute them.")
-    metadata = {k: v for k, v in plan.items() if k not in ("rows_per_shard", "num_shards", "several_captions")}
+    metadata = {k: v for k, v in plan.items()
+                if k not in ("rows_per_shard", "num_shards", "several_captions", "key_feature")}
     info = {"description": json.dumps({METADATA_KEY: metadata}), "citation": "", "homepage": "", "license": "",
             "features": _features(plan).to_dict()}
     state = {

@@ -9,58 +9,63 @@ from pathlib import Path
 from typing import Any
 
 import datasets
-from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
+from datasets import Dataset, DatasetDict, IterableDataset, load_dataset, load_from_disk
 from transformers.utils import logging as hf_logging
 
 logger = hf_logging.get_logger(__name__)
 
 ROW_INDEX = "__llm2clip_row__"  # the row's position in the dataset the user gave, carried through batches
-FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".tar": "webdataset"}
 IMAGEFOLDER_METADATA = ("metadata.jsonl", "metadata.csv", "metadata.parquet")
 
 
-def load_dataset_from_spec(spec: str, split: str = "train", image_column: str | None = None) -> Dataset:
+def load_dataset_from_spec(spec: str, split: str = "train", image_column: str | None = None,
+                           streaming: bool = False) -> Dataset | IterableDataset:
     """One split of the dataset named by ``spec``.
 
     ``spec`` is a local folder (``imagefolder`` with metadata.jsonl / .csv, a ``save_to_disk`` folder, or a folder
-    of jsonl / csv / parquet files), a data file, or a Hub dataset name. String values of ``image_column`` in data
-    files are paths relative to the file and are decoded as images.
+    of jsonl / csv / parquet / webdataset .tar files), a data file, or a Hub dataset name. String values of
+    ``image_column`` in data files are paths relative to the file and are decoded as images. ``streaming=True``
+    returns a ``datasets.IterableDataset`` read shard by shard (not for ``save_to_disk`` folders).
     """
     path = Path(spec).expanduser()
     if path.is_dir():
-        loaded, base = _load_folder(path), path
+        loaded, base = _load_folder(path, streaming), path
     elif path.is_file():
         builder = FILE_BUILDERS.get(path.suffix.lower())
         if builder is None:
             raise ValueError(f"Cannot read {path}: use one of {sorted(FILE_BUILDERS)} files or a dataset folder.")
-        loaded, base = load_dataset(builder, data_files=str(path)), path.parent
+        loaded, base = load_dataset(builder, data_files=str(path), streaming=streaming), path.parent
     else:
-        loaded, base = _load_hub(spec, split), None
+        loaded, base = _load_hub(spec, split, streaming), None
     dataset = _pick_split(loaded, split, spec)
-    if image_column is not None and image_column in dataset.column_names and base is not None:
+    if image_column is not None and image_column in (dataset.column_names or []) and base is not None:
         dataset = _decode_image_paths(dataset, image_column, base)
     return dataset
 
 
-def _load_folder(path: Path) -> Dataset | DatasetDict:
+def _load_folder(path: Path, streaming: bool = False) -> Dataset | DatasetDict:
     if (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file():
+        if streaming:
+            raise ValueError(f"{path} is a save_to_disk folder, which cannot be streamed; drop --streaming (it is "
+                             "memory-mapped already) or stream the parquet / webdataset shards it was made from.")
         return load_from_disk(str(path))
-    if any(path.rglob(name) for name in IMAGEFOLDER_METADATA):
-        return load_dataset("imagefolder", data_dir=str(path))
+    if any(next(path.rglob(name), None) is not None for name in IMAGEFOLDER_METADATA):
+        return load_dataset("imagefolder", data_dir=str(path), streaming=streaming)
     for suffix, builder in FILE_BUILDERS.items():
         files = sorted(str(p) for p in path.glob(f"*{suffix}"))
         if files:
-            return load_dataset(builder, data_files=files)
+            return load_dataset(builder, data_files=files, streaming=streaming)
     raise ValueError(
         f"{path} is neither an imagefolder (no {' / '.join(IMAGEFOLDER_METADATA)}), a save_to_disk folder, nor a "
         f"folder of {sorted(FILE_BUILDERS)} files."
     )
 
 
-def _load_hub(name: str, split: str) -> Dataset | DatasetDict:
+def _load_hub(name: str, split: str, streaming: bool = False) -> Dataset | DatasetDict:
     offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes") or datasets.config.HF_HUB_OFFLINE
     try:
-        return load_dataset(name, split=split)
+        return load_dataset(name, split=split, streaming=streaming)
     except FileNotFoundError as error:
         hint = (" HF_HUB_OFFLINE is set, so only datasets already in the local cache can be opened by name; "
                 "download it where the Hub is reachable, or pass a local path.") if offline else ""
@@ -72,16 +77,16 @@ def _load_hub(name: str, split: str) -> Dataset | DatasetDict:
         ) from error
 
 
-def _pick_split(loaded: Dataset | DatasetDict, split: str, spec: str) -> Dataset:
-    if isinstance(loaded, Dataset):
+def _pick_split(loaded, split: str, spec: str) -> Dataset | IterableDataset:
+    if isinstance(loaded, (Dataset, IterableDataset)):
         return loaded
     if split not in loaded:
         raise ValueError(f"{spec} has no split {split!r}; it has {list(loaded)}. Choose one with --split.")
     return loaded[split]
 
 
-def _decode_image_paths(dataset: Dataset, image_column: str, base: Path) -> Dataset:
-    feature = dataset.features[image_column]
+def _decode_image_paths(dataset: Dataset | IterableDataset, image_column: str, base: Path):
+    feature = dataset.features[image_column] if dataset.features is not None else None
     if isinstance(feature, datasets.Image) or getattr(feature, "dtype", None) not in ("string", "large_string"):
         return dataset
 
@@ -89,7 +94,9 @@ def _decode_image_paths(dataset: Dataset, image_column: str, base: Path) -> Data
         return {image_column: [value if value is None or os.path.isabs(value) else str(base / value)
                                for value in batch[image_column]]}
 
-    return dataset.map(resolve, batched=True, desc="Resolving image paths").cast_column(image_column, datasets.Image())
+    progress = {"desc": "Resolving image paths"} if isinstance(dataset, Dataset) else {}
+    features = datasets.Features({**dataset.features, image_column: datasets.Image()})
+    return dataset.map(resolve, batched=True, features=features, **progress)
 
 
 def require_columns(dataset: Dataset, columns: Sequence[str], purpose: str) -> None:
