@@ -5,8 +5,8 @@ package loss (which gathers the candidates of both processes), runs backward, an
 gradients of its local leaves. Besides the package's own gather it also runs two broken ones, so the test can
 show that its checks catch them:
 
-* ``no_all_reduce``: the package's gather with ``torch.distributed.all_reduce`` made a no-op, so its backward
-  returns this process's slice of its own gradient without summing over processes;
+* ``no_reduction``: the package's gather with the reduce-scatter of its backward replaced by taking this process's
+  block of its own gradient, without summing over processes;
 * ``detached``: the other process's rows are gathered as constants (only this process's rows carry gradient).
 """
 
@@ -22,7 +22,7 @@ import torch.distributed as dist
 from llm2clip_hf.trainers import CaptionContrastiveLoss, CLIPContrastiveLoss, all_gather_with_grad
 from llm2clip_hf.trainers.losses import SigLIPContrastiveLoss
 
-GATHERS = ("package", "no_all_reduce", "detached")
+GATHERS = ("package", "no_reduction", "detached")
 
 
 def detached_gather(tensor: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -32,19 +32,23 @@ def detached_gather(tensor: torch.Tensor) -> tuple[torch.Tensor, int]:
 
 @contextlib.contextmanager
 def gather_variant(name: str):
-    """The ``gather=`` argument for the losses, with ``torch.distributed.all_reduce`` disabled for
-    ``no_all_reduce``."""
+    """The ``gather=`` argument for the losses, with the backward's reduction across processes disabled for
+    ``no_reduction``."""
     if name == "package":
         yield None
     elif name == "detached":
         yield detached_gather
-    elif name == "no_all_reduce":
-        original = dist.all_reduce
-        dist.all_reduce = lambda tensor, *args, **kwargs: None
+    elif name == "no_reduction":
+        original = dist.reduce_scatter_tensor
+
+        def own_block_only(output, tensor, *args, **kwargs):
+            output.copy_(tensor.view(dist.get_world_size(), *output.shape)[dist.get_rank()])
+
+        dist.reduce_scatter_tensor = own_block_only
         try:
             yield None
         finally:
-            dist.all_reduce = original
+            dist.reduce_scatter_tensor = original
     else:
         raise ValueError(name)
 

@@ -8,7 +8,7 @@ from llm2clip_hf import LLM2CLIPModel
 from llm2clip_hf.testing import tiny_caption_pair_rows, tiny_image_caption_rows, tiny_vision_config
 from llm2clip_hf.data import precompute_text_embeddings
 from llm2clip_hf.trainers import LLM2CLIPTrainer, LLM2CLIPTrainingArguments
-from llm2clip_hf.trainers.grad_cache import grad_cache_backward
+from llm2clip_hf.trainers.grad_cache import grad_cache_backward, grad_cache_loss
 from numerics import assert_same_tensor
 
 
@@ -128,3 +128,57 @@ def test_trainer_gradcache_replays_lora_dropout(tiny_llm_dir, tmp_path):
 
     assert loss.item() == pytest.approx(reference_loss.item(), rel=1e-5)
     assert_same_gradients(reference, cached)
+
+
+def test_clip_stage_gradcache_under_bf16_autocast_equals_bf16_full_batch(text_model, tmp_path):
+    """With the Trainer's bf16 autocast (CPU), GradCache gradients equal the full batch's within bf16 tolerance."""
+    data = precompute_text_embeddings(Dataset.from_list(tiny_image_caption_rows()[:10]), text_model,
+                                      ["short_caption", "long_caption"])
+    results = []
+    for chunk in (None, 4):
+        torch.manual_seed(0)
+        model = LLM2CLIPModel.from_text_model(text_model, tiny_vision_config(), embed_text_model=False,
+                                              projection_dim=32)
+        results.append(gradients_of_one_step("clip", model, data, tmp_path / str(chunk), chunk, bf16=True))
+    (loss, full), (cached_loss, cached) = results
+    assert cached_loss == pytest.approx(loss, rel=2e-2)
+    assert full.keys() == cached.keys() and "logit_scale" in cached
+    for name in full:  # bf16 keeps 8 bits of mantissa; chunks change the rounding of matmuls
+        assert_same_tensor(cached[name], full[name], 5e-2, name)
+
+
+def scaled_gradients(encoder, temperature, x, chunk_size, scaler):
+    """Gradients after ``scaler.scale(loss).backward()`` of a contrastive-style loss with its own parameter."""
+    def loss_fn(embeddings):
+        e = torch.nn.functional.normalize(embeddings["a"].float(), dim=-1)
+        return torch.nn.functional.cross_entropy(temperature.exp() * e @ e.flip(0).t(), torch.arange(len(e)))
+
+    encoder.zero_grad()
+    temperature.grad = None
+    torch.manual_seed(1)  # dropout masks
+    with torch.autocast("cpu", dtype=torch.float16):
+        if chunk_size is None:
+            loss = loss_fn({"a": encoder(x)})
+        else:
+            loss = grad_cache_loss({"a": lambda b: encoder(b["x"])}, {"a": {"x": x}}, loss_fn, chunk_size,
+                                   [temperature])
+    scaler.scale(loss).backward()
+    return {**{n: p.grad.clone() for n, p in encoder.named_parameters()}, "temperature": temperature.grad.clone()}
+
+
+def test_gradcache_gradients_follow_the_loss_scale_of_fp16_training():
+    """Backpropagated through a GradScaler (scale 2**16), GradCache gives the full batch's scaled gradients, also
+    for the loss's own parameter; unscaled, the true ones. (The old GradCache ran its own unscaled backward.)"""
+    torch.manual_seed(0)
+    encoder = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Dropout(0.2), torch.nn.Linear(16, 8))
+    temperature = torch.nn.Parameter(torch.tensor(1.5))
+    x = torch.randn(12, 6)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16)
+    full = scaled_gradients(encoder, temperature, x, None, scaler)
+    cached = scaled_gradients(encoder, temperature, x, 4, scaler)
+    assert full["temperature"].abs() > 1.0  # scaled: the unscaled gradient is O(1e-1)
+    for name in full:
+        assert_same_tensor(cached[name], full[name], 2e-2, name)
+    unscaled = scaled_gradients(encoder, temperature, x, 4, torch.amp.GradScaler("cpu", init_scale=1.0))
+    for name in full:
+        assert_same_tensor(unscaled[name] * 2.0 ** 16, cached[name], 2e-2, name)

@@ -356,10 +356,10 @@ def test_two_processes_losses_and_gradients_through_the_real_gather(two_process_
     check_gradients(per_rank, expected)
 
 
-@pytest.mark.parametrize("variant", ["no_all_reduce", "detached"])
+@pytest.mark.parametrize("variant", ["no_reduction", "detached"])
 @pytest.mark.parametrize("case_name", list(make_cases()))
-def test_two_process_checks_catch_a_gather_without_gradient_all_reduce(two_process_results, case_name, variant):
-    """The checks above can fail: with a gather whose backward skips the all-reduce (or that gathers the other
+def test_two_process_checks_catch_a_gather_without_gradient_reduction(two_process_results, case_name, variant):
+    """The checks above can fail: with a gather whose backward skips the reduction over processes (or that gathers the other
     rank's rows as constants) the losses are unchanged but the gradients are wrong, and check_gradients says so."""
     cases, results = two_process_results
     per_rank = [r[variant, case_name] for r in results]

@@ -222,3 +222,30 @@ def test_cli_stage2_cache_step_follows_the_bad_caption_policy(tiny_llm_dir, tmp_
     cache = load_from_disk(str(tmp_path / "out" / "_embedding_cache"))
     assert len(cache) == 11  # one row of embeddings per kept row (row 7 dropped, as logged)
     assert main(common + ["--output-dir", str(tmp_path / "strict"), "--skip-bad-rows", "false"]) == 1
+
+
+def test_non_finite_loss_is_checked_once_per_optimizer_step_and_names_the_micro_batch(text_model, tmp_path):
+    from llm2clip_hf.trainers import CaptionContrastiveLoss
+
+    class ExplodesAtCall6(CaptionContrastiveLoss):
+        calls = 0
+
+        def forward(self, *args):
+            type(self).calls += 1
+            loss = super().forward(*args)
+            return loss * float("nan") if type(self).calls == 6 else loss
+
+    args = LLM2CLIPTrainingArguments(output_dir=str(tmp_path), stage="caption", max_steps=3, use_cpu=True,
+                                     save_strategy="no", per_device_train_batch_size=2, gradient_accumulation_steps=4,
+                                     disable_tqdm=True, train_sampling_strategy="sequential")
+    data = Dataset.from_list(tiny_caption_pair_rows()[:24])
+    trainer = LLM2CLIPTrainer(model=text_model, args=args, train_dataset=data, loss=ExplodesAtCall6())
+    checks = []
+    original = trainer._check_finite_losses
+    trainer._check_finite_losses = lambda: (checks.append(len(trainer._micro_step_losses)), original())[1]
+    with pytest.raises(FloatingPointError, match=r"at step 2; batch rows \[\d+, \d+\]") as error:
+        trainer.train()
+    assert checks == [4, 4]  # one check per optimizer step, over its 4 micro-batches
+    assert "checkpoint-1" in str(error.value)
+    rows = [int(r) for r in str(error.value).split("batch rows [")[1].split("]")[0].split(", ")]
+    assert len(rows) == 2 and rows != [0, 1]  # the second micro-batch of step 2, not the step's first

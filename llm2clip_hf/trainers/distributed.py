@@ -12,9 +12,9 @@ Gather = Callable[[torch.Tensor], tuple[torch.Tensor, int]]
 
 
 class _AllGatherWithGrad(torch.autograd.Function):
-    """Forward: all-gather rows (``counts`` per process, padded for the collective). Backward: sum the gradient
-    of the gathered tensor over processes and return this process's slice, so every process's loss reaches
-    every process's inputs."""
+    """Forward: all-gather rows (``counts`` per process, padded for the collective). Backward: a reduce-scatter
+    of the gathered tensor's gradient, so each process receives the sum over processes of the gradient of its own
+    rows (every process's loss reaches every process's inputs) and moves one slice, not the whole gradient."""
 
     @staticmethod
     def forward(ctx, tensor: torch.Tensor, counts: list[int], group) -> torch.Tensor:
@@ -27,10 +27,15 @@ class _AllGatherWithGrad(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        grad = grad.contiguous()
-        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
-        start = sum(ctx.counts[: ctx.rank])
-        return grad[start:start + ctx.counts[ctx.rank]], None, None
+        counts, width = ctx.counts, max(ctx.counts)
+        padded = grad.new_zeros((len(counts) * width, *grad.shape[1:]))
+        start = 0
+        for rank, count in enumerate(counts):  # the gathered layout, padded again: one block of `width` per process
+            padded[rank * width:rank * width + count] = grad[start:start + count]
+            start += count
+        mine = grad.new_empty((width, *grad.shape[1:]))
+        dist.reduce_scatter_tensor(mine, padded, op=dist.ReduceOp.SUM, group=ctx.group)  # NCCL and gloo
+        return mine[:counts[ctx.rank]], None, None
 
 
 def all_gather_with_grad(tensor: torch.Tensor, group=None) -> tuple[torch.Tensor, int]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 import os
@@ -11,6 +10,7 @@ from typing import Any
 import torch
 from accelerate.data_loader import prepare_data_loader
 from datasets import Dataset
+from accelerate.utils import DistributedType
 from peft import LoraConfig, PeftModel, get_peft_model, inject_adapter_in_model
 from torch import nn
 from torch.distributed.tensor import DTensor
@@ -41,7 +41,7 @@ from .clip_data import CLIPCollator
 from .data_statistics import BATCH_STATISTICS, DataStatistics
 from .distributed import average_gradients
 from .epoch_sampling import EPOCH, EpochTaggedDataset, EpochTaggedSampler
-from .grad_cache import grad_cache_backward
+from .grad_cache import grad_cache_loss
 from .layer_decay import layer_decay_parameter_groups
 from .losses import CaptionContrastiveLoss, CLIPContrastiveLoss, SigLIPContrastiveLoss
 from .model_card import build_model_card
@@ -78,6 +78,16 @@ class LogitScaleClampCallback(TrainerCallback):
             master = safe_get_full_fp32_param(parameter)  # collective: every process calls it
             if master is not None:
                 safe_set_full_fp32_param(parameter, master.clamp(0.0, self.max_value))
+
+
+class NonFiniteLossCallback(TrainerCallback):
+    """Checks the micro-batch losses of an optimizer step right before the update (one device sync per step)."""
+
+    def __init__(self, trainer: "LLM2CLIPTrainer") -> None:
+        self.trainer = trainer
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        self.trainer._check_finite_losses()
 
 
 class EpochCallback(TrainerCallback):
@@ -126,6 +136,8 @@ class LLM2CLIPTrainer(Trainer):
         callbacks = list(callbacks or [])
         self._saving_checkpoint = False
         self._data_statistics = DataStatistics()
+        self._micro_step_losses: list[tuple[torch.Tensor, torch.Tensor | None]] = []
+        callbacks.append(NonFiniteLossCallback(self))
         if args.train_sampling_strategy not in ("random", "sequential"):
             raise ValueError(
                 f"train_sampling_strategy={args.train_sampling_strategy!r} is not supported by LLM2CLIPTrainer; use "
@@ -159,6 +171,12 @@ class LLM2CLIPTrainer(Trainer):
                          eval_dataset=eval_dataset, callbacks=callbacks, **kwargs)
         self.eval_data_collator = eval_collator
         self.loss = loss
+        if args.gradcache_chunk_size and self.is_fsdp_enabled:
+            raise ValueError(
+                "gradcache_chunk_size is not supported with FSDP: GradCache re-runs the encoders outside the wrapped "
+                "forward, where FSDP's parameters are sharded. Use DDP or DeepSpeed ZeRO-1/2 "
+                "(examples/accelerate/), or drop gradcache_chunk_size."
+            )
         # Our losses are means over the local batch and take no `num_items_in_batch`: let the Trainer divide by the
         # accumulation steps and never rescale by the number of processes (PeftModel's **kwargs would suggest so).
         self.model_accepts_loss_kwargs = False
@@ -290,6 +308,8 @@ class LLM2CLIPTrainer(Trainer):
     # --------------------------------------------------------------------------------------------- loss
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = self._model_inputs(inputs)
+        if self.args.gradcache_chunk_size and model.training and torch.is_grad_enabled() and not return_outputs:
+            return self._grad_cache_loss(model, inputs)
         if self.args.stage == CAPTION_STAGE:
             embeddings = {role: model(**batch).text_embeds for role, batch in inputs.items()}
             loss = self.loss(embeddings["query"], embeddings["positive"], embeddings.get("negative"))
@@ -304,15 +324,31 @@ class LLM2CLIPTrainer(Trainer):
         return (source.logit_scale, source.logit_bias) if self.args.loss_type == "siglip" else (source.logit_scale,)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
-        """The Trainer's step, or with ``gradcache_chunk_size`` a GradCache step: the exact gradient of the loss
-        over the whole batch, with activations held for one chunk at a time."""
+        """The Trainer's step (its backward goes through ``accelerator.backward``: loss scaling, DeepSpeed, ...).
+        With ``gradcache_chunk_size`` the loss is a GradCache loss (see :meth:`compute_loss`). The loss's
+        finiteness is recorded on the device and checked once per optimizer step, before the update."""
         inputs = self._data_statistics.add(inputs)
         rows = inputs.get(ROW_INDEX)
-        loss = self._gradcache_step(model, inputs) if self.args.gradcache_chunk_size else \
-            super().training_step(model, inputs, num_items_in_batch)
-        if not torch.isfinite(loss):
-            self._stop_on_non_finite_loss(loss, rows)
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if self.args.gradcache_chunk_size and self.accelerator.sync_gradients and \
+                self.accelerator.distributed_type in (DistributedType.MULTI_CPU, DistributedType.MULTI_GPU):
+            # GradCache's second pass runs the unwrapped module, outside DDP's forward, so DDP's reducer did not
+            # average these gradients: average the accumulated ones once per optimizer step (DeepSpeed reduces
+            # them itself).
+            average_gradients(p for p in self.accelerator.unwrap_model(model).parameters() if p.requires_grad)
+        self._micro_step_losses.append((loss.detach(), rows))
         return loss
+
+    def _check_finite_losses(self) -> None:
+        """Stop on a non-finite loss among this optimizer step's micro-batches (one device sync per step)."""
+        losses, self._micro_step_losses = self._micro_step_losses, []
+        if not losses:
+            return
+        finite = torch.stack([torch.isfinite(loss).all() for loss, _ in losses])
+        if bool(finite.all()):
+            return
+        loss, rows = losses[int((~finite).int().argmax())]
+        self._stop_on_non_finite_loss(loss, rows)
 
     def _stop_on_non_finite_loss(self, loss: torch.Tensor, rows: torch.Tensor | None) -> None:
         """Save the last good state (this step's update has not been applied) and stop, naming step and rows."""
@@ -324,22 +360,16 @@ class LLM2CLIPTrainer(Trainer):
             "Check those rows (and the learning rate), then resume with resume_from_checkpoint."
         )
 
-    def _gradcache_step(self, model, inputs) -> torch.Tensor:
-        chunk_size = self.args.gradcache_chunk_size
-        model.train()
-        inputs = self._model_inputs(self._prepare_inputs(inputs))
+    def _grad_cache_loss(self, model, inputs) -> torch.Tensor:
+        """The GradCache loss of the batch: its backward (by the Trainer, through ``accelerator.backward``) gives
+        the exact gradient of the loss over the whole batch, with activations held for one chunk at a time."""
         unwrapped = self.accelerator.unwrap_model(model)
         encoders, batches, loss_fn = self._grad_cache_parts(unwrapped, inputs)
-        # Gradients are computed outside DDP's forward: skip its reducer and average them ourselves afterwards.
-        no_sync = model.no_sync if hasattr(model, "no_sync") else contextlib.nullcontext
-        with self.compute_loss_context_manager(), no_sync():
-            loss = grad_cache_backward(encoders, batches, loss_fn, chunk_size,
-                                       gradient_scale=1.0 / self.current_gradient_accumulation_steps)
-        average_gradients(p for p in unwrapped.parameters() if p.requires_grad)
-        return loss / self.current_gradient_accumulation_steps
+        loss_parameters = self._logit_parameters(unwrapped) if self.args.stage == CLIP_STAGE else ()
+        return grad_cache_loss(encoders, batches, loss_fn, self.args.gradcache_chunk_size, loss_parameters)
 
     def _grad_cache_parts(self, model, inputs):
-        """Per-role encoders and inputs, and the loss on their embeddings, for :func:`grad_cache_backward`."""
+        """Per-role encoders and inputs, and the loss on their embeddings, for :func:`grad_cache_loss`."""
         if self.args.stage == CAPTION_STAGE:
             encoders = {role: (lambda batch: model(**batch).text_embeds) for role in inputs}
 
@@ -360,6 +390,7 @@ class LLM2CLIPTrainer(Trainer):
         """``Trainer.train``; the result's metrics also count, over all processes and DataLoader workers, the rows
         skipped for unreadable images and the captions truncated to the token budget."""
         self._data_statistics = DataStatistics()
+        self._micro_step_losses = []
         result = super().train(*args, **kwargs)
         skipped, truncated = self._data_statistics.gathered()
         result.metrics.update(skipped_rows=len(skipped), truncated_captions=truncated)
