@@ -8,8 +8,7 @@ reaches (2.443 from 2.659; then 2.412, 2.402 without the clamp), so the clamp ch
 ``save_model()``. Every process writes ``run-<rank>.json`` (distributed type, FSDP or not, logit_scale as this
 process's optimizer holds it); the main process also writes ``losses.json`` and the final model in ``model/``.
 
-``force_fsdp2`` runs FSDP2 where accelerate would not (on a CPU, over gloo; see :class:`ForcedFSDP2Trainer`), and
-gives the model a 1-element ``logit_scale``, as torch's FSDP refuses 0-d parameters.
+``force_fsdp2`` runs FSDP2 where accelerate would not (on a CPU, over gloo; see :class:`ForcedFSDP2Trainer`).
 """
 
 from __future__ import annotations
@@ -22,7 +21,6 @@ from pathlib import Path
 import torch
 from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 from datasets import Dataset
-from torch import nn
 from torch.distributed.tensor import DTensor
 
 from llm2clip_hf import LLM2CLIPModel, LLM2CLIPTextModel
@@ -71,8 +69,6 @@ class ForcedFSDP2Trainer(LLM2CLIPTrainer):
 
 def run(stage: str, llm_dir: str, output_dir: str, world_size: int, force_fsdp2: bool = False) -> LLM2CLIPTrainer:
     model, data = build(stage, llm_dir)
-    if force_fsdp2 and stage == "clip":
-        model.logit_scale = nn.Parameter(model.logit_scale.detach().reshape(1))
     args = LLM2CLIPTrainingArguments(
         output_dir=output_dir, stage=stage, text_source="lora", per_device_train_batch_size=GLOBAL_BATCH // world_size,
         max_steps=STEPS, optim="sgd", learning_rate=0.5, warmup_steps=0, lr_scheduler_type="constant",

@@ -51,6 +51,19 @@ from .training_args import CAPTION_STAGE, CLIP_STAGE, LLM2CLIPTrainingArguments
 logger = hf_logging.get_logger(__name__)
 
 
+LOGIT_PARAMETERS = ("logit_scale", "logit_bias")
+
+
+def make_logit_parameters_one_element(model: nn.Module) -> None:
+    """Give ``logit_scale`` / ``logit_bias`` the shape ``(1,)`` for FSDP, which refuses 0-d parameters ("fully_shard
+    doesn't support scalar parameters"). The model computes the same (they broadcast); checkpoints keep the 0-d
+    shape of the official and transformers' CLIP checkpoints (see :meth:`LLM2CLIPTrainer._save`)."""
+    for name in LOGIT_PARAMETERS:
+        parameter = getattr(model, name, None)
+        if isinstance(parameter, nn.Parameter) and parameter.dim() == 0:
+            setattr(model, name, nn.Parameter(parameter.detach().reshape(1), requires_grad=parameter.requires_grad))
+
+
 class LogitScaleClampCallback(TrainerCallback):
     """Clamp ``logit_scale`` to ``[0, max_value]`` right after every optimizer step, as the official training does.
 
@@ -388,7 +401,10 @@ class LLM2CLIPTrainer(Trainer):
 
     def train(self, *args: Any, **kwargs: Any):
         """``Trainer.train``; the result's metrics also count, over all processes and DataLoader workers, the rows
-        skipped for unreadable images and the captions truncated to the token budget."""
+        skipped for unreadable images and the captions truncated to the token budget. Under FSDP, ``logit_scale`` /
+        ``logit_bias`` become 1-element first (:func:`make_logit_parameters_one_element`)."""
+        if self.is_fsdp_enabled and self.args.stage == CLIP_STAGE:  # before the optimizer and the wrapping
+            make_logit_parameters_one_element(self.accelerator.unwrap_model(self.model))
         self._data_statistics = DataStatistics()
         self._micro_step_losses = []
         result = super().train(*args, **kwargs)
@@ -475,6 +491,9 @@ class LLM2CLIPTrainer(Trainer):
         else:  # the trained model's keys; under PEFT (stage 1) the base model's follow "base_model.model."
             prefix = "base_model.model." if isinstance(self.accelerator.unwrap_model(self.model), PeftModel) else ""
             weights = merge_lora_state_dict({k.removeprefix(prefix): v for k, v in state_dict.items()}, base)
+        for name in LOGIT_PARAMETERS:  # 0-d as in every CLIP checkpoint, also after FSDP's 1-element training copy
+            if name in weights:
+                weights[name] = weights[name].reshape(())
         base.save_pretrained(output_dir, state_dict=weights, safe_serialization=True)
         torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
         self._write_model_card(output_dir)
