@@ -209,6 +209,20 @@ def test_the_llm_in_the_loop_reads_streamed_captions_without_the_bad_rows(source
         epoch_rows(strict.get_train_dataloader(), 0)
 
 
+def test_the_shuffle_buffer_size_is_a_setting(source, module_text_model, tmp_path):
+    """One shard: a 1-row buffer keeps the file's order, the default 1000-row buffer does not."""
+    source.to_parquet(str(tmp_path / "train.parquet"))
+    stream = with_key_row_index(load_dataset("parquet", data_files=str(tmp_path / "train.parquet"), split="train",
+                                             streaming=True), "key")
+    file_order = key_hashes(KEYS).tolist()
+    orders = {size: epoch_rows(stage2_trainer(module_text_model, stream, tmp_path, embed_text_model=True,
+                                              text_source="frozen", stream_shuffle_buffer_size=size,
+                                              dataloader_drop_last=False).get_train_dataloader(), 0)
+              for size in (1, 1000)}
+    assert orders[1] == file_order
+    assert sorted(orders[1000]) == sorted(file_order) and orders[1000] != file_order
+
+
 # ------------------------------------------------------------------------------------------------ epochs, workers
 def test_rows_carry_the_epoch_into_persistent_dataloader_workers(shards):
     stream = training_stream(stream_of(shards, "parquet").select_columns(["key"]), seed=0, rank=0, world_size=1,

@@ -291,7 +291,8 @@ class LLM2CLIPTrainer(Trainer):
             # which only moves the batches to this process's device.
             args = self.args
             stream = training_stream(dataset, args.seed, args.process_index, args.world_size, EPOCH,
-                                     shuffle=args.train_sampling_strategy == "random")
+                                     shuffle=args.train_sampling_strategy == "random",
+                                     buffer_size=args.stream_shuffle_buffer_size)
             loader = torch.utils.data.DataLoader(
                 stream, batch_size=batch_size, collate_fn=self.data_collator, drop_last=args.dataloader_drop_last,
                 num_workers=args.dataloader_num_workers, pin_memory=args.dataloader_pin_memory,

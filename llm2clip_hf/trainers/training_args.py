@@ -85,6 +85,11 @@ class LLM2CLIPTrainingArguments(TrainingArguments):
                                         "take the loss on the whole batch, then backpropagate chunk by chunk. Exact "
                                         "full-batch gradients with the activation memory of one chunk."}
     )
+    stream_shuffle_buffer_size: int = field(
+        default=1000, metadata={"help": "Streamed training data (datasets.IterableDataset) with "
+                                        "train_sampling_strategy='random': rows in the shuffle buffer (larger mixes "
+                                        "better and holds more decoded rows in memory)."}
+    )
     retrieval_metrics: bool = field(
         default=True, metadata={"help": "At each evaluation also compute caption retrieval accuracy (caption stage) "
                                         "or image<->text recall@1/5/10 (clip stage) on the eval dataset."}
