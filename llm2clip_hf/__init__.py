@@ -18,6 +18,7 @@ from .modeling import (
     TextAdapter,
 )
 
+from .model_loading import load_lm_head, load_text_model  # noqa: E402
 from .vision_sources import attach_text_model, llm2clip_from_pretrained_vision  # noqa: E402
 
 __version__ = "0.1.0"
@@ -32,4 +33,5 @@ __all__ = [
     "EVA02_PRESETS", "EVA02VisionConfig", "EVA02VisionModel", "LLM2CLIPConfig", "LLM2CLIPModel", "LLM2CLIPOutput",
     "LLM2CLIPProcessor", "LLM2CLIPTextConfig", "LLM2CLIPTextModel", "LLM2CLIPTextOutput", "POOLING_MODES",
     "TEXT_TEMPLATES", "TextAdapter", "__version__", "attach_text_model", "llm2clip_from_pretrained_vision",
+    "load_lm_head", "load_text_model",
 ]

@@ -370,7 +370,8 @@ def _training_arguments() -> type:
 
 
 COMMANDS: dict[str, Command] = {
-    "train": Command("Train stage 1 (--stage caption) or stage 2 (--stage clip) with LLM2CLIPTrainer.",
+    "train": Command("Train MNTP (--stage mntp), stage 1 (--stage caption) or stage 2 (--stage clip) with "
+                     "LLM2CLIPTrainer.",
                      (TextModelArguments, TrainDataArguments, ClipModelArguments, _training_arguments,
                       PrecisionArguments), run_train),
     "embed": Command("Precompute LLM caption embeddings as dataset columns (the stage-2 cache).",

@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import torch
 from huggingface_hub import constants as hub_constants
 from transformers import AutoConfig
 
@@ -92,3 +93,40 @@ def load_clip_model(name_or_path: str, **from_pretrained_kwargs: Any) -> LLM2CLI
             "with `llm2clip-hf convert`, or train one with `llm2clip-hf train --stage clip`."
         )
     return LLM2CLIPModel.from_pretrained(name_or_path, **from_pretrained_kwargs)
+
+
+def load_lm_head(name_or_path: str | None = None, **from_pretrained_kwargs: Any) -> torch.nn.Linear:
+    """The next-token output layer (``lm_head``) of a causal LLM checkpoint, for ``stage="mntp"`` with an LLM that
+    does not tie it to its input embeddings. From safetensors only that tensor is read (an 8B model's other 15 GB
+    stay on disk); a GGUF or ``.bin`` checkpoint is loaded with ``AutoModelForCausalLM`` to take it."""
+    import json
+
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import cached_file
+
+    if name_or_path in (None, DEFAULT_TEXT_MODEL):
+        directory, gguf_file = smollm2_gguf()
+        name_or_path = str(directory)
+        from_pretrained_kwargs.setdefault("gguf_file", gguf_file)
+    dtype = from_pretrained_kwargs.get("dtype", torch.float32)
+    hub_kwargs = {k: v for k, v in from_pretrained_kwargs.items() if k in ("revision", "token")}
+    if "gguf_file" not in from_pretrained_kwargs:
+        found = {"_raise_exceptions_for_missing_entries": False, **hub_kwargs}
+        index = cached_file(name_or_path, "model.safetensors.index.json", **found)
+        shard = json.loads(Path(index).read_text())["weight_map"].get("lm_head.weight") if index else \
+            "model.safetensors"
+        path = cached_file(name_or_path, shard, **found) if shard else None
+        if path is not None:
+            with safe_open(path, framework="pt") as weights:
+                if "lm_head.weight" in weights.keys():
+                    weight = weights.get_tensor("lm_head.weight").to(dtype)
+                    head = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False, dtype=dtype)
+                    head.weight = torch.nn.Parameter(weight, requires_grad=False)
+                    return head
+    causal_lm = AutoModelForCausalLM.from_pretrained(name_or_path, **from_pretrained_kwargs)
+    head = causal_lm.get_output_embeddings()
+    if head is None or getattr(causal_lm.config, "tie_word_embeddings", False):
+        raise ValueError(f"{name_or_path} has no separate lm_head (its output layer is its input embeddings); "
+                         "stage 'mntp' uses those without load_lm_head.")
+    return head.requires_grad_(False)

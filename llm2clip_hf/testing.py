@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 from PIL import Image, ImageDraw
-from transformers import LlamaConfig, LlamaModel, PreTrainedTokenizerFast
+from transformers import LlamaConfig, LlamaForCausalLM, LlamaModel, PreTrainedTokenizerFast
 
 from .modeling import EVA02VisionConfig, LLM2CLIPConfig, LLM2CLIPTextConfig
 
@@ -55,8 +55,11 @@ def make_tiny_llm(
     num_attention_heads: int = 4,
     add_bos: bool = True,
     seed: int = 0,
+    causal_lm: bool = False,
+    tie_word_embeddings: bool = False,
 ) -> Path:
-    """Save a random tiny Llama decoder and its tokenizer to ``directory``; return the path."""
+    """Save a random tiny Llama decoder and its tokenizer to ``directory``; return the path. ``causal_lm`` saves a
+    ``LlamaForCausalLM`` (with its ``lm_head``, or tied to the input embeddings)."""
     directory = Path(directory)
     tokenizer = make_tiny_tokenizer(add_bos=add_bos)
     config = LlamaConfig(
@@ -64,9 +67,10 @@ def make_tiny_llm(
         num_hidden_layers=num_hidden_layers, num_attention_heads=num_attention_heads,
         num_key_value_heads=max(1, num_attention_heads // 2), max_position_embeddings=512,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=tie_word_embeddings,
     )
     torch.manual_seed(seed)
-    LlamaModel(config).save_pretrained(directory)
+    (LlamaForCausalLM if causal_lm else LlamaModel)(config).save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
 

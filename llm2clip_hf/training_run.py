@@ -19,10 +19,10 @@ from .data import (
     read_cache_metadata,
     with_row_index,
 )
-from .model_loading import load_clip_model
+from .model_loading import load_clip_model, load_lm_head
 from .modeling import LLM2CLIPModel
 from .trainers import LLM2CLIPTrainer, LLM2CLIPTrainingArguments
-from .trainers.training_args import CAPTION_STAGE
+from .trainers.training_args import MNTP_STAGE, TEXT_STAGES
 from .vision_sources import llm2clip_from_pretrained_vision
 
 
@@ -35,7 +35,7 @@ def has_cache(dataset: Dataset, caption_columns: list[str]) -> bool:
 def check_streaming_options(data: Any, args: LLM2CLIPTrainingArguments) -> None:
     """Streams train stage 2 for a set number of steps from a finished cache; say what is missing otherwise."""
     problems = []
-    if args.stage == CAPTION_STAGE:
+    if args.stage in TEXT_STAGES:
         problems.append("--streaming is for stage 2 (--stage clip)")
     if args.max_steps is None or args.max_steps <= 0:
         problems.append("a stream has no length: give --max-steps")
@@ -72,9 +72,9 @@ def train_from_cli(text: Any, data: Any, clip: Any, args: LLM2CLIPTrainingArgume
     ``precision`` (the CLI's ``--dtype`` / ``--attn-implementation``) applies to the LLM; the stage-2 cache step
     embeds on this process's training device, every process taking its share of the shards."""
     state = PartialState()
-    if args.stage != CAPTION_STAGE:
+    if args.stage not in TEXT_STAGES:
         clip.check()  # before any data is read: conflicting model options end the run at once
-    image_column = args.image_column if args.stage != CAPTION_STAGE else None
+    image_column = args.image_column if args.stage not in TEXT_STAGES else None
     if data.streaming:
         check_streaming_options(data, args)
     train = load_dataset_from_spec(data.dataset, data.split, image_column, streaming=data.streaming)
@@ -86,9 +86,12 @@ def train_from_cli(text: Any, data: Any, clip: Any, args: LLM2CLIPTrainingArgume
         evaluation = load_dataset_from_spec(data.eval_dataset or data.dataset, data.eval_split or data.split,
                                             image_column)
     output_dir = Path(args.output_dir)
-    text_model = None
-    if args.stage == CAPTION_STAGE:
+    text_model = lm_head = None
+    if args.stage in TEXT_STAGES:
         model = text_model = text.load(precision)
+        if args.stage == MNTP_STAGE and not getattr(text_model.config.llm_config, "tie_word_embeddings", False):
+            lm_head = load_lm_head(text.text_model, **{"gguf_file": text.gguf_file} if text.gguf_file else {},
+                                   **(precision.from_pretrained_kwargs() if precision is not None else {}))
     else:
         cached = args.text_source == "cached"
         needs_text_model = clip.model is None or text.text_model is not None or (
@@ -135,7 +138,7 @@ def train_from_cli(text: Any, data: Any, clip: Any, args: LLM2CLIPTrainingArgume
         parts = train.train_test_split(test_size=data.eval_fraction, seed=args.seed)
         train, evaluation = parts["train"], parts["test"]
     trainer = LLM2CLIPTrainer(model=model, args=args, train_dataset=train, eval_dataset=evaluation,
-                              text_model=text_model if args.stage != CAPTION_STAGE else None)
+                              text_model=text_model if args.stage not in TEXT_STAGES else None, lm_head=lm_head)
     resume = args.resume_from_checkpoint
     result = trainer.train(resume_from_checkpoint=True if resume in ("true", "True") else resume)
     trainer.save_model()

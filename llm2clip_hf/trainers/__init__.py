@@ -5,12 +5,13 @@ from .caption_pairs import CaptionPairCollator, build_caption_pairs
 from .clip_data import CLIPCollator
 from .distributed import all_gather_with_grad
 from .layer_decay import layer_decay_parameter_groups
-from .losses import CaptionContrastiveLoss, CLIPContrastiveLoss, SigLIPContrastiveLoss
+from .losses import CaptionContrastiveLoss, CLIPContrastiveLoss, MaskedNextTokenLoss, SigLIPContrastiveLoss
+from .masked_next_token import MaskedTextCollator, build_mntp_texts
 from .trainer import LLM2CLIPTrainer
 from .training_args import LLM2CLIPTrainingArguments
 
 __all__ = [
     "CLIPCollator", "CLIPContrastiveLoss", "CaptionContrastiveLoss", "CaptionPairCollator", "LLM2CLIPTrainer",
-    "LLM2CLIPTrainingArguments", "SigLIPContrastiveLoss", "all_gather_with_grad", "build_caption_pairs",
+    "LLM2CLIPTrainingArguments", "MaskedNextTokenLoss", "MaskedTextCollator", "SigLIPContrastiveLoss", "all_gather_with_grad", "build_caption_pairs", "build_mntp_texts",
     "layer_decay_parameter_groups",
 ]

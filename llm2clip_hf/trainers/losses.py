@@ -1,6 +1,6 @@
-"""The contrastive objectives of LLM2CLIP as modules (stage 1's caption InfoNCE; stage 2's CLIP InfoNCE or SigLIP's
-sigmoid loss). Each gathers candidates from every process itself (with gradients), so the loss of a distributed run
-equals the loss of one process on the global batch."""
+"""The objectives of LLM2CLIP as modules: stage 1's caption InfoNCE, stage 2's CLIP InfoNCE or SigLIP's sigmoid loss
+(each gathers candidates from every process itself, with gradients, so the loss of a distributed run equals the loss
+of one process on the global batch), and the masked next-token prediction that can precede stage 1."""
 
 from __future__ import annotations
 
@@ -74,3 +74,22 @@ class SigLIPContrastiveLoss(_GatheringLoss):
         image_embeds = F.normalize(image_embeds, dim=-1)
         all_texts, offset = self.gather(F.normalize(text_embeds, dim=-1))
         return local_sigmoid_loss(image_embeds, all_texts, logit_scale.exp(), logit_bias, offset)
+
+
+class MaskedNextTokenLoss(nn.Module):
+    """llm2vec's MNTP objective: the label of a masked token ``i`` is predicted from the output at ``i - 1``
+    through the LLM's next-token head, cross-entropy averaged over the masked tokens (labels -100 elsewhere), as a
+    causal-LM loss on the same labels. Only masked positions go through the head (a vocabulary of 128k makes
+    full logits the largest tensor of the step)."""
+
+    def __init__(self, lm_head: nn.Module) -> None:
+        super().__init__()
+        self.lm_head = lm_head
+
+    def forward(self, hidden_states: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        targets = labels[:, 1:]
+        chosen = targets != -100
+        if not chosen.any():  # no token masked in this batch: a zero that keeps the graph
+            return hidden_states.sum() * 0.0
+        logits = self.lm_head(hidden_states[:, :-1][chosen])
+        return F.cross_entropy(logits.float(), targets[chosen])

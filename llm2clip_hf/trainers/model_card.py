@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from .training_args import CAPTION_STAGE
+from .training_args import MNTP_STAGE, TEXT_STAGES
 
 _HYPERPARAMETERS = (
     "stage", "learning_rate", "lr_scheduler_type", "warmup_steps", "weight_decay", "max_grad_norm",
     "per_device_train_batch_size", "gradient_accumulation_steps", "num_train_epochs", "max_steps", "seed",
     "loss_scale", "hard_negatives", "lora_r", "lora_alpha", "lora_dropout", "caption_columns",
-    "caption_sampling_weights", "text_source", "loss_type", "layer_decay", "logit_scale_max", "image_augmentation",
+    "caption_sampling_weights", "mlm_probability", "text_source", "loss_type", "layer_decay", "logit_scale_max", "image_augmentation",
 )
 
 _CAPTION_USAGE = """```python
@@ -42,7 +42,7 @@ def build_model_card(
     world_size: int,
 ) -> str:
     """Markdown with YAML front matter: stage, base models, data, hyperparameters, metrics and usage."""
-    caption = args.stage == CAPTION_STAGE
+    caption = args.stage in TEXT_STAGES
     front = {
         "library_name": "transformers",
         "tags": ["llm2clip", "llm2vec" if caption else "clip", "sentence-embeddings" if caption else "vision"],
@@ -52,6 +52,9 @@ def build_model_card(
     }
     front_lines = ["---"] + [f"{k}: {json.dumps(v)}" for k, v in front.items() if v is not None] + ["---"]
     purpose = (
+        "MNTP before stage 1 of LLM2CLIP: the LLM made bidirectional and adapted to it with LoRA (merged) by "
+        "llm2vec's masked next-token prediction; the starting point of caption contrastive training."
+        if args.stage == MNTP_STAGE else
         "Stage 1 of LLM2CLIP: the LLM made bidirectional and fine-tuned with LoRA (merged) on a caption-to-caption "
         "contrastive loss, so that its mean-pooled outputs separate captions." if caption else
         "Stage 2 of LLM2CLIP: an EVA02 vision tower and a text adapter trained with the CLIP loss against "

@@ -43,9 +43,10 @@ from .distributed import average_gradients
 from .epoch_sampling import EPOCH, EpochTaggedDataset, EpochTaggedSampler
 from .grad_cache import grad_cache_loss
 from .layer_decay import layer_decay_parameter_groups
-from .losses import CaptionContrastiveLoss, CLIPContrastiveLoss, SigLIPContrastiveLoss
+from .losses import CaptionContrastiveLoss, CLIPContrastiveLoss, MaskedNextTokenLoss, SigLIPContrastiveLoss
+from .masked_next_token import LABELS, TEXT, MaskedTextCollator, build_mntp_texts, output_head
 from .model_card import build_model_card
-from .training_args import CAPTION_STAGE, CLIP_STAGE, LLM2CLIPTrainingArguments
+from .training_args import CAPTION_STAGE, CLIP_STAGE, MNTP_STAGE, TEXT_STAGES, LLM2CLIPTrainingArguments
 
 
 logger = hf_logging.get_logger(__name__)
@@ -141,6 +142,7 @@ class LLM2CLIPTrainer(Trainer):
         peft_config: LoraConfig | None = None,
         text_model: LLM2CLIPTextModel | None = None,
         loss: nn.Module | None = None,
+        lm_head: nn.Module | None = None,
         callbacks: list[TrainerCallback] | None = None,
         **kwargs: Any,
     ) -> None:
@@ -158,7 +160,11 @@ class LLM2CLIPTrainer(Trainer):
             )
         self._train_sampler = EpochTaggedSampler(0, args.seed, shuffle=args.train_sampling_strategy == "random")
         callbacks.append(EpochCallback(self._train_sampler))
-        if args.stage == CAPTION_STAGE:
+        if args.stage == MNTP_STAGE:
+            model, collator, prepare, head = self._setup_mntp_stage(model, args, peft_config, lm_head)
+            eval_collator = collator
+            loss = loss or MaskedNextTokenLoss(head)
+        elif args.stage == CAPTION_STAGE:
             model, collator, eval_collator, prepare = self._setup_caption_stage(model, args, peft_config)
             loss = loss or CaptionContrastiveLoss(args.loss_scale, world_size=args.world_size, rank=args.process_index)
         else:
@@ -183,7 +189,7 @@ class LLM2CLIPTrainer(Trainer):
         super().__init__(model=model, args=args, data_collator=collator, train_dataset=train_dataset,
                          eval_dataset=eval_dataset, callbacks=callbacks, **kwargs)
         self.eval_data_collator = eval_collator
-        self.loss = loss
+        self.loss = loss.to(self.args.device) if args.stage == MNTP_STAGE else loss  # a given lm_head's device
         if args.gradcache_chunk_size and self.is_fsdp_enabled:
             raise ValueError(
                 "gradcache_chunk_size is not supported with FSDP: GradCache re-runs the encoders outside the wrapped "
@@ -195,21 +201,46 @@ class LLM2CLIPTrainer(Trainer):
         self.model_accepts_loss_kwargs = False
 
     # --------------------------------------------------------------------------------------------- setup
-    def _setup_caption_stage(self, model, args, peft_config):
-        """The model with LoRA, the collators for training and evaluation, and the function preparing a dataset."""
+    def _text_model_with_lora(self, model, args, peft_config) -> PeftModel:
+        """The text stages' model: an LLM2CLIPTextModel with LoRA (the official settings unless ``peft_config``)."""
+        self._require_text_model(model, args)
+        return model if isinstance(model, PeftModel) else get_peft_model(model, peft_config or default_lora_config(args))
+
+    def _require_text_model(self, model, args) -> LLM2CLIPTextModel:
         base = unwrap_peft(model)
         if not isinstance(base, LLM2CLIPTextModel):
             raise TypeError(
-                f"stage='caption' trains an LLM2CLIPTextModel, got {type(base).__name__}. Build one with "
+                f"stage={args.stage!r} trains an LLM2CLIPTextModel, got {type(base).__name__}. Build one with "
                 "LLM2CLIPTextModel.from_llm(...)."
             )
+        self.text_model = base
+        return base
+
+    def _setup_mntp_stage(self, model, args, peft_config, lm_head):
+        """The model with LoRA, the collator, the function preparing a dataset (one row per text), and the LLM's
+        next-token head (checked before LoRA changes the model)."""
+        head = output_head(self._require_text_model(model, args), lm_head)
+        model = self._text_model_with_lora(model, args, peft_config)
+        if not self.text_model.config.bidirectional:
+            logger.warning("MNTP adapts an LLM to bidirectional attention, but this text model is causal "
+                           "(bidirectional=False); it trains as it is.")
+
+        def prepare(dataset: Dataset, skip: bool) -> Dataset:
+            if TEXT in dataset.column_names and ROW_INDEX in dataset.column_names:
+                return dataset
+            dataset = drop_bad_caption_rows(with_row_index(dataset), args.caption_columns, skip)
+            return build_mntp_texts(dataset, args.caption_columns)
+
+        return model, MaskedTextCollator(self.text_model, args.mlm_probability, args.mask_token), prepare, head
+
+    def _setup_caption_stage(self, model, args, peft_config):
+        """The model with LoRA, the collators for training and evaluation, and the function preparing a dataset."""
         if len(args.caption_columns) != 2:
             raise ValueError(
                 f"stage='caption' needs exactly two caption columns (short, long); got {args.caption_columns}."
             )
-        if not isinstance(model, PeftModel):
-            model = get_peft_model(model, peft_config or default_lora_config(args))
-        self.text_model = base
+        model = self._text_model_with_lora(model, args, peft_config)
+        base = self.text_model
         short, long = args.caption_columns
 
         def prepare(dataset: Dataset, skip: bool) -> Dataset:
@@ -324,6 +355,11 @@ class LLM2CLIPTrainer(Trainer):
         inputs = self._model_inputs(inputs)
         if self.args.gradcache_chunk_size and model.training and torch.is_grad_enabled() and not return_outputs:
             return self._grad_cache_loss(model, inputs)
+        if self.args.stage == MNTP_STAGE:
+            labels = inputs.pop(LABELS)
+            outputs = model(**inputs)
+            loss = self.loss(outputs.last_hidden_state, labels)
+            return (loss, outputs) if return_outputs else loss
         if self.args.stage == CAPTION_STAGE:
             embeddings = {role: model(**batch).text_embeds for role, batch in inputs.items()}
             loss = self.loss(embeddings["query"], embeddings["positive"], embeddings.get("negative"))
@@ -449,7 +485,9 @@ class LLM2CLIPTrainer(Trainer):
         """Stage metrics of the current model on ``dataset`` (see :meth:`evaluate`)."""
         model = self._base_model()
         batch_size = self.args.per_device_eval_batch_size
-        if self.args.stage == CAPTION_STAGE:
+        if self.args.stage in TEXT_STAGES:
+            if len(self.args.caption_columns) != 2 or not set(self.args.caption_columns) <= set(dataset.column_names):
+                return {}  # an MNTP evaluation of other than two caption columns: the loss only
             return evaluate_caption_retrieval(model, dataset, self.args.caption_columns, batch_size=batch_size,
                                               show_progress_bar=False)
         return evaluate_retrieval(model, dataset, self.args.image_column, self.args.caption_columns,

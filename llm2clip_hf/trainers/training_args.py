@@ -8,11 +8,14 @@ from typing import Literal
 
 from transformers import TrainingArguments
 
-CAPTION_STAGE, CLIP_STAGE = "caption", "clip"
+MNTP_STAGE, CAPTION_STAGE, CLIP_STAGE = "mntp", "caption", "clip"
+TEXT_STAGES = (MNTP_STAGE, CAPTION_STAGE)  # stages that train an LLM2CLIPTextModel
 DEFAULT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 # Official settings that differ between the stages (llm_caption_contrastive configs / llm2clip run.sh).
 STAGE_DEFAULTS = {
+    MNTP_STAGE: dict(learning_rate=5e-5, warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
+                     lr_scheduler_type="linear"),
     CAPTION_STAGE: dict(learning_rate=2e-4, warmup_steps=300, weight_decay=0.0, max_grad_norm=1.0,
                         lr_scheduler_type="linear"),
     CLIP_STAGE: dict(learning_rate=1e-5, warmup_steps=0, weight_decay=0.05, max_grad_norm=5.0,
@@ -30,7 +33,12 @@ class LLM2CLIPTrainingArguments(TrainingArguments):
     unset.
     """
 
-    stage: Literal["caption", "clip"] = field(default=CAPTION_STAGE, metadata={"help": "caption (stage 1) or clip (stage 2)."})
+    stage: Literal["mntp", "caption", "clip"] = field(default=CAPTION_STAGE, metadata={
+        "help": "mntp (masked next-token prediction, before stage 1), caption (stage 1) or clip (stage 2)."})
+    # ---- stage "mntp"
+    mlm_probability: float = field(default=0.2, metadata={"help": "MNTP: share of each text's tokens masked."})
+    mask_token: str = field(default="_", metadata={
+        "help": "MNTP: mask token for a tokenizer that has none (llm2vec's 'blank' choice)."})
     # ---- stage 1: caption contrastive fine-tuning
     loss_scale: float = field(default=50.0, metadata={"help": "Cosine-similarity scale (1 / temperature)."})
     short_query_instruction: str = field(
@@ -107,7 +115,7 @@ class LLM2CLIPTrainingArguments(TrainingArguments):
 
     def __post_init__(self) -> None:
         if self.stage not in STAGE_DEFAULTS:
-            raise ValueError(f"stage must be 'caption' or 'clip', got {self.stage!r}.")
+            raise ValueError(f"stage must be 'mntp', 'caption' or 'clip', got {self.stage!r}.")
         for name, value in STAGE_DEFAULTS[self.stage].items():
             if getattr(self, name) is None:
                 setattr(self, name, value)
@@ -122,8 +130,11 @@ class LLM2CLIPTrainingArguments(TrainingArguments):
         if self.loss_type not in ("clip", "siglip"):
             raise ValueError(f"loss_type must be 'clip' or 'siglip', got {self.loss_type!r}.")
         if self.loss_type != "clip" and self.stage != CLIP_STAGE:
-            raise ValueError(f"loss_type={self.loss_type!r} is a stage-'clip' objective; stage 'caption' always "
-                             "trains its one-directional InfoNCE (loss_scale).")
+            raise ValueError(f"loss_type={self.loss_type!r} is a stage-'clip' objective; stage {self.stage!r} "
+                             "has its own loss.")
+        if self.stage == MNTP_STAGE and self.gradcache_chunk_size:
+            raise ValueError("gradcache_chunk_size applies to the contrastive stages; MNTP's loss is per token (use "
+                             "gradient_accumulation_steps for a larger batch).")
         if not 0 < self.layer_decay <= 1:
             raise ValueError(f"layer_decay must be in (0, 1], got {self.layer_decay}.")
         super().__post_init__()
