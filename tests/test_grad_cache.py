@@ -119,16 +119,19 @@ def test_trainer_gradcache_replays_lora_dropout(tiny_llm_dir, tmp_path):
     torch.manual_seed(7)
     trainer.model.zero_grad()
     trainer.model.train()
-    inputs = {k: v for k, v in batch.items() if not k.startswith("__llm2clip")}
-    embeddings = {role: torch.cat([trainer.model(**{k: v[i:i + 3] for k, v in role_inputs.items()}).text_embeds
-                                   for i in range(0, 8, 3)]) for role, role_inputs in inputs.items()}
+    texts = batch["texts"]  # query, positive and negative blocks of 8 rows, chunked across blocks as GradCache does
+    rows = len(texts["input_ids"])
+    assert rows == 24 and batch["roles"] == ["query", "positive", "negative"]
+    chunked = torch.cat([trainer.model(**{k: v[i:i + 3] for k, v in texts.items()}).text_embeds
+                         for i in range(0, rows, 3)])
+    embeddings = dict(zip(batch["roles"], chunked.chunk(3)))
     reference_loss = trainer.loss(embeddings["query"], embeddings["positive"], embeddings.get("negative"))
     reference_loss.backward()
     reference = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
 
     torch.manual_seed(7)
     trainer.model.zero_grad()
-    whole_batch = {role: trainer.model(**role_inputs).text_embeds for role, role_inputs in inputs.items()}
+    whole_batch = dict(zip(batch["roles"], trainer.model(**texts).text_embeds.chunk(3)))
     other_masks = trainer.loss(whole_batch["query"], whole_batch["positive"], whole_batch.get("negative"))
     assert abs(other_masks.item() - reference_loss.item()) > 1e-4  # dropout is on: other masks, other loss
 

@@ -278,3 +278,25 @@ def test_push_to_hub_uploads_weights_remote_code_processor_and_card(text_model, 
     assert not [f for f in files if f.startswith("checkpoint-")]
     card = (tmp_path / "out" / "README.md").read_text()
     assert "stage | clip" in card and "text_source | frozen" in card and "| loss |" in card
+
+
+def test_stage1_runs_query_positive_and_negative_as_one_batch_equal_to_three(tiny_llm_dir, tmp_path):
+    """One left-padded forward for the three roles gives each text the embedding of its own role's batch (and of
+    encode): padding is masked and the rotary positions are relative. (LoRA starts at zero: the base model.)"""
+    text_model = LLM2CLIPTextModel.from_llm(tiny_llm_dir)
+    args = LLM2CLIPTrainingArguments(output_dir=str(tmp_path), stage="caption", per_device_train_batch_size=8,
+                                     use_cpu=True, report_to="none")
+    trainer = LLM2CLIPTrainer(model=text_model, args=args, train_dataset=Dataset.from_list(tiny_caption_pair_rows()))
+    rows = [trainer.train_dataset[i] for i in range(8)]
+    batch = trainer.data_collator(rows)
+    assert batch["roles"] == ["query", "positive", "negative"] and batch["texts"]["input_ids"].shape[0] == 24
+    with torch.no_grad():
+        together = trainer.model(**batch["texts"]).text_embeds.chunk(3)
+        queries = [args.short_query_instruction if row["query_is_short"] else args.long_query_instruction
+                   for row in rows]
+        apart = [text_model(**text_model.tokenize([row["query"] for row in rows], queries,
+                                                  args.instruction_separator)).text_embeds,
+                 text_model.encode([row["positive"] for row in rows], batch_size=8),
+                 text_model.encode([row["negative"] for row in rows], batch_size=8)]
+    for role, one, three in zip(batch["roles"], together, apart):
+        torch.testing.assert_close(one, three, rtol=1e-4, atol=1e-5, msg=role)

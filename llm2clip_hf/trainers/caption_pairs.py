@@ -14,6 +14,7 @@ from ..modeling.caption_tokenization import collate_left_padded
 from .data_statistics import BATCH_STATISTICS, batch_statistics
 
 QUERY, POSITIVE, NEGATIVE, QUERY_IS_SHORT = "query", "positive", "negative", "query_is_short"
+TEXTS, ROLES = "texts", "roles"  # a collated batch: all texts of the step, and the roles of its equal blocks
 
 
 def build_caption_pairs(dataset: Dataset, short_column: str, long_column: str, seed: int,
@@ -59,9 +60,10 @@ def _digest(text: str) -> str:
 
 
 class CaptionPairCollator:
-    """Tokenizes triples for :class:`LLM2CLIPTextModel`: the query with its direction's instruction (excluded
-    from pooling), positive and negative without one. Returns one input dict per role, the row indices, and the
-    number of truncated texts (``BATCH_STATISTICS``)."""
+    """Tokenizes triples for :class:`LLM2CLIPTextModel` into ONE left-padded batch, so that a step runs the LLM once:
+    the queries with their direction's instruction (excluded from pooling), then the positives and the hard
+    negatives without one (``ROLES`` names the blocks, in that order, each of ``len(rows)`` rows). Also returns the
+    row indices and the number of truncated texts (``BATCH_STATISTICS``)."""
 
     def __init__(self, text_model: LLM2CLIPTextModel, short_query_instruction: str, long_query_instruction: str,
                  instruction_separator: str = "; ") -> None:
@@ -69,18 +71,20 @@ class CaptionPairCollator:
         self.instructions = {True: short_query_instruction, False: long_query_instruction}
         self.separator = instruction_separator
 
-    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, dict]:
+    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
         pad = self.text_model.require_tokenizer().pad_token_id
         instructions = [self.instructions[bool(row[QUERY_IS_SHORT])] for row in rows]
-        batch = {
-            QUERY: self.text_model.tokenize_items([row[QUERY] for row in rows], instructions, self.separator),
-            POSITIVE: self.text_model.tokenize_items([row[POSITIVE] for row in rows]),
-        }
-        if NEGATIVE in rows[0]:
-            batch[NEGATIVE] = self.text_model.tokenize_items([row[NEGATIVE] for row in rows])
-        collated: dict = {role: collate_left_padded(items, pad) for role, items in batch.items()}
+        roles = [QUERY, POSITIVE] + ([NEGATIVE] if NEGATIVE in rows[0] else [])
+        items = self.text_model.tokenize_items([row[QUERY] for row in rows], instructions, self.separator)
+        for role in roles[1:]:
+            items += self.text_model.tokenize_items([row[role] for row in rows])
+        collated: dict[str, Any] = {TEXTS: collate_left_padded(items, pad), ROLES: roles}
         if ROW_INDEX in rows[0]:
             collated[ROW_INDEX] = torch.tensor([int(row[ROW_INDEX]) for row in rows])
-        truncated = sum(item.truncated for items in batch.values() for item in items)
-        collated[BATCH_STATISTICS] = batch_statistics(truncated_captions=truncated)
+        collated[BATCH_STATISTICS] = batch_statistics(truncated_captions=sum(item.truncated for item in items))
         return collated
+
+
+def split_roles(embeddings: torch.Tensor, roles: list[str]) -> dict[str, torch.Tensor]:
+    """The embeddings of a :class:`CaptionPairCollator` batch, per role."""
+    return dict(zip(roles, embeddings.chunk(len(roles))))

@@ -36,7 +36,7 @@ from ..data import (
 from ..evaluation import evaluate_caption_retrieval, evaluate_retrieval
 from ..lora import merge_lora_state_dict, merged_state_dict, unwrap_peft
 from ..modeling import LLM2CLIPModel, LLM2CLIPOutput, LLM2CLIPTextModel
-from .caption_pairs import QUERY, CaptionPairCollator, build_caption_pairs
+from .caption_pairs import QUERY, ROLES, TEXTS, CaptionPairCollator, build_caption_pairs, split_roles
 from .clip_data import CLIPCollator
 from .data_statistics import BATCH_STATISTICS, DataStatistics
 from .distributed import average_gradients
@@ -360,8 +360,8 @@ class LLM2CLIPTrainer(Trainer):
             outputs = model(**inputs)
             loss = self.loss(outputs.last_hidden_state, labels)
             return (loss, outputs) if return_outputs else loss
-        if self.args.stage == CAPTION_STAGE:
-            embeddings = {role: model(**batch).text_embeds for role, batch in inputs.items()}
+        if self.args.stage == CAPTION_STAGE:  # query, positive and negative in one forward
+            embeddings = split_roles(model(**inputs[TEXTS]).text_embeds, inputs[ROLES])
             loss = self.loss(embeddings["query"], embeddings["positive"], embeddings.get("negative"))
             return (loss, embeddings) if return_outputs else loss
         outputs = model(**inputs)
@@ -421,12 +421,13 @@ class LLM2CLIPTrainer(Trainer):
     def _grad_cache_parts(self, model, inputs):
         """Per-role encoders and inputs, and the loss on their embeddings, for :func:`grad_cache_loss`."""
         if self.args.stage == CAPTION_STAGE:
-            encoders = {role: (lambda batch: model(**batch).text_embeds) for role in inputs}
+            encoders = {TEXTS: lambda batch: model(**batch).text_embeds}
 
             def caption_loss(embeddings):
-                return self.loss(embeddings["query"], embeddings["positive"], embeddings.get("negative"))
+                roles = split_roles(embeddings[TEXTS], inputs[ROLES])
+                return self.loss(roles["query"], roles["positive"], roles.get("negative"))
 
-            return encoders, inputs, caption_loss
+            return encoders, {TEXTS: inputs[TEXTS]}, caption_loss
         text_inputs = {k: v for k, v in inputs.items() if k != "pixel_values"}
         encoders = {"image": lambda batch: model.get_image_features(pixel_values=batch["pixel_values"]),
                     "text": lambda batch: model.get_text_features(**batch)}
