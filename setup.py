@@ -31,7 +31,9 @@ setup(
     extras_require={
         # The demo's real assets: SmolLM2-135M-Instruct (GGUF) carried by a PyPI package, read with gguf.
         "demo": ["gguf>=0.10", "matplotlib>=3.8"],
-        "test": ["pytest>=8", "gguf>=0.10", "matplotlib>=3.8"],
+        "test": ["pytest>=8", "gguf>=0.10", "matplotlib>=3.8", "sentence-transformers>=6,<7"],
+        # Load saved text encoders with SentenceTransformer(folder, trust_remote_code=True).
+        "sentence-transformers": ["sentence-transformers>=6,<7"],
     },
     entry_points={"console_scripts": ["llm2clip-hf=llm2clip_hf.cli:main"]},
 )

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -20,6 +23,7 @@ logger = hf_logging.get_logger(__name__)
 
 # Arguments of from_pretrained that also locate the tokenizer and the config.
 _HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder", "gguf_file")
+SENTENCE_TRANSFORMERS_FILE = "sentence_transformers_llm2clip.py"  # sentence-transformers' input module
 
 
 @dataclass
@@ -113,10 +117,19 @@ class LLM2CLIPTextModel(PreTrainedModel):
         return model
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> None:
-        """Save weights, config, remote code and the tokenizer."""
+        """Save weights, config, remote code, the tokenizer, and the files with which sentence-transformers loads
+        the folder (``modules.json`` and its input module, see ``sentence_transformers_llm2clip.py``)."""
         super().save_pretrained(save_directory, *args, **kwargs)
-        if self.tokenizer is not None and kwargs.get("is_main_process", True):
+        if not kwargs.get("is_main_process", True):
+            return
+        if self.tokenizer is not None:
             self.tokenizer.save_pretrained(save_directory)
+        module_file = Path(__file__).with_name(SENTENCE_TRANSFORMERS_FILE)
+        if module_file.is_file():  # absent only in a copy of the remote code made without it
+            shutil.copyfile(module_file, Path(save_directory) / SENTENCE_TRANSFORMERS_FILE)
+            module = f"{Path(SENTENCE_TRANSFORMERS_FILE).stem}.LLM2CLIPSentenceEncoder"
+            modules = [{"idx": 0, "name": "0", "path": "", "type": module}]
+            (Path(save_directory) / "modules.json").write_text(json.dumps(modules, indent=2) + "\n")
 
     # ----------------------------------------------------------------------------------------------- compute
     def get_input_embeddings(self) -> torch.nn.Module:
