@@ -85,9 +85,11 @@ def stage1_trainer(text_model: LLM2CLIPTextModel, batch: int, tokens: int, steps
 
 
 def sequence_length(trainer: LLM2CLIPTrainer) -> int:
-    """Padded length of the positives in the first batch (the queries add an instruction)."""
+    """Padded length of the first batch (queries and positives go through the LLM as one padded batch)."""
+    from llm2clip_hf.trainers.caption_pairs import TEXTS
+
     batch = next(iter(trainer.get_train_dataloader()))
-    return int(batch["positive"]["input_ids"].shape[1])
+    return int(batch[TEXTS]["input_ids"].shape[1])
 
 
 def second_step_memory():
