@@ -300,3 +300,34 @@ def test_stage1_runs_query_positive_and_negative_as_one_batch_equal_to_three(tin
                  text_model.encode([row["negative"] for row in rows], batch_size=8)]
     for role, one, three in zip(batch["roles"], together, apart):
         torch.testing.assert_close(one, three, rtol=1e-4, atol=1e-5, msg=role)
+
+
+def test_stage1_push_writes_cra_before_and_after_as_model_index(text_model, pairs, tmp_path, monkeypatch):
+    """The card's model-index (read by huggingface_hub's own parser) holds the held-out CRA of the model before
+    training and of the pushed model, each recomputed here on a separate copy."""
+    import copy
+
+    import transformers.trainer
+    from huggingface_hub.repocard import metadata_load
+    from huggingface_hub.repocard_data import model_index_to_eval_results
+
+    from llm2clip_hf.evaluation import evaluate_caption_retrieval
+
+    held_out = pairs.select(range(16))
+    expected_before = evaluate_caption_retrieval(copy.deepcopy(text_model), held_out, CAPTIONS)["cra"]
+    fake = FakeHubApi()
+    monkeypatch.setattr(transformers.trainer, "hf_api", lambda: fake)
+    args = caption_args(tmp_path, max_steps=6, hub_model_id="tiny-stage1", per_device_eval_batch_size=8)
+    trainer = LLM2CLIPTrainer(model=copy.deepcopy(text_model), args=args, train_dataset=pairs, eval_dataset=held_out)
+    trainer.train()
+    trainer.save_model()
+    trainer.evaluate()
+    trainer.push_to_hub()
+    expected_after = evaluate_caption_retrieval(LLM2CLIPTextModel.from_pretrained(tmp_path / "out"), held_out,
+                                                CAPTIONS)["cra"]
+    assert expected_after != expected_before  # otherwise the test could not tell before from after
+    name, results = model_index_to_eval_results(metadata_load(tmp_path / "out" / "README.md")["model-index"])
+    values = {result.metric_type: result.metric_value for result in results}
+    assert name == "tiny-stage1"
+    assert values["cra"] == pytest.approx(expected_after, abs=0.01)
+    assert values["cra_before_training"] == pytest.approx(expected_before, abs=0.01)

@@ -40,8 +40,14 @@ def build_model_card(
     num_train_examples: int | None,
     metrics: dict[str, float],
     world_size: int,
+    cra_before: float | None = None,
+    cra_after: float | None = None,
 ) -> str:
-    """Markdown with YAML front matter: stage, base models, data, hyperparameters, metrics and usage."""
+    """Markdown with YAML front matter: stage, base models, data, hyperparameters, metrics and usage.
+
+    ``cra_before`` / ``cra_after``: held-out caption retrieval accuracy (percent) before and after training, written
+    as the card's ``model-index`` (the Hub's evaluation results) and as a line of the metrics section.
+    """
     caption = args.stage in TEXT_STAGES
     front = {
         "library_name": "transformers",
@@ -49,6 +55,7 @@ def build_model_card(
         "pipeline_tag": "feature-extraction" if caption else "zero-shot-image-classification",
         "base_model": [m for m in base_models if m] or None,
         "datasets": [d for d in datasets if d] or None,
+        "model-index": _cra_model_index(repo, datasets, cra_before, cra_after),
     }
     front_lines = ["---"] + [f"{k}: {json.dumps(v)}" for k, v in front.items() if v is not None] + ["---"]
     purpose = (
@@ -65,6 +72,10 @@ def build_model_card(
     hyper["processes"] = world_size
     metric_lines = (["| metric | value |", "|---|---|"] + [f"| {k} | {_fmt(v)} |" for k, v in metrics.items()]
                     if metrics else ["No metrics were recorded."])
+    if cra_after is not None:
+        before = f"{cra_before:.2f} % before training -> " if cra_before is not None else ""
+        metric_lines = [f"Held-out caption retrieval accuracy (mean of both directions): {before}"
+                        f"{cra_after:.2f} % after.", ""] + metric_lines
     lines = front_lines + [
         f"# {repo}", "", purpose, "", "Trained with `LLM2CLIPTrainer` of the `llm2clip-hf` package.", "",
         "## Base models", "", *[f"- `{m}`" for m in base_models if m], "",
@@ -80,6 +91,24 @@ def build_model_card(
         "  journal={arXiv preprint arXiv:2411.04997}, year={2024}", "}", "```", "",
     ]
     return "\n".join(lines)
+
+
+def _cra_model_index(repo: str, datasets: list[str], before: float | None,
+                     after: float | None) -> list[dict[str, Any]] | None:
+    """The Hub's ``model-index`` entry for held-out caption retrieval accuracy, or None without a measurement."""
+    if after is None:
+        return None
+    values = [{"type": "cra", "name": "Caption retrieval accuracy (held-out, mean of both directions)",
+               "value": round(after, 2)}]
+    if before is not None:
+        values.append({"type": "cra_before_training", "name": "Caption retrieval accuracy before training",
+                       "value": round(before, 2)})
+    dataset = next((d for d in datasets if d), "held-out caption pairs")
+    return [{"name": repo, "results": [{
+        "task": {"type": "sentence-similarity", "name": "Caption retrieval"},
+        "dataset": {"name": dataset, "type": dataset},
+        "metrics": values,
+    }]}]
 
 
 def _fmt(value: Any) -> str:

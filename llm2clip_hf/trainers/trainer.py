@@ -182,6 +182,8 @@ class LLM2CLIPTrainer(Trainer):
             else:
                 loss = loss or CLIPContrastiveLoss(world_size=args.world_size, rank=args.process_index)
             callbacks.append(LogitScaleClampCallback(self, args.logit_scale_max))
+        if args.stage == CAPTION_STAGE and eval_dataset is not None and args.retrieval_metrics:
+            args.eval_on_start = True  # the held-out CRA before training, for the log and the card's model-index
         # Training applies the bad-row policy; evaluation never drops a row.
         self._prepare_dataset = prepare
         train_dataset = prepare(train_dataset, args.skip_bad_rows) if train_dataset is not None else None
@@ -555,11 +557,14 @@ class LLM2CLIPTrainer(Trainer):
         metrics = {}
         for entry in self.state.log_history:
             metrics.update({k: v for k, v in entry.items() if isinstance(v, (int, float)) and k not in ("step", "epoch")})
+        cra = [(entry["step"], entry["eval_cra"]) for entry in self.state.log_history if "eval_cra" in entry]
+        cra_before = cra[0][1] if cra and cra[0][0] == 0 else None
+        cra_after = cra[-1][1] if cra and cra[-1][0] > 0 else None
         card = build_model_card(
             repo=model_name or getattr(self, "hub_model_id", None) or os.path.basename(os.path.abspath(output_dir)),
             args=self.args, base_models=base_models, datasets=datasets,
             num_train_examples=len(self.train_dataset) if has_length(self.train_dataset) else None,
-            metrics=metrics, world_size=self.args.world_size,
+            metrics=metrics, world_size=self.args.world_size, cra_before=cra_before, cra_after=cra_after,
         )
         with open(os.path.join(output_dir, "README.md"), "w", encoding="utf-8") as handle:
             handle.write(card)
