@@ -167,7 +167,19 @@ class TrainDataArguments:
     eval_split: str | None = field(default=None, metadata={
         "help": "Split of --eval-dataset (or of --dataset when --eval-dataset is not given) to evaluate on."})
     eval_fraction: float = field(default=0.0, metadata={"help": "Hold out this fraction of the training rows."})
-    max_samples: int | None = field(default=None, metadata={"help": "Use only the first N training rows."})
+    max_samples: int | None = field(default=None, metadata={
+        "help": "Use only the first N training rows (of --dataset and of each --pair-dataset)."})
+    pair_dataset: list[str] | None = field(default=None, metadata={
+        "help": "Stage 1 (--stage caption): text-pair data trained beside the captions of --dataset, e.g. E5 "
+                "retrieval tasks (same forms as --dataset; one or more). Every batch comes from one source, drawn "
+                "with --source-mixing-weights; see docs/mixed_stage1_data.md."})
+    pair_instruction: list[str] | None = field(default=None, metadata={
+        "help": "Query instruction of each --pair-dataset, in order ('' for none). Default: a dataset's own "
+                "'instruction' column, else none."})
+    pair_columns: list[str] | None = field(default=None, metadata={
+        "help": "QUERY POSITIVE [NEGATIVE]: columns of the --pair-dataset data (default: query, positive, and "
+                "negative when there is one). Negatives are hard negatives, needed when the captions have them "
+                "(--hard-negatives, default true)."})
     embedding_cache: str | None = field(default=None, metadata={
         "help": "Folder of the stage-2 embedding cache (default: OUTPUT_DIR/_embedding_cache, not pushed to the Hub)."})
     streaming: bool = field(default=False, metadata={

@@ -21,8 +21,8 @@ from .data import (
 )
 from .model_loading import load_clip_model, load_lm_head
 from .modeling import LLM2CLIPModel
-from .trainers import LLM2CLIPTrainer, LLM2CLIPTrainingArguments
-from .trainers.training_args import MNTP_STAGE, TEXT_STAGES
+from .trainers import LLM2CLIPTrainer, LLM2CLIPTrainingArguments, text_pair_source
+from .trainers.training_args import CAPTION_STAGE, MNTP_STAGE, TEXT_STAGES
 from .vision_sources import llm2clip_from_pretrained_vision
 
 
@@ -65,6 +65,42 @@ def load_stream_cache(data: Any) -> Dataset:
     return cache
 
 
+def check_pair_options(data: Any, args: LLM2CLIPTrainingArguments) -> None:
+    """``--pair-*`` and ``--source-mixing-weights`` fit each other and the stage; say how otherwise."""
+    pairs, problems = list(data.pair_dataset or []), []
+    if pairs and args.stage != CAPTION_STAGE:
+        problems.append("--pair-dataset adds text pairs to stage 1: use it with --stage caption")
+    if len(set(pairs)) < len(pairs) or data.dataset in pairs:
+        problems.append("give each --pair-dataset once, and none that is also --dataset")
+    if data.pair_instruction is not None and len(data.pair_instruction) != len(pairs):
+        problems.append(f"--pair-instruction takes one instruction per --pair-dataset ({len(pairs)}), got "
+                        f"{len(data.pair_instruction)}; use '' for none")
+    if data.pair_columns is not None and (not pairs or len(data.pair_columns) not in (2, 3)):
+        problems.append(f"--pair-columns takes QUERY POSITIVE [NEGATIVE], the column names of the --pair-dataset "
+                        f"data, got {data.pair_columns}")
+    weights = args.source_mixing_weights
+    if weights is not None and not pairs:
+        problems.append("--source-mixing-weights weighs --dataset against each --pair-dataset: give --pair-dataset "
+                        "or drop the weights")
+    elif weights is not None and len(weights) != 1 + len(pairs):
+        problems.append(f"--source-mixing-weights takes one weight per source, --dataset first and then each "
+                        f"--pair-dataset ({1 + len(pairs)}), got {len(weights)}")
+    if problems:
+        raise ValueError("; ".join(problems) + ".")
+
+
+def load_pair_sources(data: Any) -> dict[str, Dataset]:
+    """The ``--pair-dataset`` sources, named by their paths, as text-pair sources (:func:`text_pair_source`)."""
+    instructions = data.pair_instruction or [None] * len(data.pair_dataset)
+    sources = {}
+    for spec, instruction in zip(data.pair_dataset, instructions):
+        pairs = load_dataset_from_spec(spec, data.split)
+        if data.max_samples:
+            pairs = pairs.select(range(min(data.max_samples, len(pairs))))
+        sources[spec] = text_pair_source(pairs, instruction, *(data.pair_columns or []))
+    return sources
+
+
 def train_from_cli(text: Any, data: Any, clip: Any, args: LLM2CLIPTrainingArguments,
                    precision: Any = None) -> dict[str, Any] | None:
     """Run one training stage as the CLI describes it; return (and save) the metrics on the main process.
@@ -77,6 +113,8 @@ def train_from_cli(text: Any, data: Any, clip: Any, args: LLM2CLIPTrainingArgume
     image_column = args.image_column if args.stage not in TEXT_STAGES else None
     if data.streaming:
         check_streaming_options(data, args)
+    check_pair_options(data, args)
+    pair_sources = load_pair_sources(data) if data.pair_dataset else {}
     train = load_dataset_from_spec(data.dataset, data.split, image_column, streaming=data.streaming)
     if data.max_samples:
         train = train.take(data.max_samples) if data.streaming else train.select(range(min(data.max_samples,
@@ -137,6 +175,8 @@ def train_from_cli(text: Any, data: Any, clip: Any, args: LLM2CLIPTrainingArgume
     if evaluation is None and data.eval_fraction > 0:
         parts = train.train_test_split(test_size=data.eval_fraction, seed=args.seed)
         train, evaluation = parts["train"], parts["test"]
+    if pair_sources:  # stage 1 on named sources; evaluation stays on the captions
+        train = {data.dataset: train, **pair_sources}
     trainer = LLM2CLIPTrainer(model=model, args=args, train_dataset=train, eval_dataset=evaluation,
                               text_model=text_model if args.stage not in TEXT_STAGES else None, lm_head=lm_head)
     resume = args.resume_from_checkpoint

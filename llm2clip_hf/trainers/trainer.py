@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -15,7 +16,7 @@ from peft import LoraConfig, PeftModel, get_peft_model, inject_adapter_in_model
 from torch import nn
 from torch.distributed.tensor import DTensor
 from transformers import Trainer, TrainerCallback
-from transformers.trainer_utils import has_length
+from transformers.trainer_utils import has_length, seed_worker
 from transformers.utils import logging as hf_logging
 
 import datasets as hf_datasets
@@ -36,7 +37,19 @@ from ..data import (
 from ..evaluation import evaluate_caption_retrieval, evaluate_retrieval
 from ..lora import merge_lora_state_dict, merged_state_dict, unwrap_peft
 from ..modeling import LLM2CLIPModel, LLM2CLIPOutput, LLM2CLIPTextModel
-from .caption_pairs import QUERY, ROLES, TEXTS, CaptionPairCollator, build_caption_pairs, split_roles
+from .caption_pairs import (
+    POSITIVE,
+    QUERY,
+    QUERY_INSTRUCTION,
+    ROLES,
+    TEXTS,
+    CaptionPairCollator,
+    build_caption_pairs,
+    build_text_pairs,
+    check_negatives_agree,
+    concatenate_sources,
+    split_roles,
+)
 from .clip_data import CLIPCollator
 from .data_statistics import BATCH_STATISTICS, DataStatistics
 from .distributed import average_gradients
@@ -45,6 +58,7 @@ from .grad_cache import grad_cache_loss
 from .layer_decay import layer_decay_parameter_groups
 from .losses import CaptionContrastiveLoss, CLIPContrastiveLoss, MaskedNextTokenLoss, SigLIPContrastiveLoss
 from .masked_next_token import LABELS, TEXT, MaskedTextCollator, build_mntp_texts, output_head
+from .mixed_sources import SourceBatchSampler
 from .model_card import build_model_card
 from .training_args import CAPTION_STAGE, CLIP_STAGE, MNTP_STAGE, TEXT_STAGES, LLM2CLIPTrainingArguments
 
@@ -105,15 +119,16 @@ class NonFiniteLossCallback(TrainerCallback):
 
 
 class EpochCallback(TrainerCallback):
-    """Tells the training sampler the epoch at the start of each one. The Trainer's own ``set_epoch`` reaches the
-    sampler through accelerate's wrappers in most set-ups but not all (a resumed multi-process run wraps it once
-    more); this makes it certain."""
+    """Tells the trainer's training sampler (:class:`EpochTaggedSampler`, or :class:`SourceBatchSampler` for mixed
+    sources) the epoch at the start of each one. The Trainer's own ``set_epoch`` reaches the sampler through
+    accelerate's wrappers in most set-ups but not all (a resumed multi-process run wraps it once more); this makes
+    it certain."""
 
-    def __init__(self, sampler: EpochTaggedSampler) -> None:
-        self.sampler = sampler
+    def __init__(self, trainer: "LLM2CLIPTrainer") -> None:
+        self.trainer = trainer
 
     def on_epoch_begin(self, args, state, control, **kwargs):
-        self.sampler.set_epoch(math.floor(state.epoch + 1e-9))
+        self.trainer._train_sampler.set_epoch(math.floor(state.epoch + 1e-9))
 
 
 def default_lora_config(args: LLM2CLIPTrainingArguments) -> LoraConfig:
@@ -126,8 +141,10 @@ class LLM2CLIPTrainer(Trainer):
     """Trains LLM2CLIP stage 1 (``args.stage="caption"``) or stage 2 (``args.stage="clip"``).
 
     Stage 1 takes an :class:`LLM2CLIPTextModel` (LoRA is added with ``peft_config`` or the official settings) and
-    a dataset with a short and a long caption column. Stage 2 takes an :class:`LLM2CLIPModel` and a dataset with
-    images and, for ``text_source="cached"``, the embeddings written by ``precompute_text_embeddings``; pass the
+    a dataset with a short and a long caption column, or text pairs (``query``, ``positive``, optional ``negative``
+    and ``instruction`` columns, see :func:`text_pair_source`), or a dict (``DatasetDict``) of such named sources:
+    then every batch comes from one source, drawn with ``source_mixing_weights`` (:class:`SourceBatchSampler`).
+    Stage 2 takes an :class:`LLM2CLIPModel` and a dataset with images and, for ``text_source="cached"``, the embeddings written by ``precompute_text_embeddings``; pass the
     ``text_model`` that made them to have the cache checked against it. ``trainer.save_model()`` and
     ``push_to_hub()`` write a loadable model (LoRA merged) with remote code and a model card; checkpoints keep the
     LoRA adapter and optimizer state for ``resume_from_checkpoint``.
@@ -137,8 +154,8 @@ class LLM2CLIPTrainer(Trainer):
         self,
         model: LLM2CLIPTextModel | LLM2CLIPModel | PeftModel,
         args: LLM2CLIPTrainingArguments,
-        train_dataset: Dataset | None = None,
-        eval_dataset: Dataset | None = None,
+        train_dataset: Dataset | Mapping[str, Dataset] | None = None,
+        eval_dataset: Dataset | Mapping[str, Dataset] | None = None,
         peft_config: LoraConfig | None = None,
         text_model: LLM2CLIPTextModel | None = None,
         loss: nn.Module | None = None,
@@ -159,7 +176,8 @@ class LLM2CLIPTrainer(Trainer):
                 "'random' (default) or 'sequential'. Contrastive batches need no length grouping."
             )
         self._train_sampler = EpochTaggedSampler(0, args.seed, shuffle=args.train_sampling_strategy == "random")
-        callbacks.append(EpochCallback(self._train_sampler))
+        callbacks.append(EpochCallback(self))
+        self._check_sources(args, train_dataset, eval_dataset)
         if args.stage == MNTP_STAGE:
             model, collator, prepare, head = self._setup_mntp_stage(model, args, peft_config, lm_head)
             eval_collator = collator
@@ -188,8 +206,16 @@ class LLM2CLIPTrainer(Trainer):
         self._prepare_dataset = prepare
         train_dataset = prepare(train_dataset, args.skip_bad_rows) if train_dataset is not None else None
         eval_dataset = prepare(eval_dataset, False) if eval_dataset is not None else None
+        # Named stage-1 sources train as one dataset whose batch sampler keeps every batch to one source; evaluation
+        # keeps them apart (the Trainer evaluates each, its metrics prefixed with the name).
+        self._train_source_sizes = None
+        if isinstance(train_dataset, Mapping):
+            self._train_source_sizes = {name: len(dataset) for name, dataset in train_dataset.items()}
+            train_dataset = concatenate_sources(train_dataset)
         super().__init__(model=model, args=args, data_collator=collator, train_dataset=train_dataset,
                          eval_dataset=eval_dataset, callbacks=callbacks, **kwargs)
+        if self._train_source_sizes is not None:
+            self._train_sampler = self._source_batch_sampler(self._train_batch_size)  # source sizes, weights checked
         self.eval_data_collator = eval_collator
         self.loss = loss.to(self.args.device) if args.stage == MNTP_STAGE else loss  # a given lm_head's device
         if args.gradcache_chunk_size and self.is_fsdp_enabled:
@@ -203,6 +229,19 @@ class LLM2CLIPTrainer(Trainer):
         self.model_accepts_loss_kwargs = False
 
     # --------------------------------------------------------------------------------------------- setup
+    @staticmethod
+    def _check_sources(args: LLM2CLIPTrainingArguments, train_dataset: Any, eval_dataset: Any) -> None:
+        """Named sources (a dict) are stage-1 data, and ``source_mixing_weights`` weighs those of training."""
+        for data in (train_dataset, eval_dataset):
+            if isinstance(data, Mapping) and args.stage != CAPTION_STAGE:
+                raise ValueError(f"A dict of datasets holds named stage-1 sources (stage='caption'); stage "
+                                 f"{args.stage!r} takes one Dataset.")
+            if isinstance(data, Mapping) and not data:
+                raise ValueError("The dict of stage-1 sources is empty; give at least one dataset.")
+        if args.source_mixing_weights is not None and not isinstance(train_dataset, Mapping):
+            raise ValueError("source_mixing_weights weighs the named sources of a dict train_dataset (stage "
+                             "'caption'); pass a DatasetDict (CLI: --pair-dataset) or drop the weights.")
+
     def _text_model_with_lora(self, model, args, peft_config) -> PeftModel:
         """The text stages' model: an LLM2CLIPTextModel with LoRA (the official settings unless ``peft_config``)."""
         self._require_text_model(model, args)
@@ -242,17 +281,32 @@ class LLM2CLIPTrainer(Trainer):
                 f"stage='caption' needs exactly two caption columns (short, long); got {args.caption_columns}."
             )
         model = self._text_model_with_lora(model, args, peft_config)
-        base = self.text_model
         short, long = args.caption_columns
 
-        def prepare(dataset: Dataset, skip: bool) -> Dataset:
-            if QUERY in dataset.column_names:
+        def prepare_source(dataset: Dataset, skip: bool, name: str | None = None) -> Dataset:
+            """A caption source (the two caption columns) or a text-pair source (query and positive columns) as
+            prepared rows; a prepared dataset as it is."""
+            columns = set(dataset.column_names)
+            if {ROW_INDEX, QUERY, QUERY_INSTRUCTION} <= columns:
                 return dataset
+            if {QUERY, POSITIVE} <= columns and not {short, long} <= columns:
+                return build_text_pairs(with_row_index(dataset), args.hard_negatives, skip)
+            source = f"Stage-1 source {name!r}" if name is not None else "Stage-1 training"
+            require_columns(dataset, [short, long],
+                            f"{source} (captions; text pairs would have '{QUERY}' and '{POSITIVE}' columns instead)")
             dataset = drop_bad_caption_rows(with_row_index(dataset), [short, long], skip)
-            return build_caption_pairs(dataset, short, long, args.seed, args.hard_negatives)
+            return build_caption_pairs(dataset, short, long, args.seed, args.hard_negatives,
+                                       short_query_instruction=args.short_query_instruction,
+                                       long_query_instruction=args.long_query_instruction)
 
-        collator = CaptionPairCollator(base, args.short_query_instruction, args.long_query_instruction,
-                                       args.instruction_separator)
+        def prepare(data: Dataset | Mapping[str, Dataset], skip: bool) -> Dataset | dict[str, Dataset]:
+            if not isinstance(data, Mapping):
+                return prepare_source(data, skip)
+            sources = {name: prepare_source(dataset, skip, name) for name, dataset in data.items()}
+            check_negatives_agree(sources)
+            return sources
+
+        collator = CaptionPairCollator(self.text_model, args.instruction_separator)
         return model, collator, collator, prepare
 
     def _setup_clip_stage(self, model, args, peft_config, text_model):
@@ -326,16 +380,22 @@ class LLM2CLIPTrainer(Trainer):
             stream = training_stream(dataset, args.seed, args.process_index, args.world_size, EPOCH,
                                      shuffle=args.train_sampling_strategy == "random",
                                      buffer_size=args.stream_shuffle_buffer_size)
-            loader = torch.utils.data.DataLoader(
-                stream, batch_size=batch_size, collate_fn=self.data_collator, drop_last=args.dataloader_drop_last,
-                num_workers=args.dataloader_num_workers, pin_memory=args.dataloader_pin_memory,
-                persistent_workers=args.dataloader_persistent_workers, in_order=args.dataloader_in_order,
-                multiprocessing_context=args.dataloader_multiprocessing_context,
-                prefetch_factor=args.dataloader_prefetch_factor,
-            )
+            loader = torch.utils.data.DataLoader(stream, batch_size=batch_size, collate_fn=self.data_collator,
+                                                 drop_last=args.dataloader_drop_last, **self._loader_options())
             return prepare_data_loader(loader, self.accelerator.device, num_processes=1, process_index=0,
                                        put_on_device=self.accelerator.device_placement, dispatch_batches=False,
                                        non_blocking=self.accelerator.non_blocking)
+        if is_training and self._train_source_sizes is not None:
+            # Mixed stage-1 sources: the batch sampler picks whole batches, which accelerate then deals out to the
+            # processes (transformers' own loader would pass a per-row sampler).
+            self._train_sampler = self._source_batch_sampler(batch_size)
+            loader = torch.utils.data.DataLoader(
+                EpochTaggedDataset(dataset), batch_sampler=self._train_sampler, collate_fn=self.data_collator,
+                worker_init_fn=functools.partial(seed_worker, num_workers=self.args.dataloader_num_workers,
+                                                 rank=self.args.process_index),
+                **self._loader_options(),
+            )
+            return self.accelerator.prepare(loader)
         train_collator = self.data_collator
         if is_training and not isinstance(dataset, torch.utils.data.IterableDataset):
             self._train_sampler.num_rows = len(dataset)
@@ -346,6 +406,23 @@ class LLM2CLIPTrainer(Trainer):
             return super()._get_dataloader(dataset, description, batch_size, sampler_fn, is_training, dataloader_key)
         finally:
             self.data_collator = train_collator
+
+    def _loader_options(self) -> dict[str, Any]:
+        """The DataLoader settings of the training arguments (workers, pinned memory, prefetching)."""
+        args = self.args
+        return dict(num_workers=args.dataloader_num_workers, pin_memory=args.dataloader_pin_memory,
+                    persistent_workers=args.dataloader_persistent_workers, in_order=args.dataloader_in_order,
+                    multiprocessing_context=args.dataloader_multiprocessing_context,
+                    prefetch_factor=args.dataloader_prefetch_factor)
+
+    def _source_batch_sampler(self, batch_size: int) -> SourceBatchSampler:
+        """Training batches of the named sources. Accelerate gives process ``i`` batch ``i`` of every
+        ``num_processes`` consecutive ones (with ``split_batches``, a slice of every batch): a step's global batch
+        is that many batches, all of one source."""
+        group = 1 if self.accelerator.split_batches else self.accelerator.num_processes
+        return SourceBatchSampler(self._train_source_sizes, batch_size, self.args.seed,
+                                  self.args.source_mixing_weights, group,
+                                  shuffle=self.args.train_sampling_strategy == "random")
 
     @staticmethod
     def _model_inputs(inputs: dict[str, Any]) -> dict[str, Any]:
@@ -469,14 +546,17 @@ class LLM2CLIPTrainer(Trainer):
             loss = self.compute_loss(model, inputs)
         return loss.detach(), None, None
 
-    def evaluate(self, eval_dataset: Dataset | None = None, ignore_keys: list[str] | None = None,
-                 metric_key_prefix: str = "eval") -> dict[str, float]:
+    def evaluate(self, eval_dataset: Dataset | Mapping[str, Dataset] | str | None = None,
+                 ignore_keys: list[str] | None = None, metric_key_prefix: str = "eval") -> dict[str, float]:
         """The Trainer's evaluation loss plus the stage's retrieval metrics, logged together: caption retrieval
-        accuracy (``cra``) between the caption columns in stage "caption"; image<->text recall@k in stage "clip"."""
-        if isinstance(eval_dataset, Dataset):
+        accuracy (``cra``) between the caption columns in stage "caption"; image<->text recall@k in stage "clip".
+        Named stage-1 sources are evaluated one by one (metrics ``eval_<name>_...``; CRA for caption sources)."""
+        if isinstance(eval_dataset, (Dataset, Mapping)):
             eval_dataset = self._prepare_dataset(eval_dataset, False)
         metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
-        dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
+        # The Trainer evaluates a dict of sources one by one, calling this method with each source's name.
+        dataset = self.eval_dataset[eval_dataset] if isinstance(eval_dataset, str) else eval_dataset
+        dataset = dataset if dataset is not None else self.eval_dataset
         if not self.args.retrieval_metrics or not isinstance(dataset, Dataset):
             return metrics
         extra = {f"{metric_key_prefix}_{name}": value for name, value in self.retrieval_metrics(dataset).items()}

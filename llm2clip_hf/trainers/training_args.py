@@ -51,6 +51,11 @@ class LLM2CLIPTrainingArguments(TrainingArguments):
     )
     instruction_separator: str = field(default="; ", metadata={"help": "Joins instruction and query text."})
     hard_negatives: bool = field(default=True, metadata={"help": "Add another row's caption as a hard negative."})
+    source_mixing_weights: list[float] | None = field(
+        default=None, metadata={"help": "Stage 1 on named sources (a dict train_dataset; CLI: --dataset, then each "
+                                        "--pair-dataset): the share of steps of each source, in their order. Every "
+                                        "batch comes from one source. Default: proportional to the sources' sizes."}
+    )
     lora_r: int = field(default=16, metadata={"help": "LoRA rank (when no peft_config is given)."})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha."})
     lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout."})
