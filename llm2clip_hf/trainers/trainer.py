@@ -255,6 +255,14 @@ class LLM2CLIPTrainer(Trainer):
                 "LLM2CLIPTextModel.from_llm(...)."
             )
         self.text_model = base
+        num_parameters = base.llm.num_parameters()
+        changed = args.apply_model_size_defaults(num_parameters)
+        if changed:
+            logger.warning(
+                f"stage={args.stage!r} on a {num_parameters / 1e6:.0f}M-parameter LLM: using the small-LLM defaults "
+                f"{changed} instead of the official values for 1B+ LLMs (measured on SmolLM2-135M, see README 'Stage 1 "
+                "on small LLMs'); set them explicitly to override."
+            )
         return base
 
     def _setup_mntp_stage(self, model, args, peft_config, lm_head):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from transformers import TrainingArguments
 
@@ -20,6 +20,16 @@ STAGE_DEFAULTS = {
                         lr_scheduler_type="linear"),
     CLIP_STAGE: dict(learning_rate=1e-5, warmup_steps=0, weight_decay=0.05, max_grad_norm=5.0,
                      lr_scheduler_type="cosine"),
+}
+# A default warmup never takes more than this share of the run (the official 300 steps are ~5 % of its one epoch;
+# a 150-step run would otherwise never reach its learning rate).
+MAX_DEFAULT_WARMUP_SHARE = 0.1
+# The text stages on LLMs under SMALL_LLM_PARAMETERS: measured on SmolLM2-135M (README, "Stage 1 on small LLMs");
+# they replace the official values only where those were left unset.
+SMALL_LLM_PARAMETERS = 1_000_000_000
+SMALL_LLM_DEFAULTS = {
+    MNTP_STAGE: dict(learning_rate=1e-3),
+    CAPTION_STAGE: dict(learning_rate=4e-3),
 }
 
 
@@ -108,8 +118,10 @@ class LLM2CLIPTrainingArguments(TrainingArguments):
                                         "or image<->text recall@1/5/10 (clip stage) on the eval dataset."}
     )
     # ---- overrides of TrainingArguments defaults (None = the stage's official value)
-    learning_rate: float | None = field(default=None, metadata={"help": "Default: 2e-4 (caption), 1e-5 (clip)."})
-    warmup_steps: float | None = field(default=None, metadata={"help": "Default: 300 (caption), 0 (clip)."})
+    learning_rate: float | None = field(default=None, metadata={
+        "help": "Default: 2e-4 (caption; 4e-3 for LLMs under 1B parameters), 5e-5 (mntp; 1e-3 under 1B), 1e-5 (clip)."})
+    warmup_steps: float | None = field(default=None, metadata={
+        "help": "Default: 300 (caption) but at most a tenth of the run's steps, 0 (mntp, clip)."})
     weight_decay: float | None = field(default=None, metadata={"help": "Default: 0 (caption), 0.05 (clip)."})
     max_grad_norm: float | None = field(default=None, metadata={"help": "Default: 1.0 (caption), 5.0 (clip)."})
     lr_scheduler_type: str | None = field(default=None, metadata={"help": "Default: linear (caption), cosine (clip)."})
@@ -121,6 +133,8 @@ class LLM2CLIPTrainingArguments(TrainingArguments):
     def __post_init__(self) -> None:
         if self.stage not in STAGE_DEFAULTS:
             raise ValueError(f"stage must be 'mntp', 'caption' or 'clip', got {self.stage!r}.")
+        # The stage defaults the user left unset (a model-size default or the warmup cap may replace them).
+        self.defaulted_settings = sorted(name for name in STAGE_DEFAULTS[self.stage] if getattr(self, name) is None)
         for name, value in STAGE_DEFAULTS[self.stage].items():
             if getattr(self, name) is None:
                 setattr(self, name, value)
@@ -143,3 +157,22 @@ class LLM2CLIPTrainingArguments(TrainingArguments):
         if not 0 < self.layer_decay <= 1:
             raise ValueError(f"layer_decay must be in (0, 1], got {self.layer_decay}.")
         super().__post_init__()
+
+    def apply_model_size_defaults(self, num_parameters: int) -> dict[str, Any]:
+        """For a text stage on an LLM under 1B parameters, the small-LLM settings (``SMALL_LLM_DEFAULTS``) replace
+        the official ones that were left unset; returns the settings changed (empty for large LLMs, stage "clip",
+        or settings given explicitly)."""
+        if num_parameters >= SMALL_LLM_PARAMETERS:
+            return {}
+        changed = {name: value for name, value in SMALL_LLM_DEFAULTS.get(self.stage, {}).items()
+                   if name in self.defaulted_settings and getattr(self, name) != value}
+        for name, value in changed.items():
+            setattr(self, name, value)
+        return changed
+
+    def get_warmup_steps(self, num_training_steps: int) -> int:
+        """The warmup of ``TrainingArguments``; a default (unset) warmup is capped at 10 % of the run."""
+        steps = super().get_warmup_steps(num_training_steps)
+        if "warmup_steps" in self.defaulted_settings:
+            steps = min(steps, math.ceil(MAX_DEFAULT_WARMUP_SHARE * num_training_steps))
+        return steps
