@@ -383,3 +383,12 @@ def test_train_clip_stage_streaming_parquet_shards_with_a_keyed_cache(capsys, da
     at = stream_args.index("--max-steps")
     code, _, err = run_cli(capsys, *stream_args[:at], *stream_args[at + 2:], "--eval-fraction", "0.25")
     assert code == 1 and "give --max-steps" in err and "evaluation during a streamed run" in err
+
+
+@pytest.mark.parametrize("command", ["train", "embed", "evaluate", "convert", "assemble", "demo"])
+def test_every_command_prints_its_help(command, capsys):
+    # argparse %-formats help strings: a stray '%' in a field's help breaks --help for the whole command
+    with pytest.raises(SystemExit) as stop:
+        main([command, "--help"])
+    assert stop.value.code == 0
+    assert f"llm2clip-hf {command}" in capsys.readouterr().out
