@@ -1,5 +1,5 @@
 """Stage 1's default recipe: the small-LLM settings replace the official ones only where they were left unset and
-only for LLMs under 1B parameters; a default warmup never eats more than 10 % of a run. With ``-m slow``: the
+only for LLMs under 1B parameters; a default warmup never takes more than a quarter of a run. With ``-m slow``: the
 defaults, on the real SmolLM2-135M and the demo's emoji pairs, raise held-out CRA to 3x its raw level and by 20
 points in 20 steps."""
 
@@ -33,19 +33,30 @@ def test_small_llm_defaults_replace_only_unset_official_values(tmp_path, stage):
     args = args_for(tmp_path, stage)
     assert args.learning_rate == official
     assert args.apply_model_size_defaults(8_000_000_000) == {} and args.learning_rate == official
-    assert args.apply_model_size_defaults(135_000_000) == {"learning_rate": small}
+    assert args.apply_model_size_defaults(135_000_000) == SMALL_LLM_DEFAULTS[stage]
     assert args.learning_rate == small
     explicit = args_for(tmp_path, stage, learning_rate=official)
-    assert explicit.apply_model_size_defaults(135_000_000) == {} and explicit.learning_rate == official
+    assert "learning_rate" not in explicit.apply_model_size_defaults(135_000_000)
+    assert explicit.learning_rate == official
     clip = args_for(tmp_path, "clip")
     assert clip.apply_model_size_defaults(135_000_000) == {} and clip.learning_rate == STAGE_DEFAULTS["clip"][
         "learning_rate"]
 
 
-def test_default_warmup_is_capped_at_a_tenth_of_the_run(tmp_path):
+def test_small_llm_caption_queries_carry_no_instruction_unless_one_is_given(tmp_path):
+    args = args_for(tmp_path)
+    assert args.short_query_instruction == STAGE_DEFAULTS["caption"]["short_query_instruction"] != ""
+    args.apply_model_size_defaults(135_000_000)
+    assert (args.short_query_instruction, args.long_query_instruction) == ("", "")
+    given = args_for(tmp_path, short_query_instruction="Find the caption")
+    given.apply_model_size_defaults(135_000_000)
+    assert given.short_query_instruction == "Find the caption" and given.long_query_instruction == ""
+
+
+def test_default_warmup_is_capped_at_a_quarter_of_the_run(tmp_path):
     args = args_for(tmp_path)
     assert args.warmup_steps == 300
-    assert args.get_warmup_steps(150) == 15          # 300 would exceed the whole run
+    assert args.get_warmup_steps(150) == 38          # 300 would exceed the whole run
     assert args.get_warmup_steps(100_000) == 300     # the official warmup at scale
     assert args_for(tmp_path, warmup_steps=300).get_warmup_steps(150) == 300  # explicit: as given
     assert args_for(tmp_path, warmup_steps=0.5).get_warmup_steps(150) == 75
@@ -62,8 +73,9 @@ def test_trainer_applies_and_logs_the_small_llm_defaults(text_model, tmp_path, c
     trainer.create_optimizer_and_scheduler(num_training_steps=args.max_steps)
     assert {group["initial_lr"] if "initial_lr" in group else group["lr"]
             for group in trainer.optimizer.param_groups} == {small}
-    # the scheduler warms up over 1 step (10 % of 10), not the official 300
-    assert trainer.lr_scheduler.lr_lambdas[0](1) == pytest.approx(1.0)
+    # the scheduler warms up over 3 steps (a quarter of 10, rounded up), not the official 300
+    assert trainer.lr_scheduler.lr_lambdas[0](3) == pytest.approx(1.0)
+    assert trainer.lr_scheduler.lr_lambdas[0](1) == pytest.approx(1 / 3)
 
 
 @pytest.mark.slow

@@ -12,24 +12,28 @@ MNTP_STAGE, CAPTION_STAGE, CLIP_STAGE = "mntp", "caption", "clip"
 TEXT_STAGES = (MNTP_STAGE, CAPTION_STAGE)  # stages that train an LLM2CLIPTextModel
 DEFAULT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
+OFFICIAL_SHORT_QUERY_INSTRUCTION = "Given a sentence, retrieve a detailed relevant sentence"
+OFFICIAL_LONG_QUERY_INSTRUCTION = "Given a detailed sentence, retrieve a short relevant sentence"
 # Official settings that differ between the stages (llm_caption_contrastive configs / llm2clip run.sh).
 STAGE_DEFAULTS = {
     MNTP_STAGE: dict(learning_rate=5e-5, warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
                      lr_scheduler_type="linear"),
     CAPTION_STAGE: dict(learning_rate=2e-4, warmup_steps=300, weight_decay=0.0, max_grad_norm=1.0,
-                        lr_scheduler_type="linear"),
+                        lr_scheduler_type="linear", short_query_instruction=OFFICIAL_SHORT_QUERY_INSTRUCTION,
+                        long_query_instruction=OFFICIAL_LONG_QUERY_INSTRUCTION),
     CLIP_STAGE: dict(learning_rate=1e-5, warmup_steps=0, weight_decay=0.05, max_grad_norm=5.0,
                      lr_scheduler_type="cosine"),
 }
 # A default warmup never takes more than this share of the run (the official 300 steps are ~5 % of its one epoch;
-# a 150-step run would otherwise never reach its learning rate).
-MAX_DEFAULT_WARMUP_SHARE = 0.1
+# a 150-step run would otherwise never reach its learning rate). A quarter, not less: 2 warmup steps of a 20-step
+# run at lr 4e-3 collapsed SmolLM2's embeddings to one point (loss ln(batch)), 5 did not (README).
+MAX_DEFAULT_WARMUP_SHARE = 0.25
 # The text stages on LLMs under SMALL_LLM_PARAMETERS: measured on SmolLM2-135M (README, "Stage 1 on small LLMs");
 # they replace the official values only where those were left unset.
 SMALL_LLM_PARAMETERS = 1_000_000_000
 SMALL_LLM_DEFAULTS = {
     MNTP_STAGE: dict(learning_rate=1e-3),
-    CAPTION_STAGE: dict(learning_rate=4e-3),
+    CAPTION_STAGE: dict(learning_rate=4e-3, short_query_instruction="", long_query_instruction=""),
 }
 
 
@@ -51,13 +55,15 @@ class LLM2CLIPTrainingArguments(TrainingArguments):
         "help": "MNTP: mask token for a tokenizer that has none (llm2vec's 'blank' choice)."})
     # ---- stage 1: caption contrastive fine-tuning
     loss_scale: float = field(default=50.0, metadata={"help": "Cosine-similarity scale (1 / temperature)."})
-    short_query_instruction: str = field(
-        default="Given a sentence, retrieve a detailed relevant sentence",
-        metadata={"help": "Instruction on a short-caption query (excluded from pooling)."},
+    short_query_instruction: str | None = field(
+        default=None,
+        metadata={"help": "Instruction on a short-caption query (excluded from pooling; '' for none). Default: the "
+                          f"official {OFFICIAL_SHORT_QUERY_INSTRUCTION!r}; none for LLMs under 1B parameters."},
     )
-    long_query_instruction: str = field(
-        default="Given a detailed sentence, retrieve a short relevant sentence",
-        metadata={"help": "Instruction on a long-caption query (excluded from pooling)."},
+    long_query_instruction: str | None = field(
+        default=None,
+        metadata={"help": "Instruction on a long-caption query (excluded from pooling; '' for none). Default: the "
+                          f"official {OFFICIAL_LONG_QUERY_INSTRUCTION!r}; none for LLMs under 1B parameters."},
     )
     instruction_separator: str = field(default="; ", metadata={"help": "Joins instruction and query text."})
     hard_negatives: bool = field(default=True, metadata={"help": "Add another row's caption as a hard negative."})
@@ -121,7 +127,7 @@ class LLM2CLIPTrainingArguments(TrainingArguments):
     learning_rate: float | None = field(default=None, metadata={
         "help": "Default: 2e-4 (caption; 4e-3 for LLMs under 1B parameters), 5e-5 (mntp; 1e-3 under 1B), 1e-5 (clip)."})
     warmup_steps: float | None = field(default=None, metadata={
-        "help": "Default: 300 (caption) but at most a tenth of the run's steps, 0 (mntp, clip)."})
+        "help": "Default: 300 (caption) but at most a quarter of the run's steps, 0 (mntp, clip)."})
     weight_decay: float | None = field(default=None, metadata={"help": "Default: 0 (caption), 0.05 (clip)."})
     max_grad_norm: float | None = field(default=None, metadata={"help": "Default: 1.0 (caption), 5.0 (clip)."})
     lr_scheduler_type: str | None = field(default=None, metadata={"help": "Default: linear (caption), cosine (clip)."})
@@ -171,7 +177,7 @@ class LLM2CLIPTrainingArguments(TrainingArguments):
         return changed
 
     def get_warmup_steps(self, num_training_steps: int) -> int:
-        """The warmup of ``TrainingArguments``; a default (unset) warmup is capped at 10 % of the run."""
+        """The warmup of ``TrainingArguments``; a default (unset) warmup is capped at a quarter of the run."""
         steps = super().get_warmup_steps(num_training_steps)
         if "warmup_steps" in self.defaulted_settings:
             steps = min(steps, math.ceil(MAX_DEFAULT_WARMUP_SHARE * num_training_steps))
