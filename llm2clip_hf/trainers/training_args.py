@@ -26,14 +26,15 @@ STAGE_DEFAULTS = {
 }
 # A default warmup never takes more than this share of the run (the official 300 steps are ~5 % of its one epoch;
 # a 150-step run would otherwise never reach its learning rate). A quarter, not less: 2 warmup steps of a 20-step
-# run at lr 4e-3 collapsed SmolLM2's embeddings to one point (loss ln(batch)), 5 did not (README).
+# run at lr 4e-3 collapsed SmolLM2's embeddings to one point (loss ln(batch)), 5 did not (README; at 4e-3 a
+# collapse also came with 10 of 40, hence 2e-3 for small LLMs).
 MAX_DEFAULT_WARMUP_SHARE = 0.25
 # The text stages on LLMs under SMALL_LLM_PARAMETERS: measured on SmolLM2-135M (README, "Stage 1 on small LLMs");
 # they replace the official values only where those were left unset.
 SMALL_LLM_PARAMETERS = 1_000_000_000
 SMALL_LLM_DEFAULTS = {
     MNTP_STAGE: dict(learning_rate=1e-3),
-    CAPTION_STAGE: dict(learning_rate=4e-3, short_query_instruction="", long_query_instruction=""),
+    CAPTION_STAGE: dict(learning_rate=2e-3, short_query_instruction="", long_query_instruction=""),
 }
 
 
@@ -125,7 +126,7 @@ class LLM2CLIPTrainingArguments(TrainingArguments):
     )
     # ---- overrides of TrainingArguments defaults (None = the stage's official value)
     learning_rate: float | None = field(default=None, metadata={
-        "help": "Default: 2e-4 (caption; 4e-3 for LLMs under 1B parameters), 5e-5 (mntp; 1e-3 under 1B), 1e-5 (clip)."})
+        "help": "Default: 2e-4 (caption; 2e-3 for LLMs under 1B parameters), 5e-5 (mntp; 1e-3 under 1B), 1e-5 (clip)."})
     warmup_steps: float | None = field(default=None, metadata={
         "help": "Default: 300 (caption) but at most a quarter of the run's steps, 0 (mntp, clip)."})
     weight_decay: float | None = field(default=None, metadata={"help": "Default: 0 (caption), 0.05 (clip)."})
