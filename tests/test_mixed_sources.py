@@ -6,6 +6,7 @@ import math
 from collections import Counter
 
 import pytest
+from llm2clip_hf.trainers.training_args import OFFICIAL_LONG_QUERY_INSTRUCTION, OFFICIAL_SHORT_QUERY_INSTRUCTION
 import torch
 from accelerate.data_loader import BatchSamplerShard
 from datasets import Dataset, DatasetDict
@@ -126,7 +127,8 @@ def test_mismatched_negatives_and_misplaced_weights_raise(tiny_llm_dir, tmp_path
 def test_pair_instruction_is_excluded_from_pooling_like_the_caption_instruction(text_model, tmp_path, source):
     """Collated queries of either source embed as the model's own tokenization with the row's instruction: the
     instruction is in the input but not pooled. (LoRA starts at zero: the base model.)"""
-    training = args(tmp_path, hard_negatives=False)
+    training = args(tmp_path, hard_negatives=False, short_query_instruction=OFFICIAL_SHORT_QUERY_INSTRUCTION,
+                    long_query_instruction=OFFICIAL_LONG_QUERY_INSTRUCTION)  # small LLMs default to none
     trainer = LLM2CLIPTrainer(model=text_model, args=training, train_dataset=sources(negatives=False))
     first = 0 if source == "captions" else 32
     rows = [trainer.train_dataset[i] for i in range(first, first + 6)]
