@@ -12,7 +12,7 @@ from .model_evaluation import (
     evaluate_zero_shot,
 )
 from .caption_retrieval import caption_retrieval_accuracy, caption_retrieval_metrics
-from .ranking import best_correct_rank
+from .ranking import RankCounts, hit_probability, rank_counts, recall_at_k
 from .retrieval import retrieval_recall
 from .zero_shot import DEFAULT_TEMPLATES, build_classifier, zero_shot_accuracy
 
@@ -29,7 +29,7 @@ def metric_path(name: str = "llm2clip_retrieval") -> str:
 
 
 __all__ = [
-    "DEFAULT_TEMPLATES", "best_correct_rank", "build_classifier", "caption_retrieval_accuracy",
-    "caption_retrieval_metrics", "embed_images", "evaluate_caption_retrieval", "evaluate_retrieval",
-    "evaluate_zero_shot", "metric_path", "retrieval_recall", "zero_shot_accuracy",
+    "DEFAULT_TEMPLATES", "RankCounts", "build_classifier", "caption_retrieval_accuracy", "caption_retrieval_metrics",
+    "embed_images", "evaluate_caption_retrieval", "evaluate_retrieval", "evaluate_zero_shot", "hit_probability",
+    "metric_path", "rank_counts", "recall_at_k", "retrieval_recall", "zero_shot_accuracy",
 ]

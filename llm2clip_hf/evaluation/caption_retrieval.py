@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from .ranking import best_correct_rank, check_embeddings, recall_at_k
+from .ranking import check_embeddings, rank_counts, recall_at_k
 
 
 def caption_retrieval_accuracy(
@@ -16,8 +16,9 @@ def caption_retrieval_accuracy(
 ) -> float:
     """Percentage of query captions ``i`` whose most similar key caption (cosine, among all ``N``) is key ``i``.
 
-    ``query_embeds[i]`` and ``key_embeds[i]`` embed two captions of the same image. Ties count in the query's
-    favour: query ``i`` is correct when no key scores strictly higher than key ``i``.
+    ``query_embeds[i]`` and ``key_embeds[i]`` embed two captions of the same image. Keys tied with key ``i``
+    count by the expectation under random tie-breaking (see :mod:`.ranking`): with ``t`` wrong keys tied and none
+    higher, query ``i`` scores ``1 / (t + 1)``. Collapsed embeddings thus score chance level ``100 / N``.
 
     Args:
         query_embeds: ``[N, D]`` embeddings of one caption per image.
@@ -33,9 +34,9 @@ def caption_retrieval_accuracy(
             "both must embed two captions of the same image i."
         )
     pairs = torch.arange(query_embeds.shape[0])
-    ranks = best_correct_rank(query_embeds, key_embeds, pairs, pairs, chunk_size, show_progress_bar,
-                              desc="Caption retrieval")
-    return recall_at_k(ranks, [1])[1]
+    counts = rank_counts(query_embeds, key_embeds, pairs, pairs, chunk_size, show_progress_bar,
+                         desc="Caption retrieval")
+    return recall_at_k(counts, [1])[1]
 
 
 def caption_retrieval_metrics(

@@ -15,6 +15,7 @@ from transformers.utils import logging as hf_logging
 
 from ..data import (
     caption_texts,
+    check_cache_rows,
     check_embedding_cache,
     embedding_column,
     embeddings_as_float32,
@@ -79,12 +80,14 @@ def llm_embeddings_for(texts: list[str], model: LLM2CLIPModel, text_model: LLM2C
 
 
 def cached_llm_embeddings(dataset: Dataset, caption_columns: Sequence[str], model: LLM2CLIPModel) -> torch.Tensor | None:
-    """Cached embeddings of ``caption_columns`` in :func:`caption_texts` order, when the dataset has them and they
-    were made by the model's text encoder (fingerprint check); ``None`` when the dataset carries no cache."""
+    """Cached embeddings of ``caption_columns`` in :func:`caption_texts` order, when the dataset has them, they were
+    made by the model's text encoder (fingerprint check) and each row's are of its own captions
+    (:func:`~llm2clip_hf.data.check_cache_rows`); ``None`` when the dataset carries no cache."""
     if read_cache_metadata(dataset) is None or any(embedding_column(c) not in dataset.column_names
                                                    for c in caption_columns):
         return None
     check_embedding_cache(dataset, caption_columns, model.config.text_model_fingerprint, model.config.text_embedding_dim)
+    check_cache_rows(dataset)
     vectors = []
     columns = dataset.select_columns([embedding_column(c) for c in caption_columns]).with_format("numpy")
     for cells in zip(*[columns[embedding_column(c)] for c in caption_columns]):

@@ -1,18 +1,24 @@
 """The chunked ranking primitive shared by every retrieval-style metric.
 
-Every metric of :mod:`llm2clip_hf.evaluation` reduces to one number per query: the *rank* of its best-scoring
-correct key, defined as the number of keys whose cosine similarity to the query is **strictly greater** than
-that of the best correct key. A query is a hit at ``k`` when ``rank < k``.
+Every metric of :mod:`llm2clip_hf.evaluation` asks, per query, whether a correct key is among the ``k`` keys most
+similar to it (cosine similarity). Ties are resolved by the **expectation under random tie-breaking**: for each
+query, :func:`rank_counts` counts the wrong keys scoring strictly above its best correct score ``s*`` (``g``), the
+wrong keys scoring exactly ``s*`` (``t``) and the correct keys scoring exactly ``s*`` (``c >= 1``). If the ``t + c``
+tied keys were put in a random order, the number ``X`` of wrong keys ahead of the first correct one would satisfy
+``P(X >= j) = C(t, j) / C(t + c, j)``, and the query is a hit at ``k`` with probability ``P(X < k - g)``;
+:func:`recall_at_k` averages these probabilities.
 
-Ties therefore count in the query's favour: a correct key tied with wrong keys is ranked ahead of all of them.
-The rule depends only on the scores, never on the order of the keys or on how the queries are chunked, so the
-result is deterministic (unlike ``torch.topk``, whose choice among tied scores is unspecified).
+Why: counting ties in the query's favour lets a collapsed encoder (constant or all-zero embeddings, where every key
+ties) score 100, and breaking them by position (``torch.topk``) makes the result depend on the order of the keys.
+The expectation is what an arbitrary tie order gives on average, so a collapsed encoder scores chance level, while
+the number stays deterministic, independent of the keys' order and of how the queries are chunked. Without ties it
+is the usual 0/1 hit.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
-from typing import TypeVar
+from typing import NamedTuple, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -76,9 +82,38 @@ def check_index(name: str, index: Sequence[int] | torch.Tensor, length: int | No
     return index
 
 
-def recall_at_k(ranks: torch.Tensor, ks: Iterable[int]) -> dict[int, float]:
-    """Percentage of queries whose rank is below ``k``, for every ``k``."""
-    return {k: 100.0 * (ranks < k).double().mean().item() for k in ks}
+class RankCounts(NamedTuple):
+    """Per-query counts (``[N_q]`` LongTensors, CPU) that fix where a query's first correct key lands when tied keys
+    are ordered at random; ``s*`` is the query's best correct score.
+
+    Attributes:
+        higher: wrong keys scoring strictly above ``s*``.
+        tied_wrong: wrong keys scoring exactly ``s*``.
+        tied_correct: correct keys scoring exactly ``s*`` (at least 1).
+    """
+
+    higher: torch.Tensor
+    tied_wrong: torch.Tensor
+    tied_correct: torch.Tensor
+
+
+def hit_probability(counts: RankCounts, k: int) -> torch.Tensor:
+    """``[N_q]`` float64: the probability that a correct key is among the ``k`` best keys when ties are broken at
+    random, ``P(X < k - higher)`` with ``P(X >= j) = prod_{i < j} (1 - tied_correct / (tied - i))``, ``tied`` being
+    ``tied_wrong + tied_correct`` (that is, ``C(tied_wrong, j) / C(tied, j)``)."""
+    higher, wrong, correct = (count.double() for count in counts)
+    slots = k - higher  # places of the top k left to the tied keys
+    j = torch.minimum(slots.clamp(min=0), wrong)  # a miss puts these j tied wrong keys first
+    log_miss = torch.zeros_like(j)
+    for i in range(k):  # a sum of log1p, accurate even when a hit is very unlikely
+        log_miss += torch.where(i < j, torch.log1p(-correct / (wrong + correct - i).clamp(min=1)), 0.0)
+    return torch.where(slots <= 0, 0.0, torch.where(slots > wrong, 1.0, -torch.expm1(log_miss)))
+
+
+def recall_at_k(counts: RankCounts, ks: Iterable[int]) -> dict[int, float]:
+    """Expected percentage of queries with a correct key among the ``k`` best keys, ties broken at random, for
+    every ``k``."""
+    return {k: 100.0 * hit_probability(counts, k).mean().item() for k in ks}
 
 
 def progress(iterable: Iterable[_T], total: int, show_progress_bar: bool | None, desc: str) -> Iterator[_T]:
@@ -88,7 +123,7 @@ def progress(iterable: Iterable[_T], total: int, show_progress_bar: bool | None,
 
 
 @torch.no_grad()
-def best_correct_rank(
+def rank_counts(
     queries: torch.Tensor,
     keys: torch.Tensor,
     positive_query_index: Sequence[int] | torch.Tensor,
@@ -96,8 +131,11 @@ def best_correct_rank(
     chunk_size: int = 1024,
     show_progress_bar: bool | None = None,
     desc: str = "Ranking",
-) -> torch.Tensor:
-    """Rank of the best correct key of every query, by cosine similarity.
+) -> RankCounts:
+    """Count, for every query, the keys scoring above and exactly at its best correct score, by cosine similarity.
+
+    Identical keys always score identically (they are scored once), so duplicated or collapsed embeddings tie
+    exactly whatever ``chunk_size`` and the matrix-product kernels do.
 
     Args:
         queries: ``[N_q, D]`` query embeddings (L2-normalised here).
@@ -109,8 +147,7 @@ def best_correct_rank(
         desc: label of the progress bar.
 
     Returns:
-        ``[N_q]`` LongTensor (CPU): for each query, the number of keys with strictly greater similarity than its
-        best-scoring correct key (``0`` means a correct key is ranked first, ties counting in its favour).
+        The :class:`RankCounts` of every query, for :func:`recall_at_k` and :func:`hit_probability`.
     """
     queries = check_embeddings("queries", queries)
     keys = check_embeddings("keys", keys, dim=queries.shape[1]).to(queries.device)
@@ -128,13 +165,20 @@ def best_correct_rank(
     starts = list(range(0, num_queries, chunk_size))
     bounds = torch.searchsorted(pair_queries, torch.tensor(starts + [num_queries], device=queries.device)).tolist()
 
-    queries, keys = F.normalize(queries, dim=-1), F.normalize(keys, dim=-1)
-    ranks = []
+    # A matrix product may sum identical columns in different orders (e.g. one query at a time), so score each
+    # distinct key once and copy its scores to its duplicates.
+    distinct_keys, key_to_distinct = torch.unique(F.normalize(keys, dim=-1), dim=0, return_inverse=True)
+    queries = F.normalize(queries, dim=-1)
+    counts = []
     for chunk, start in enumerate(progress(starts, len(starts), show_progress_bar, desc)):
-        scores = queries[start:start + chunk_size] @ keys.t()
+        scores = (queries[start:start + chunk_size] @ distinct_keys.t())[:, key_to_distinct]
         rows = pair_queries[bounds[chunk]:bounds[chunk + 1]] - start
-        pair_scores = scores[rows, pair_keys[bounds[chunk]:bounds[chunk + 1]]]
+        columns = pair_keys[bounds[chunk]:bounds[chunk + 1]]
         best = torch.full((scores.shape[0],), -torch.inf, device=scores.device)
-        best = best.scatter_reduce(0, rows, pair_scores, reduce="amax")
-        ranks.append((scores > best[:, None]).sum(dim=1).cpu())
-    return torch.cat(ranks)
+        best = best.scatter_reduce(0, rows, scores[rows, columns], reduce="amax")[:, None]
+        correct = torch.zeros_like(scores, dtype=torch.bool)
+        correct[rows, columns] = True
+        tied = scores == best
+        tied_correct = (tied & correct).sum(dim=1)
+        counts.append(torch.stack([(scores > best).sum(dim=1), tied.sum(dim=1) - tied_correct, tied_correct]).cpu())
+    return RankCounts(*torch.cat(counts, dim=1))

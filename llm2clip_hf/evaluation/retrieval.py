@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .ranking import best_correct_rank, check_embeddings, check_index, check_ks, format_indices, recall_at_k
+from .ranking import check_embeddings, check_index, check_ks, format_indices, rank_counts, recall_at_k
 
 
 def retrieval_recall(
@@ -22,10 +22,11 @@ def retrieval_recall(
     Image->text: an image is a hit at ``k`` when *any* of its captions is among the ``k`` best-scoring captions
     (the CLIP_benchmark convention). Text->image: a caption is a hit when its image is among the ``k`` best images.
 
-    Ties count in the query's favour: the rank of a query is the number of candidates scoring *strictly* higher
-    than its best correct candidate, and it is a hit when that rank is below ``k``. This makes the result
-    independent of the candidates' order and of ``chunk_size``. ``k`` larger than the number of candidates is
-    allowed (recall 100).
+    Tied candidates count by the expectation under random tie-breaking (see :mod:`.ranking`): a query whose
+    best correct candidate ties with wrong ones gets the probability that a random order of the tied candidates
+    puts a correct one in the top ``k``. Collapsed (constant) embeddings thus score chance level, not 100, and the
+    result is deterministic, independent of the candidates' order and of ``chunk_size``. ``k`` larger than the
+    number of candidates is allowed (recall 100).
 
     Args:
         image_embeds: ``[N_img, D]`` image embeddings.
@@ -51,10 +52,10 @@ def retrieval_recall(
         )
 
     text_index = torch.arange(num_texts)
-    image_ranks = best_correct_rank(image_embeds, text_embeds, text_to_image, text_index, chunk_size,
-                                    show_progress_bar, desc="Image->text retrieval")
-    text_ranks = best_correct_rank(text_embeds, image_embeds, text_index, text_to_image, chunk_size,
-                                   show_progress_bar, desc="Text->image retrieval")
-    metrics = {f"image_to_text_R@{k}": value for k, value in recall_at_k(image_ranks, ks).items()}
-    metrics.update({f"text_to_image_R@{k}": value for k, value in recall_at_k(text_ranks, ks).items()})
+    image_counts = rank_counts(image_embeds, text_embeds, text_to_image, text_index, chunk_size,
+                               show_progress_bar, desc="Image->text retrieval")
+    text_counts = rank_counts(text_embeds, image_embeds, text_index, text_to_image, chunk_size,
+                              show_progress_bar, desc="Text->image retrieval")
+    metrics = {f"image_to_text_R@{k}": value for k, value in recall_at_k(image_counts, ks).items()}
+    metrics.update({f"text_to_image_R@{k}": value for k, value in recall_at_k(text_counts, ks).items()})
     return metrics

@@ -7,7 +7,7 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from .ranking import best_correct_rank, check_embeddings, check_index, check_ks, progress, recall_at_k
+from .ranking import check_embeddings, check_index, check_ks, hit_probability, progress, rank_counts, recall_at_k
 
 DEFAULT_TEMPLATES: tuple[str, ...] = (
     "a photo of a {}.",
@@ -67,9 +67,11 @@ def zero_shot_accuracy(
 ) -> dict[str, float]:
     """Top-k accuracy and mean per-class recall of zero-shot classification by cosine similarity, in percent.
 
-    An image is correct at ``k`` when fewer than ``k`` classes score strictly higher than its true class (ties
-    count in its favour, independent of class order and ``chunk_size``). ``k`` larger than the number of classes
-    is skipped. ``mean_per_class_recall`` averages the top-1 accuracy of each class present in ``labels``.
+    An image is correct at ``k`` when its true class is among the ``k`` best-scoring classes. Classes tied with
+    the true class count by the expectation under random tie-breaking (see :mod:`.ranking`), so a collapsed
+    encoder scores chance level ``k / C`` and the result is deterministic, independent of class order and
+    ``chunk_size``. ``k`` larger than the number of classes is skipped. ``mean_per_class_recall`` averages the
+    (expected) top-1 accuracy of each class present in ``labels``.
 
     Args:
         image_embeds: ``[N, D]`` image embeddings.
@@ -89,11 +91,11 @@ def zero_shot_accuracy(
     num_classes = classifier.shape[0]
     labels = check_index("labels", labels, image_embeds.shape[0], num_classes, "class")
 
-    ranks = best_correct_rank(image_embeds, classifier, torch.arange(len(labels)), labels, chunk_size,
-                              show_progress_bar, desc="Zero-shot classification")
+    counts = rank_counts(image_embeds, classifier, torch.arange(len(labels)), labels, chunk_size,
+                         show_progress_bar, desc="Zero-shot classification")
     kept = [k for k in ks if k <= num_classes]
-    metrics = {f"zeroshot_top{k}": value for k, value in recall_at_k(ranks, kept).items()}
-    hits_per_class = torch.bincount(labels, weights=(ranks == 0).double(), minlength=num_classes)
+    metrics = {f"zeroshot_top{k}": value for k, value in recall_at_k(counts, kept).items()}
+    hits_per_class = torch.bincount(labels, weights=hit_probability(counts, 1), minlength=num_classes)
     images_per_class = torch.bincount(labels, minlength=num_classes)
     present = images_per_class > 0
     metrics["mean_per_class_recall"] = 100.0 * (hits_per_class[present] / images_per_class[present]).mean().item()

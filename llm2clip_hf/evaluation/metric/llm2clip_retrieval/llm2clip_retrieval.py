@@ -16,8 +16,11 @@ from llm2clip_hf.evaluation.ranking import format_indices
 _DESCRIPTION = """\
 Recall@k of image->text and text->image retrieval by cosine similarity between image and caption embeddings,
 in percent. Image->text counts an image as a hit at k when any of its captions is among the k most similar
-captions; text->image counts a caption as a hit when its image is among the k most similar images. Ties count in
-the query's favour (rank = number of candidates scoring strictly higher than the best correct one).
+captions; text->image counts a caption as a hit when its image is among the k most similar images. Candidates
+tied with a query's best correct one count by the expectation under random tie-breaking: the query gets the
+probability that a random order of the tied candidates puts a correct one in the top k. Collapsed (constant)
+embeddings therefore score chance level, not 100, and the result stays deterministic and independent of the
+order of the candidates.
 """
 
 _KWARGS_DESCRIPTION = """
