@@ -2,7 +2,11 @@
 encoder computes, joined to the source rows without copying them."""
 
 import copy
+import hashlib
+import json
+import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -10,16 +14,22 @@ import time
 
 import pytest
 import torch
-from datasets import Dataset, load_from_disk
+from datasets import Dataset, concatenate_datasets, load_from_disk
 
 from llm2clip_hf import LLM2CLIPTextModel
 from llm2clip_hf.data import (
+    ROW_HASH_COLUMN,
     build_embedding_cache,
+    check_cache_rows,
+    check_embedding_cache,
+    embedding_column,
     embeddings_as_float32,
+    join_embeddings,
     precompute_text_embeddings,
     read_cache_metadata,
     text_model_fingerprint,
 )
+from llm2clip_hf.data.embedding_cache import METADATA_KEY
 from llm2clip_hf.testing import tiny_caption_pair_rows
 from llm2clip_hf.trainers import LLM2CLIPTrainer, LLM2CLIPTrainingArguments
 
@@ -95,7 +105,8 @@ def test_cache_is_sharded_in_row_order_apart_from_the_source_and_equals_direct_e
                                         batch_size=2)
     assert shard_files(folder) == [f"data-{i:05d}-of-00004.arrow" for i in range(4)]
     cache = load_from_disk(str(folder))
-    assert cache.column_names == ["short_caption_llm_embedding", "long_caption_llm_embedding"]  # no source columns
+    # no source columns: the embeddings and the hash of the captions of each row
+    assert cache.column_names == ["short_caption_llm_embedding", "long_caption_llm_embedding", ROW_HASH_COLUMN]
     assert len(cache) == 10 and joined.column_names == data.column_names + cache.column_names
     short = torch.tensor(cache["short_caption_llm_embedding"])
     torch.testing.assert_close(short, text_model.encode(data["short_caption"]), atol=1e-5, rtol=1e-5)
@@ -214,3 +225,96 @@ def test_a_bad_caption_is_named_before_any_shard_is_written(text_model, tmp_path
     with pytest.raises(ValueError, match=r"Row 4, column 'long_caption'"):
         build_embedding_cache(Dataset.from_list(rows), text_model, CAPTIONS, tmp_path / "cache", rows_per_shard=2)
     assert not shard_files(tmp_path / "cache") if (tmp_path / "cache").exists() else True
+
+
+# ------------------------------------------------------------------------------------------------ row alignment
+def with_caption_lists(data):
+    """``data`` with long_caption a list of one or two captions per row (cells of several captions)."""
+    return data.map(lambda row, i: {"long_caption": [row["long_caption"]] + ([row["short_caption"]] * (i % 2))},
+                    with_indices=True)
+
+
+def test_join_refuses_a_reordered_or_different_dataset_of_the_same_length(text_model, tmp_path):
+    source = with_caption_lists(pairs(10))
+    cache = build_embedding_cache(source, text_model, CAPTIONS, tmp_path / "cache")
+    assert read_cache_metadata(cache)["row_hash_column"] == ROW_HASH_COLUMN
+    joined = join_embeddings(source, cache)
+    assert ROW_HASH_COLUMN in joined.column_names  # travels with the embeddings for later checks
+    with pytest.raises(ValueError, match=r"Rows \[\d+(, \d+)*\] of the dataset carry cached embeddings of other "
+                                         r"captions.*exact rows it was made from, in the same order.*rebuild"):
+        join_embeddings(source.shuffle(seed=0), cache)
+    other = with_caption_lists(Dataset.from_list(tiny_caption_pair_rows()[10:20]))
+    with pytest.raises(ValueError, match=r"Rows \[0, 1, 2, 3, 4, 5, 6, 7, 8, 9\]"):
+        join_embeddings(other, cache)
+
+
+def test_a_hand_made_misaligned_join_is_refused_naming_its_rows(text_model, tmp_path):
+    source = pairs(12)
+    cache = build_embedding_cache(source, text_model, CAPTIONS, tmp_path / "cache")
+    shuffled = source.shuffle(seed=1)
+    by_hand = concatenate_datasets([shuffled, cache], axis=1)
+    moved = [i for i in range(12) if shuffled[i]["short_caption"] != source[i]["short_caption"]]
+    assert moved and read_cache_metadata(by_hand) is not None
+    with pytest.raises(ValueError, match=re.escape(f"Rows {moved[:10]} of the dataset")):
+        check_cache_rows(by_hand, batch_size=5)  # found across batches
+    embeddings_only = concatenate_datasets([shuffled, cache.select_columns([embedding_column(c) for c in CAPTIONS])],
+                                           axis=1)
+    with pytest.raises(ValueError, match=re.escape(f"needs the column(s) ['{ROW_HASH_COLUMN}']")):
+        check_cache_rows(embeddings_only)
+
+
+def test_reordered_and_subset_rows_of_a_joined_dataset_stay_aligned(text_model, tmp_path):
+    source = with_caption_lists(pairs(16))
+    joined = join_embeddings(source, build_embedding_cache(source, text_model, CAPTIONS, tmp_path / "cache"))
+    split = joined.train_test_split(test_size=0.25, seed=0)
+    for part in [joined.select([7, 2, 5, 11]), joined.shuffle(seed=3), split["train"], split["test"],
+                 joined.filter(lambda caption: "circle" in caption, input_columns="short_caption")]:
+        check_cache_rows(part, batch_size=3)  # the rows moved together, the hashes with the embeddings
+
+
+def test_a_cache_without_row_hashes_is_checked_by_data_fingerprint(text_model, tmp_path, caplog):
+    source = pairs(10)
+    cache = build_embedding_cache(source, text_model, CAPTIONS, tmp_path / "cache")
+    metadata = read_cache_metadata(cache)
+    del metadata["row_hash_column"]  # the format of earlier versions
+    old = cache.remove_columns(ROW_HASH_COLUMN)
+    old.info.description = json.dumps({METADATA_KEY: metadata})
+    joined = join_embeddings(source, old)
+    assert ROW_HASH_COLUMN not in joined.column_names
+    with pytest.raises(ValueError, match="not, row by row, those the embedding cache was made from"):
+        join_embeddings(source.shuffle(seed=0), old)
+    with pytest.raises(ValueError, match="not, row by row"):
+        join_embeddings(Dataset.from_list(tiny_caption_pair_rows()[10:20]), old)
+    with caplog.at_level(logging.WARNING, logger="llm2clip_hf.data.embedding_cache"):
+        check_cache_rows(joined.select(range(4)))  # a subset: cannot be verified, only warned about
+    assert "4 rows, not the cache's 10" in caplog.text and "cannot be verified" in caplog.text
+
+
+def folder_state(folder):
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def test_a_finished_cache_refuses_another_storage_dtype_and_stays_as_it_is(text_model, tmp_path):
+    folder = tmp_path / "cache"
+    build_embedding_cache(pairs(6), text_model, CAPTIONS, folder)
+    before = folder_state(folder)
+    with pytest.raises(ValueError, match=r"stored as float32, not the float16 asked for\. Nothing was changed: use "
+                                         r"storage_dtype='float32'.*another folder"):
+        build_embedding_cache(pairs(6), text_model, CAPTIONS, folder, storage_dtype="float16")
+    assert folder_state(folder) == before
+
+
+def test_refusing_a_text_model_of_another_weight_dtype_names_both_dtypes(text_model, tmp_path):
+    folder = tmp_path / "cache"
+    cache = build_embedding_cache(pairs(6), text_model, CAPTIONS, folder, rows_per_shard=2)
+    assert read_cache_metadata(cache)["text_model_dtype"] == "float32"
+    bf16 = copy.deepcopy(text_model).to(torch.bfloat16)
+    with pytest.raises(ValueError, match=r"float32 weights\) than the one expected here \(.*bfloat16 weights\)\. "
+                                         r"The weight dtypes differ.*--dtype float32"):
+        build_embedding_cache(pairs(6), bf16, CAPTIONS, folder)
+    with pytest.raises(ValueError, match=r"The weights or their dtype \(a bfloat16 LLM"):  # other side unknown
+        check_embedding_cache(cache, CAPTIONS, expected_fingerprint=text_model_fingerprint(bf16))
+    (folder / "state.json").unlink()  # unfinished: the same refusal
+    with pytest.raises(ValueError, match=r"unfinished embedding cache of a different text model.*The weight dtypes "
+                                         r"differ: the cache was made with float32 weights, this model's are bfloat16"):
+        build_embedding_cache(pairs(6), bf16, CAPTIONS, folder, rows_per_shard=2)

@@ -1,8 +1,10 @@
 """The data path shared by training and evaluation: opening datasets, reading images, and the embedding cache."""
 
 from .embedding_cache import (
+    ROW_HASH_COLUMN,
     STORAGE_DTYPES,
     build_embedding_cache,
+    check_cache_rows,
     check_embedding_cache,
     embedding_column,
     embeddings_as_float32,
@@ -22,9 +24,10 @@ from .loading import (
 )
 
 __all__ = [
-    "CLIPImageTransform", "ROW_INDEX", "STORAGE_DTYPES", "build_embedding_cache", "caption_texts",
-    "check_embedding_cache", "drop_bad_caption_rows", "embedding_column", "embeddings_as_float32", "join_embeddings",
-    "load_dataset_from_spec", "load_image", "precompute_text_embeddings", "read_cache_metadata", "require_columns", "text_model_fingerprint", "with_row_index",
+    "CLIPImageTransform", "ROW_HASH_COLUMN", "ROW_INDEX", "STORAGE_DTYPES", "build_embedding_cache",
+    "caption_texts", "check_cache_rows", "check_embedding_cache", "drop_bad_caption_rows", "embedding_column",
+    "embeddings_as_float32", "join_embeddings", "load_dataset_from_spec", "load_image", "precompute_text_embeddings",
+    "read_cache_metadata", "require_columns", "text_model_fingerprint", "with_row_index",
 ]
 
 from .streaming import (  # noqa: E402 - streams of stage 2 (docs/streaming.md)

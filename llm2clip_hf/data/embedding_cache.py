@@ -11,7 +11,12 @@ the shards in row order, without copying them. Image bytes are never rewritten.
 The text model's fingerprint covers everything that changes an embedding: the weights as the encoder computes with
 them (LoRA adapters merged), the LLM's configuration (RoPE, norms, ...), the tokenizer, the pooling mode, the
 template and the token budget. The data fingerprint covers the caption columns' contents and the number of rows.
-A cache (finished or not) made by another text model or from other data is refused, and nothing is overwritten.
+A cache (finished or not) made by another text model, from other data or in another storage dtype is refused, and
+nothing is overwritten.
+
+Each cache row also holds the hash of the captions it was made from (``ROW_HASH_COLUMN``). The column travels
+with the embeddings (joins, ``select``, ``shuffle``, ``filter``, splits), so :func:`check_cache_rows` can verify at
+any time that every row's embeddings are of that row's captions.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ from transformers.utils import logging as hf_logging
 from ..lora import iter_merged_state
 from ..modeling import LLM2CLIPTextModel
 from .loading import flatten_captions, require_columns
+from .streaming import key_hashes
 
 logger = hf_logging.get_logger(__name__)
 
@@ -47,6 +53,7 @@ METADATA_KEY = "llm2clip_embedding_cache"
 METADATA_FILE = "llm2clip_embedding_cache.json"
 STORAGE_DTYPES = ("float32", "float16", "bfloat16")  # bfloat16 has no Arrow type: stored as its uint16 bit patterns
 DEFAULT_ROWS_PER_SHARD = 4096
+ROW_HASH_COLUMN = "llm2clip_caption_hash"  # per row: hash of the caption cells its embeddings were made from
 
 
 def embedding_column(caption_column: str) -> str:
@@ -117,9 +124,12 @@ def read_cache_metadata(dataset: Dataset) -> dict[str, Any] | None:
 
 
 def check_embedding_cache(dataset: Dataset, caption_columns: Sequence[str], expected_fingerprint: str | None = None,
-                          embedding_dim: int | None = None) -> dict[str, Any]:
+                          embedding_dim: int | None = None, expected_dtype: str | None = None) -> dict[str, Any]:
     """Validate a dataset's cached embeddings: present for every caption column, made by the expected text model,
-    of the adapter's width. Returns the cache metadata; raises ``ValueError`` saying what to do otherwise."""
+    of the adapter's width. Returns the cache metadata; raises ``ValueError`` saying what to do otherwise.
+
+    ``expected_dtype`` (the expected text model's weight dtype, e.g. ``"bfloat16"``) only makes the refusal of
+    another text model say whether the weight dtypes differ. Row alignment is :func:`check_cache_rows`'s."""
     metadata = read_cache_metadata(dataset)
     if metadata is None:
         raise ValueError(
@@ -133,10 +143,11 @@ def check_embedding_cache(dataset: Dataset, caption_columns: Sequence[str], expe
             f"{[c for c in dataset.column_names if c.endswith(EMBEDDING_SUFFIX)]}. Run the cache step for them."
         )
     if expected_fingerprint is not None and metadata["fingerprint"] != expected_fingerprint:
+        expected = {"fingerprint": expected_fingerprint, "text_model_dtype": expected_dtype}
         raise ValueError(
-            f"The embedding cache was made by a different text model (fingerprint {metadata['fingerprint']}, "
-            f"{metadata.get('text_model')!r}) than the one expected here ({expected_fingerprint}). The weights, "
-            "tokenizer, pooling mode, template or max length differ. Recompute the cache with this text model."
+            f"The embedding cache was made by a different text model ({_describe_text_model(metadata)}) than the one "
+            f"expected here ({_describe_text_model(expected)}). {_text_model_difference(metadata, expected)} "
+            "Recompute the cache with this text model."
         )
     if embedding_dim is not None and metadata["embedding_dim"] != embedding_dim:
         raise ValueError(
@@ -145,6 +156,91 @@ def check_embedding_cache(dataset: Dataset, caption_columns: Sequence[str], expe
             f"text_embedding_dim={metadata['embedding_dim']}."
         )
     return metadata
+
+
+def check_cache_rows(dataset: Dataset, batch_size: int = 10_000) -> None:
+    """Verify that every row's cached embeddings were made from that row's captions; raise a ``ValueError`` naming
+    the first misaligned rows (up to 10) otherwise.
+
+    ``dataset`` carries the cache's embedding columns beside the caption columns they were made from, as
+    :func:`join_embeddings` makes it, and may since have been reordered or subset (``select``, ``shuffle``,
+    ``filter``, ``train_test_split``): the hash column travels with the embeddings. Each row's captions are hashed
+    again and compared with ``ROW_HASH_COLUMN``, reading ``batch_size`` rows at a time.
+
+    A cache made before the hash column existed is checked by its data fingerprint instead, when ``dataset`` has
+    the cache's number of rows (a reordered or different dataset is refused); for any other number of rows (a
+    subset) row alignment cannot be verified and a warning says so.
+    """
+    metadata = read_cache_metadata(dataset)
+    if metadata is None:
+        raise ValueError("The dataset carries no LLM2CLIP embedding cache metadata; join the cache with "
+                         "join_embeddings(dataset, cache) or make it with precompute_text_embeddings(...).")
+    columns = metadata["caption_columns"]
+    hash_column = metadata.get("row_hash_column")
+    require_columns(dataset, [*columns, *([hash_column] if hash_column else [])],
+                    "Checking that the cached embeddings belong to their rows")
+    if hash_column is None:
+        _check_rows_by_data_fingerprint(dataset, metadata)
+        return
+    misaligned: list[int] = []
+    start = 0
+    for batch in dataset.select_columns([*columns, hash_column]).with_format(None).iter(batch_size=batch_size):
+        found = np.asarray(batch[hash_column], dtype=np.int64)
+        misaligned += (start + np.flatnonzero(_caption_row_hashes(batch, columns) != found)).tolist()
+        start += len(found)
+        if len(misaligned) >= 10:
+            break
+    if misaligned:
+        raise ValueError(
+            f"Rows {misaligned[:10]} of the dataset carry cached embeddings of other captions than theirs (columns "
+            f"{columns}): the cache was joined to other rows, or in another order, than those it was made from. "
+            "Join the cache to the exact rows it was made from, in the same order (join_embeddings(dataset, "
+            "cache), then select / shuffle / filter the joined dataset); or rebuild it for these rows."
+        )
+
+
+def _check_rows_by_data_fingerprint(dataset: Dataset, metadata: dict[str, Any]) -> None:
+    """:func:`check_cache_rows` for a cache without row hashes: the whole dataset's captions against the cache's."""
+    if len(dataset) != metadata["num_rows"]:
+        logger.warning(
+            f"The embedding cache holds no per-row caption hashes (made by an earlier version) and the dataset has "
+            f"{len(dataset)} rows, not the cache's {metadata['num_rows']}: that each row's embeddings belong to its "
+            "captions cannot be verified. Rebuild the cache to have its rows checked."
+        )
+        return
+    if caption_data_fingerprint(dataset, metadata["caption_columns"]) != metadata["data_fingerprint"]:
+        raise ValueError(
+            f"The dataset's captions (columns {metadata['caption_columns']}) are not, row by row, those the "
+            "embedding cache was made from: the cache was joined to other rows, or in another order (this cache "
+            "holds no per-row hashes, so a reordered joined dataset cannot be told from a misaligned one). Join the "
+            "cache to the exact rows it was made from, in the same order; or rebuild it."
+        )
+
+
+def _caption_row_hashes(cells: dict[str, list], caption_columns: Sequence[str]) -> np.ndarray:
+    """One int64 hash per row of the rows' caption cells (canonical JSON of the cells, in column order)."""
+    return key_hashes(json.dumps(row, separators=(",", ":"), default=str)
+                      for row in zip(*(cells[c] for c in caption_columns)))
+
+
+def _describe_text_model(metadata: dict[str, Any]) -> str:
+    """The recorded identity of a text model: fingerprint, name and weight dtype where known."""
+    parts = [f"fingerprint {metadata['fingerprint']}"]
+    if metadata.get("text_model"):
+        parts.append(repr(metadata["text_model"]))
+    if metadata.get("text_model_dtype"):
+        parts.append(f"{metadata['text_model_dtype']} weights")
+    return ", ".join(parts)
+
+
+def _text_model_difference(made: dict[str, Any], expected: dict[str, Any]) -> str:
+    """What may differ between the text model that ``made`` a cache and the ``expected`` one."""
+    made_dtype, expected_dtype = made.get("text_model_dtype"), expected.get("text_model_dtype")
+    if made_dtype and expected_dtype and made_dtype != expected_dtype:
+        return (f"The weight dtypes differ: the cache was made with {made_dtype} weights, this model's are "
+                f"{expected_dtype}; load the LLM in {made_dtype} (e.g. --dtype {made_dtype}) to use this cache.")
+    return ("The weights or their dtype (a bfloat16 LLM does not compute the embeddings of its float32 original), "
+            "tokenizer, pooling mode, template or max length differ.")
 
 
 def precompute_text_embeddings(
@@ -207,8 +303,11 @@ def build_embedding_cache(dataset: Dataset, text_model: LLM2CLIPTextModel, capti
 
 
 def join_embeddings(dataset: Dataset, cache: Dataset) -> Dataset:
-    """``dataset`` with the embedding columns of ``cache`` beside it, row by row (no data is copied); the cache's
-    metadata travels with the result for the checks of stage 2."""
+    """``dataset`` with the embedding columns (and row hashes) of ``cache`` beside it, row by row (no data is
+    copied); the cache's metadata travels with the result for the checks of stage 2.
+
+    The rows are verified with :func:`check_cache_rows`: a cache is joined only to the rows it was made from, in
+    the same order (a cache without row hashes: the same captions, by data fingerprint)."""
     metadata = read_cache_metadata(cache)
     if metadata is None:
         raise ValueError("The cache dataset carries no LLM2CLIP embedding metadata; make it with "
@@ -217,9 +316,11 @@ def join_embeddings(dataset: Dataset, cache: Dataset) -> Dataset:
         raise ValueError(f"The embedding cache has {len(cache)} rows but the dataset has {len(dataset)}; a cache "
                          "joins the exact dataset it was made from (same rows, same order).")
     columns = [embedding_column(c) for c in metadata["caption_columns"]]
+    columns += [metadata["row_hash_column"]] if metadata.get("row_hash_column") else []
     joined = concatenate_datasets([dataset.remove_columns([c for c in columns if c in dataset.column_names]),
                                    cache.select_columns(columns)], axis=1)
     joined.info.description = cache.info.description
+    check_cache_rows(joined)
     return joined
 
 
@@ -239,6 +340,7 @@ def _cache_metadata(dataset: Dataset, text_model: LLM2CLIPTextModel, caption_col
     return {
         "fingerprint": text_model_fingerprint(text_model), "embedding_dim": config.hidden_size,
         "caption_columns": list(caption_columns), "text_model": text_model.name_or_path,
+        "text_model_dtype": str(text_model.dtype).removeprefix("torch."), "row_hash_column": ROW_HASH_COLUMN,
         "pooling_mode": config.pooling_mode, "text_template": config.text_template,
         "max_seq_length": config.max_seq_length, "num_rows": len(dataset),
         "data_fingerprint": caption_data_fingerprint(dataset, caption_columns), "storage_dtype": storage_dtype,
@@ -252,8 +354,9 @@ def _finished_cache(output_dir: Path, metadata: dict[str, Any]) -> Dataset | Non
     if not (output_dir / "state.json").is_file():
         return None
     cached = load_from_disk(str(output_dir))
-    found = check_embedding_cache(cached, metadata["caption_columns"], expected_fingerprint=metadata["fingerprint"])
-    _check_same_data(found, metadata, output_dir)
+    found = check_embedding_cache(cached, metadata["caption_columns"], expected_fingerprint=metadata["fingerprint"],
+                                  expected_dtype=metadata["text_model_dtype"])
+    _check_same_job(found, metadata, output_dir)
     return cached
 
 
@@ -264,17 +367,12 @@ def _start_or_resume(output_dir: Path, metadata: dict[str, Any]) -> dict[str, An
         plan = json.loads(plan_file.read_text())
         if plan["fingerprint"] != metadata["fingerprint"]:
             raise ValueError(
-                f"{output_dir} holds an unfinished embedding cache of a different text model (fingerprint "
-                f"{plan['fingerprint']}, {plan.get('text_model')!r}; this one: {metadata['fingerprint']}). Nothing was "
-                "changed: write this cache to another folder, or delete that one to start over."
+                f"{output_dir} holds an unfinished embedding cache of a different text model "
+                f"({_describe_text_model(plan)}; this one: {_describe_text_model(metadata)}). "
+                f"{_text_model_difference(plan, metadata)} Nothing was changed: write this cache to another folder, "
+                "or delete that one to start over."
             )
-        _check_same_data(plan, metadata, output_dir)
-        if plan["storage_dtype"] != metadata["storage_dtype"]:
-            raise ValueError(
-                f"{output_dir} holds an unfinished cache stored as {plan['storage_dtype']}, not "
-                f"{metadata['storage_dtype']}. Resume it with storage_dtype={plan['storage_dtype']!r}, or write to "
-                "another folder."
-            )
+        _check_same_job(plan, metadata, output_dir)
         done = sum(_shard_path(output_dir, plan, shard).is_file() for shard in range(plan["num_shards"]))
         logger.info(f"Resuming the embedding cache in {output_dir}: {done} of {plan['num_shards']} shards are done "
                     f"({plan['rows_per_shard']} rows each).")
@@ -286,9 +384,9 @@ def _start_or_resume(output_dir: Path, metadata: dict[str, Any]) -> dict[str, An
     return metadata
 
 
-def _check_same_data(found: dict[str, Any], metadata: dict[str, Any], output_dir: Path) -> None:
-    """Refuse a cache folder made from other captions than this dataset's (another subset, another dataset), or
-    without the key column asked for."""
+def _check_same_job(found: dict[str, Any], metadata: dict[str, Any], output_dir: Path) -> None:
+    """Refuse a cache folder made from other captions than this dataset's (another subset, another dataset),
+    without the key column asked for, or stored in another dtype."""
     if metadata.get("key_column") and found.get("key_column") != metadata["key_column"]:
         raise ValueError(
             f"The embedding cache in {output_dir} was made with key column {found.get('key_column')!r}, not "
@@ -302,6 +400,13 @@ def _check_same_data(found: dict[str, Any], metadata: dict[str, Any], output_dir
             f"{metadata['data_fingerprint']}), for example a --max-samples subset. Nothing was changed: write this "
             "cache to another folder (output_dir / --embedding-cache), or delete that folder to recompute it."
         )
+    if found["storage_dtype"] != metadata["storage_dtype"]:
+        raise ValueError(
+            f"The embedding cache in {output_dir} is stored as {found['storage_dtype']}, not the "
+            f"{metadata['storage_dtype']} asked for. Nothing was changed: use storage_dtype="
+            f"{found['storage_dtype']!r} (--storage-dtype) to use it, or write the {metadata['storage_dtype']} cache "
+            "to another folder."
+        )
 
 
 def _features(plan: dict[str, Any]) -> Features:
@@ -309,6 +414,8 @@ def _features(plan: dict[str, Any]) -> Features:
     vector = ArrowSequence(value, length=plan["embedding_dim"])
     features = {embedding_column(column): ArrowSequence(vector) if several else vector
                 for column, several in zip(plan["caption_columns"], plan["several_captions"])}
+    if plan.get("row_hash_column"):  # absent from the plans of unfinished caches made by earlier versions
+        features[plan["row_hash_column"]] = Value("int64")
     if plan.get("key_column"):
         features.update(Features.from_dict({plan["key_column"]: plan["key_feature"]}))
     return Features(features)
@@ -371,6 +478,8 @@ def _embed_shard(dataset: Dataset, text_model: LLM2CLIPTextModel, output_dir: Pa
     table = {}
     for column, (first, last), column_owners, several in zip(columns, spans, owners, plan["several_captions"]):
         table[embedding_column(column)] = _arrow_column(stored[first:last], column_owners, stop - start, several)
+    if plan.get("row_hash_column"):
+        table[plan["row_hash_column"]] = pa.array(_caption_row_hashes(cells, columns), type=pa.int64())
     if key_column:
         table[key_column] = pa.array(cells[key_column], type=features[key_column].pa_type)
     path = _shard_path(output_dir, plan, shard)
