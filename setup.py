@@ -15,7 +15,7 @@ setup(
     packages=find_packages(include=["llm2clip_hf", "llm2clip_hf.*"]),
     package_data={"llm2clip_hf": ["demo/assets/*", "evaluation/metric/*/*.py", "demo_data/emoji/**/*"]},
     install_requires=[
-        "torch>=2.4",
+        "torch>=2.6",
         "transformers>=5.23,<6",
         "peft>=0.17",
         "accelerate>=1.10",

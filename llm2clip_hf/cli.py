@@ -458,19 +458,31 @@ def _read_config_file(path: str) -> dict[str, Any]:
     return {key.replace("-", "_"): value for key, value in values.items()}
 
 
+# The package's errors about the user's inputs: one line says what is wrong and how to fix it. Anything else (a
+# TypeError, another OSError, a RuntimeError) may be a bug and keeps its traceback.
+USER_ERRORS = (ValueError, FileNotFoundError)
+DEBUG_FLAG = "--debug"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``llm2clip-hf`` console script."""
+    """Entry point of the ``llm2clip-hf`` console script. ``--debug``, anywhere in ``argv``, shows the traceback of
+    user errors too."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = DEBUG_FLAG in argv
+    argv = [token for token in argv if token != DEBUG_FLAG]
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         lines = [f"  {name:10s} {command.help}" for name, command in COMMANDS.items()]
-        print("usage: llm2clip-hf COMMAND [ARGS]\n\ncommands:\n" + "\n".join(lines))
+        print("usage: llm2clip-hf COMMAND [ARGS] [--debug]\n\ncommands:\n" + "\n".join(lines) + "\n\noptions:\n"
+              f"  {DEBUG_FLAG:10s} Show the traceback of every error (without it, errors in the inputs print one "
+              "line).")
         return 0 if not argv or argv[0] in ("-h", "--help") else 2
     command = COMMANDS[argv[0]]
     try:
         result = command.run(*parse_command_arguments(command, argv[1:], prog=f"llm2clip-hf {argv[0]}"))
-    except (ValueError, TypeError, OSError) as error:
-        # Problems with the user's inputs: the message says what is wrong and how to fix it.
-        print(f"llm2clip-hf {argv[0]}: error: {error}", file=sys.stderr)
+    except USER_ERRORS as error:
+        if debug:
+            raise
+        print(f"llm2clip-hf {argv[0]}: error: {error} (run with {DEBUG_FLAG} for the traceback)", file=sys.stderr)
         return 1
     if result is not None:
         print(json.dumps(result, indent=2, default=str))

@@ -24,13 +24,15 @@ def hub_is_offline() -> bool:
     return bool(hub_constants.HF_HUB_OFFLINE) or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
 
 
-def _missing_model_error(name: str, what: str, error: Exception) -> OSError:
+def _missing_model_error(name: str, what: str, error: Exception) -> ValueError | FileNotFoundError:
+    """The user's error for a model that cannot be loaded: a folder that is not such a model (``ValueError``), or
+    a name that is neither a folder nor reachable on the Hub (``FileNotFoundError``, saying how to provide it)."""
     if Path(name).expanduser().exists():
-        return OSError(f"{name} exists but is not a loadable {what}: {error}")
+        return ValueError(f"{name} exists but is not a loadable {what}: {error}")
     where = ("HF_HUB_OFFLINE=1 is set, so only local folders and models already in the Hugging Face cache can be "
              "used: download it where the Hub is reachable (huggingface-cli download " f"{name}) or pass a local "
              "folder.") if hub_is_offline() else "Check the Hub id, your network and token, or pass a local folder."
-    return OSError(f"Cannot load the {what} {name!r}: it is not a local folder, and {where} (cause: {error})")
+    return FileNotFoundError(f"Cannot load the {what} {name!r}: it is not a local folder, and {where} (cause: {error})")
 
 
 def load_text_model(
