@@ -130,7 +130,7 @@ def run(args: DemoArguments) -> dict[str, Any]:
 
     # ---- stage 2: a small EVA02 + adapter against the cached embeddings
     torch.manual_seed(args.seed)
-    model = LLM2CLIPModel.from_text_model(tuned, tiny_eva02(args.smoke), embed_text_model=True,
+    model = LLM2CLIPModel.from_text_model(tuned, tiny_eva02(args.smoke), embed_text_model=False,
                                           projection_dim=64 if args.smoke else 256)
     retrieval_before = evaluate_retrieval(model, cached_test, "image", [SHORT, LONG])
     stage2_args = _common_args(
@@ -140,7 +140,8 @@ def run(args: DemoArguments) -> dict[str, Any]:
         learning_rate=args.stage2_learning_rate, warmup_steps=0 if args.smoke else 20, weight_decay=0.05,
         layer_decay=0.9,
     )
-    stage2 = LLM2CLIPTrainer(model=model, args=stage2_args, train_dataset=cached_train, text_model=tuned)
+    stage2 = LLM2CLIPTrainer(model=model, args=stage2_args, train_dataset=cached_train, text_model=tuned,
+                             text_model_on_save=tuned)  # trained without the LLM, saved with it
     stage2.train()
     retrieval_after = evaluate_retrieval(model, cached_test, "image", [SHORT, LONG])
     stage2.save_model()
@@ -174,12 +175,20 @@ def run(args: DemoArguments) -> dict[str, Any]:
                             "scores": {a["label"]: round(a["score"], 4) for a in answer}},
         "reload_max_abs_difference": float(reload_difference),
         "stage1_loss": _losses(stage1), "stage2_loss": _losses(stage2), "seconds": timings,
+        "peak_rss_gib": round(peak_rss_gib(), 2),
         "total_seconds": round(time.perf_counter() - started, 1),
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     write_report_png(metrics, out / "report.png")
     print(results_table(metrics))
     return {"output_dir": str(out), "metrics": str(out / "metrics.json"), "report": str(out / "report.png")}
+
+
+def peak_rss_gib() -> float:
+    """Peak resident memory of this process so far, in GiB (Linux reports ``ru_maxrss`` in KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def results_table(metrics: dict[str, Any]) -> str:
@@ -201,7 +210,8 @@ def results_table(metrics: dict[str, Any]) -> str:
     query = metrics["zero_shot_query"]
     lines += ["", f"zero-shot query {query['emoji']} (truth: {query['truth']}) -> {query['answer']}",
               f"reloaded vs in-memory image features, max |diff|: {metrics['reload_max_abs_difference']:.2e}",
-              f"time (s): {metrics['seconds']}, total {metrics['total_seconds']}"]
+              f"time (s): {metrics['seconds']}, total {metrics['total_seconds']}; peak RSS "
+              f"{metrics['peak_rss_gib']} GiB"]
     return "\n".join(lines)
 
 

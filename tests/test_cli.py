@@ -2,9 +2,8 @@
 
 import json
 import os
-import socket
-import subprocess
 import sys
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -14,9 +13,12 @@ from datasets import load_dataset, load_from_disk
 from PIL import Image
 
 from llm2clip_hf import LLM2CLIPModel, LLM2CLIPProcessor, LLM2CLIPTextModel
-from llm2clip_hf.cli import main
+from llm2clip_hf.cli import COMMANDS, main
 from llm2clip_hf.testing import tiny_caption_pair_rows, tiny_image_caption_rows
-from llm2clip_hf.data import load_dataset_from_spec, read_cache_metadata, text_model_fingerprint
+from llm2clip_hf.data import ROW_HASH_COLUMN, load_dataset_from_spec, read_cache_metadata, text_model_fingerprint
+
+sys.path.insert(0, str(Path(__file__).parent))
+from launching import accelerate_launch  # noqa: E402
 
 TINY_TOWER = ["--vision-preset", "B/16", "--image-size", "32", "--patch-size", "8", "--vision-width", "64",
               "--vision-layers", "2", "--vision-heads", "2", "--projection-dim", "32"]
@@ -27,12 +29,6 @@ SPLIT = ["--seed", str(SEED), "--eval-fraction", str(EVAL_FRACTION), "--caption-
 ZERO_SHOT_TEMPLATES = ["a {}", "a {} shape"]
 # A score this close to a query's bar could rank either way between the CLI's float32 path and this one.
 TIE_TOLERANCE = 1e-5
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def run_cli(capsys, *argv):
@@ -190,7 +186,7 @@ def test_train_clip_stage_on_imagefolder_with_several_captions_per_image(clip_mo
     # rows as the CLI read them (the cache holds only their embeddings, one row per image row).
     cached = load_from_disk(str(clip_model_dir / "_embedding_cache"))
     source = load_dataset_from_spec(str(data_dir / "images"), image_column="image")
-    assert cached.column_names == ["short_caption_llm_embedding", "long_caption_llm_embedding"]
+    assert cached.column_names == ["short_caption_llm_embedding", "long_caption_llm_embedding", ROW_HASH_COLUMN]
     assert len(cached) == len(source)
     held_out = list(source.train_test_split(test_size=EVAL_FRACTION, seed=SEED)["test"])
     assert len(held_out) == 8
@@ -299,13 +295,7 @@ def test_embed_under_accelerate_launch_splits_the_work_and_equals_one_process(ca
     args = ["embed", "--text-model", str(tiny_llm_dir), "--dataset", str(captions), "--caption-columns", "caption",
             "--rows-per-shard", "8"]
     assert main([*args, "--output-dir", str(tmp_path / "one")]) == 0
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    launched = subprocess.run(
-        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-         "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
-         "-m", "llm2clip_hf.cli", *args, "--output-dir", str(tmp_path / "two")],
-        capture_output=True, text=True, env=env, timeout=300)
-    assert launched.returncode == 0, launched.stderr[-3000:]
+    launched = accelerate_launch(["-m", "llm2clip_hf.cli", *args, "--output-dir", tmp_path / "two"])
     assert last_json(launched.stdout)["processes"] == 2
     assert last_json(launched.stdout)["cpu_threads"] == max(1, len(os.sched_getaffinity(0)) // 2)
     from datasets import load_from_disk
@@ -392,3 +382,38 @@ def test_every_command_prints_its_help(command, capsys):
         main([command, "--help"])
     assert stop.value.code == 0
     assert f"llm2clip-hf {command}" in capsys.readouterr().out
+
+
+def test_top_level_help_documents_debug(capsys):
+    assert main(["--help"]) == 0
+    assert "--debug" in capsys.readouterr().out
+
+
+def failing_command(monkeypatch, error):
+    def run(*arguments):
+        raise error
+
+    monkeypatch.setattr(COMMANDS["convert"], "run", run)
+
+
+@pytest.mark.parametrize("error", [ValueError("--checkpoint is not a checkpoint"),
+                                   FileNotFoundError("no such checkpoint")])
+def test_user_error_prints_one_line_with_a_debug_hint(capsys, monkeypatch, error):
+    failing_command(monkeypatch, error)
+    code, out, err = run_cli(capsys, "convert", "in.pt", "out")
+    assert code == 1 and out == ""
+    assert err.splitlines() == [f"llm2clip-hf convert: error: {error} (run with --debug for the traceback)"]
+
+
+@pytest.mark.parametrize("error", [TypeError("bug"), PermissionError("denied"), RuntimeError("bug")])
+def test_internal_error_propagates_with_its_traceback(monkeypatch, error):
+    failing_command(monkeypatch, error)
+    with pytest.raises(type(error)):
+        main(["convert", "in.pt", "out"])
+
+
+@pytest.mark.parametrize("argv", [["--debug", "convert", "in.pt", "out"], ["convert", "in.pt", "--debug", "out"]])
+def test_debug_flag_reraises_user_errors_wherever_it_is(monkeypatch, argv):
+    failing_command(monkeypatch, ValueError("bad input"))
+    with pytest.raises(ValueError, match="bad input"):
+        main(argv)

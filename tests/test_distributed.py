@@ -1,39 +1,22 @@
 """A real 2-process run (accelerate launch, gloo on CPU) against one process on the same global batches."""
 
 import json
-import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-import torch
 from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).parent))
 import distributed_worker  # noqa: E402
+from launching import accelerate_launch  # noqa: E402
 from numerics import assert_same_tensor  # noqa: E402
 
 WORKER = Path(__file__).with_name("distributed_worker.py")
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def launch_two_processes(stage, llm_dir, output_dir, gradcache_chunk_size=None, loss_type="clip"):
-    command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
-        str(WORKER), stage, str(llm_dir), str(output_dir), "2", str(gradcache_chunk_size or "none"),
-        loss_type,
-    ]
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
-    assert result.returncode == 0, result.stderr[-4000:]
+    accelerate_launch([WORKER, stage, llm_dir, output_dir, "2", gradcache_chunk_size or "none", loss_type])
 
 
 @pytest.mark.parametrize("stage, gradcache_chunk_size, loss_type", [

@@ -8,9 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType, SimpleNamespace
@@ -30,6 +27,7 @@ from transformers import CLIPVisionConfig, SiglipVisionConfig
 
 sys.path.insert(0, str(Path(__file__).parent))
 import fsdp_worker  # noqa: E402
+from launching import accelerate_launch  # noqa: E402
 from numerics import assert_same_tensor  # noqa: E402
 
 from llm2clip_hf import LLM2CLIPModel, LLM2CLIPTextModel  # noqa: E402
@@ -265,22 +263,11 @@ def test_example_accelerate_configs_load(name, distributed_type, check):
 
 
 # ------------------------------------------------------------------------------------------------ 2 processes vs 1
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def launch(stage, llm_dir, output_dir, config=None, *worker_args):
     """``fsdp_worker.py`` in 2 processes: with an accelerate config file, or as DDP (gloo on a CPU)."""
     setup = ["--config_file", str(config)] if config else ["--multi_gpu", "--mixed_precision", "no",
                                                           "--dynamo_backend", "no"]
-    command = [sys.executable, "-m", "accelerate.commands.launch", *setup, "--num_processes", "2",
-               "--num_machines", "1", "--main_process_port", str(free_port()),
-               str(WORKER), stage, str(llm_dir), str(output_dir), "2", *worker_args]
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
-    assert result.returncode == 0, result.stderr[-4000:]
+    accelerate_launch([WORKER, stage, llm_dir, output_dir, "2", *worker_args], setup=setup, timeout=600, cwd=ROOT)
 
 
 @pytest.fixture(scope="module")

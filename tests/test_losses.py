@@ -2,7 +2,6 @@
 processes (gloo) whose gathered candidates carry gradients back to the process that owns them."""
 
 import math
-import socket
 import sys
 from pathlib import Path
 
@@ -15,6 +14,7 @@ from llm2clip_hf.trainers.losses import SigLIPContrastiveLoss
 
 sys.path.insert(0, str(Path(__file__).parent))
 import gather_worker  # noqa: E402
+from launching import free_port  # noqa: E402
 
 
 def _unit(x):
@@ -308,12 +308,6 @@ def start_method() -> str:
     if torch.cuda.is_initialized() or (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return "spawn"
     return "fork"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -173,7 +173,7 @@ def test_training_on_captions_and_pairs_keeps_batches_to_one_source(text_model, 
     recording.batches.clear()
     for _ in trainer.get_train_dataloader():  # one whole epoch
         pass
-    caption_instructions = {training.short_query_instruction, training.long_query_instruction}
+    caption_instructions = {trainer.args.short_query_instruction, trainer.args.long_query_instruction}
     kinds = ["captions" if batch <= caption_instructions else "pairs" if batch == {PAIR_INSTRUCTION} else batch
              for batch in recording.batches]
     assert Counter(kinds) == {"captions": 32 // 4, "pairs": 24 // 4}, kinds

@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +19,9 @@ from llm2clip_hf import LLM2CLIPModel, LLM2CLIPTextModel
 from llm2clip_hf.evaluation import evaluate_retrieval
 from llm2clip_hf.testing import tiny_caption_pair_rows, tiny_image_caption_rows, tiny_vision_config
 from llm2clip_hf.trainers import LLM2CLIPTrainer, LLM2CLIPTrainingArguments
+
+sys.path.insert(0, str(Path(__file__).parent))
+from launching import accelerate_launch  # noqa: E402
 
 CAPTIONS = ["short_caption", "long_caption"]
 
@@ -122,7 +126,8 @@ def test_non_finite_loss_stops_naming_step_and_rows_after_saving_the_last_good_s
                                      save_strategy="no", per_device_train_batch_size=4, disable_tqdm=True)
     data = Dataset.from_list(tiny_caption_pair_rows()[:8])
     trainer = LLM2CLIPTrainer(model=text_model, args=args, train_dataset=data, loss=ExplodesAtStep2())
-    with pytest.raises(FloatingPointError, match=r"at step 2; batch rows \[\d+, \d+, \d+, \d+\]") as error:
+    with pytest.raises(FloatingPointError, match=r"at step 2 \(process 0: loss nan, batch rows \[\d+, \d+, \d+, \d+\]\)") \
+            as error:
         trainer.train()
     assert "checkpoint-1" in str(error.value)
     assert (tmp_path / "checkpoint-1" / "adapter_model.safetensors").is_file()
@@ -241,11 +246,28 @@ def test_non_finite_loss_is_checked_once_per_optimizer_step_and_names_the_micro_
     data = Dataset.from_list(tiny_caption_pair_rows()[:24])
     trainer = LLM2CLIPTrainer(model=text_model, args=args, train_dataset=data, loss=ExplodesAtCall6())
     checks = []
-    original = trainer._check_finite_losses
-    trainer._check_finite_losses = lambda: (checks.append(len(trainer._micro_step_losses)), original())[1]
-    with pytest.raises(FloatingPointError, match=r"at step 2; batch rows \[\d+, \d+\]") as error:
+    original = trainer._check_step_health
+    trainer._check_step_health = lambda: (checks.append(len(trainer._micro_step_records)), original())[1]
+    with pytest.raises(FloatingPointError, match=r"at step 2 \(process 0: loss nan, batch rows \[\d+, \d+\]\)") as error:
         trainer.train()
     assert checks == [4, 4]  # one check per optimizer step, over its 4 micro-batches
     assert "checkpoint-1" in str(error.value)
     rows = [int(r) for r in str(error.value).split("batch rows [")[1].split("]")[0].split(", ")]
     assert len(rows) == 2 and rows != [0, 1]  # the second micro-batch of step 2, not the step's first
+
+
+def test_non_finite_loss_on_one_process_stops_every_process_after_a_joint_save(tiny_llm_dir, tmp_path):
+    """2 gloo processes; only process 1 sees a NaN loss (at step 2). Both stop at that step with the same message
+    naming process 1 and its rows, after saving checkpoint-1 together (model state and both processes' RNG files);
+    no process applies the NaN update."""
+    accelerate_launch([Path(__file__).with_name("non_finite_worker.py"), tiny_llm_dir, tmp_path])
+    messages = [(tmp_path / f"error-{rank}.txt").read_text() for rank in (0, 1)]
+    assert messages[0] == messages[1]
+    assert "at step 2 (process 1: loss nan, batch rows [" in messages[0] and "process 0:" not in messages[0]
+    assert "checkpoint-1" in messages[0]
+    checkpoint = tmp_path / "out" / "checkpoint-1"
+    assert (checkpoint / "rng_state_0.pth").is_file() and (checkpoint / "rng_state_1.pth").is_file()
+    saved = load_file(checkpoint / "adapter_model.safetensors")
+    assert all(torch.isfinite(v).all() for v in saved.values())
+    finals = [load_file(tmp_path / f"weights-{rank}.safetensors") for rank in (0, 1)]
+    assert all(torch.isfinite(v).all() for final in finals for v in final.values())

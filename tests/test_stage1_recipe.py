@@ -3,13 +3,18 @@ only for LLMs under 1B parameters; a default warmup never takes more than a quar
 demo's stage 1 (those defaults with lr 4e-3), on the real SmolLM2-135M and the emoji pairs, raises held-out CRA to 3x
 its raw level and by 20 points in 20 steps."""
 
+import json
 import logging
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from llm2clip_hf.demo import DemoArguments, emoji_splits
 from llm2clip_hf.evaluation import evaluate_caption_retrieval
+from llm2clip_hf import LLM2CLIPTextModel
 from llm2clip_hf.model_loading import load_text_model
 from llm2clip_hf.testing import tiny_caption_pair_rows
 from llm2clip_hf.trainers import LLM2CLIPTrainer, LLM2CLIPTrainingArguments
@@ -32,25 +37,76 @@ def test_small_llm_defaults_replace_only_unset_official_values(tmp_path, stage):
     assert small != official
     args = args_for(tmp_path, stage)
     assert args.learning_rate == official
-    assert args.apply_model_size_defaults(8_000_000_000) == {} and args.learning_rate == official
-    assert args.apply_model_size_defaults(135_000_000) == SMALL_LLM_DEFAULTS[stage]
-    assert args.learning_rate == small
+    large, changed = args.resolved(8_000_000_000)
+    assert changed == {} and large.learning_rate == official
+    resolved, changed = args.resolved(135_000_000)
+    assert changed == SMALL_LLM_DEFAULTS[stage] and resolved.learning_rate == small
+    assert args.learning_rate == official  # the caller's arguments are never changed
     explicit = args_for(tmp_path, stage, learning_rate=official)
-    assert "learning_rate" not in explicit.apply_model_size_defaults(135_000_000)
-    assert explicit.learning_rate == official
+    resolved, changed = explicit.resolved(135_000_000)
+    assert "learning_rate" not in changed and resolved.learning_rate == official
     clip = args_for(tmp_path, "clip")
-    assert clip.apply_model_size_defaults(135_000_000) == {} and clip.learning_rate == STAGE_DEFAULTS["clip"][
-        "learning_rate"]
+    resolved, changed = clip.resolved(135_000_000)
+    assert changed == {} and resolved.learning_rate == STAGE_DEFAULTS["clip"]["learning_rate"]
 
 
 def test_small_llm_caption_queries_carry_no_instruction_unless_one_is_given(tmp_path):
     args = args_for(tmp_path)
     assert args.short_query_instruction == STAGE_DEFAULTS["caption"]["short_query_instruction"] != ""
-    args.apply_model_size_defaults(135_000_000)
-    assert (args.short_query_instruction, args.long_query_instruction) == ("", "")
-    given = args_for(tmp_path, short_query_instruction="Find the caption")
-    given.apply_model_size_defaults(135_000_000)
+    resolved, _ = args.resolved(135_000_000)
+    assert (resolved.short_query_instruction, resolved.long_query_instruction) == ("", "")
+    given, _ = args_for(tmp_path, short_query_instruction="Find the caption").resolved(135_000_000)
     assert given.short_query_instruction == "Find the caption" and given.long_query_instruction == ""
+
+
+@pytest.mark.parametrize("order", [("small", "large"), ("large", "small")])
+def test_reused_arguments_follow_each_trainers_llm_in_either_order(tiny_llm_dir, tmp_path, order):
+    """One LLM2CLIPTrainingArguments reused for a small and a large LLM: each trainer gets its own LLM's defaults
+    (the large one the official ones), whatever came first, and the caller's object keeps the official values."""
+    args = args_for(tmp_path, per_device_train_batch_size=4, max_steps=1)
+    data = Dataset.from_list(tiny_caption_pair_rows()[:8])
+    official, small = STAGE_DEFAULTS["caption"]["learning_rate"], SMALL_LLM_DEFAULTS["caption"]["learning_rate"]
+    for size in order:
+        model = LLM2CLIPTextModel.from_llm(tiny_llm_dir)
+        if size == "large":  # the same tiny LLM, counted as an 8B one
+            model.llm.num_parameters = lambda *a, **k: 8_000_000_000
+        trainer = LLM2CLIPTrainer(model=model, args=args, train_dataset=data)
+        assert trainer.args.learning_rate == (small if size == "small" else official)
+        assert trainer.args.short_query_instruction == ("" if size == "small" else
+                                                         STAGE_DEFAULTS["caption"]["short_query_instruction"])
+        assert trainer.args is not args and args.learning_rate == official
+
+
+DEEPSPEED_RUN = """
+import json, sys
+from datasets import Dataset
+from llm2clip_hf import LLM2CLIPTextModel
+from llm2clip_hf.testing import tiny_caption_pair_rows
+from llm2clip_hf.trainers import LLM2CLIPTrainer, LLM2CLIPTrainingArguments
+config = {"optimizer": {"type": "AdamW", "params": {"lr": "auto"}}, "zero_optimization": {"stage": 1},
+          "train_micro_batch_size_per_gpu": "auto", "train_batch_size": "auto", "gradient_accumulation_steps": "auto"}
+args = LLM2CLIPTrainingArguments(output_dir=sys.argv[2], stage="caption", use_cpu=True, report_to="none",
+                                 save_strategy="no", deepspeed=config, per_device_train_batch_size=4, max_steps=1)
+before = args.hf_deepspeed_config.config["optimizer"]["params"]["lr"]
+trainer = LLM2CLIPTrainer(model=LLM2CLIPTextModel.from_llm(sys.argv[1]), args=args,
+                          train_dataset=Dataset.from_list(tiny_caption_pair_rows()[:8]))
+print(json.dumps({"before": before, "trainer": trainer.args.hf_deepspeed_config.config["optimizer"]["params"]["lr"],
+                  "accelerator": trainer.accelerator.state.deepspeed_plugin.hf_ds_config.config["optimizer"]["params"]["lr"],
+                  "caller": args.hf_deepspeed_config.config["optimizer"]["params"]["lr"]}))
+"""
+
+
+def test_deepspeed_auto_learning_rate_takes_the_resolved_default(tiny_llm_dir, tmp_path):
+    """DeepSpeed's "auto" lr is filled when the arguments are made, before the LLM's size is known: the trainer's
+    copy fills it again, so DeepSpeed trains at the logged small-LLM default, not at the official value. (In a
+    subprocess: DeepSpeed leaves process-wide state behind.)"""
+    pytest.importorskip("deepspeed")
+    result = subprocess.run([sys.executable, "-c", DEEPSPEED_RUN, str(tiny_llm_dir), str(tmp_path)],
+                            capture_output=True, text=True, timeout=300, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    lrs = json.loads(result.stdout.strip().splitlines()[-1])
+    official, small = STAGE_DEFAULTS["caption"]["learning_rate"], SMALL_LLM_DEFAULTS["caption"]["learning_rate"]
+    assert lrs == {"before": official, "trainer": small, "accelerator": small, "caller": official}
 
 
 def test_default_warmup_is_capped_at_a_quarter_of_the_run(tmp_path):
@@ -70,6 +126,7 @@ def test_trainer_applies_and_logs_the_small_llm_defaults(text_model, tmp_path, c
     small = SMALL_LLM_DEFAULTS["caption"]["learning_rate"]
     assert any("small-LLM defaults" in record.getMessage() and str(small) in record.getMessage()
                for record in caplog.records)
+    assert args.learning_rate == STAGE_DEFAULTS["caption"]["learning_rate"]  # the caller's copy is untouched
     trainer.create_optimizer_and_scheduler(num_training_steps=args.max_steps)
     assert {group["initial_lr"] if "initial_lr" in group else group["lr"]
             for group in trainer.optimizer.param_groups} == {small}

@@ -5,9 +5,6 @@ and what a resumed run reads."""
 import io
 import json
 import math
-import os
-import socket
-import subprocess
 import sys
 import tarfile
 from pathlib import Path
@@ -34,6 +31,9 @@ from llm2clip_hf.data import (
 )
 from llm2clip_hf.testing import tiny_image_caption_rows, tiny_vision_config
 from llm2clip_hf.trainers import LLM2CLIPTrainer, LLM2CLIPTrainingArguments
+
+sys.path.insert(0, str(Path(__file__).parent))
+from launching import accelerate_launch  # noqa: E402
 
 CAPTIONS = ["short_caption", "long_caption"]
 KEYS = [f"s{i:04d}" for i in range(32)]  # the 32 rows of tiny_image_caption_rows, 8 per shard
@@ -279,21 +279,9 @@ def test_each_process_reads_its_own_part_of_every_epoch(num_shards, source, tmp_
         assert (read[0].isdisjoint(read[1]) and len(read[0]) == 2) if num_shards == 4 else read[0] == read[1]
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_two_processes_read_disjoint_shards_covering_the_data_each_epoch(shards, cache, tiny_llm_dir, tmp_path):
     cache.save_to_disk(str(tmp_path / "cache"))
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
-               str(free_port()), str(WORKER), str(tiny_llm_dir), str(shards / "parquet"), str(tmp_path / "cache"),
-               str(tmp_path)]
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
-    assert result.returncode == 0, result.stderr[-4000:]
+    accelerate_launch([WORKER, tiny_llm_dir, shards / "parquet", tmp_path / "cache", tmp_path])
     ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
     shard_of = dict(zip(key_hashes(KEYS).tolist(), [i // 8 for i in range(len(KEYS))]))
     for epoch in range(2):

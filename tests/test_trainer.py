@@ -292,10 +292,11 @@ def test_stage1_runs_query_positive_and_negative_as_one_batch_equal_to_three(tin
     assert batch["roles"] == ["query", "positive", "negative"] and batch["texts"]["input_ids"].shape[0] == 24
     with torch.no_grad():
         together = trainer.model(**batch["texts"]).text_embeds.chunk(3)
-        queries = [args.short_query_instruction if row["query_is_short"] else args.long_query_instruction
+        resolved = trainer.args
+        queries = [resolved.short_query_instruction if row["query_is_short"] else resolved.long_query_instruction
                    for row in rows]
         apart = [text_model(**text_model.tokenize([row["query"] for row in rows], queries,
-                                                  args.instruction_separator)).text_embeds,
+                                                  resolved.instruction_separator)).text_embeds,
                  text_model.encode([row["positive"] for row in rows], batch_size=8),
                  text_model.encode([row["negative"] for row in rows], batch_size=8)]
     for role, one, three in zip(batch["roles"], together, apart):

@@ -165,6 +165,14 @@ class LLM2CLIPModel(LLM2CLIPPreTrainedModel):
             model.text_model.tokenizer = text_model.tokenizer
         return model.to(next(text_model.parameters()).device)
 
+    def train(self, mode: bool = True) -> "LLM2CLIPModel":
+        """``nn.Module.train``, except that an embedded text encoder with no trainable parameter (the frozen LLM of
+        stage 2) stays in eval mode: no dropout acts on a frozen LLM."""
+        super().train(mode)
+        if mode and self.text_model is not None and not any(p.requires_grad for p in self.text_model.parameters()):
+            self.text_model.eval()
+        return self
+
     def get_input_embeddings(self) -> nn.Module | None:
         """The embedded LLM's token embedding, or ``None`` without one (accelerate's FSDP2 asks for it)."""
         return self.text_model.get_input_embeddings() if self.text_model is not None else None

@@ -5,13 +5,13 @@ from __future__ import annotations
 import functools
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 from accelerate.data_loader import prepare_data_loader
+from accelerate.utils import DistributedType, gather_object
 from datasets import Dataset
-from accelerate.utils import DistributedType
 from peft import LoraConfig, PeftModel, get_peft_model, inject_adapter_in_model
 from torch import nn
 from torch.distributed.tensor import DTensor
@@ -24,6 +24,7 @@ import datasets as hf_datasets
 from ..data import (
     ROW_INDEX,
     CLIPImageTransform,
+    check_cache_rows,
     check_embedding_cache,
     drop_bad_caption_rows,
     drop_bad_stream_caption_rows,
@@ -61,6 +62,7 @@ from .masked_next_token import LABELS, TEXT, MaskedTextCollator, build_mntp_text
 from .mixed_sources import SourceBatchSampler
 from .model_card import build_model_card
 from .training_args import CAPTION_STAGE, CLIP_STAGE, MNTP_STAGE, TEXT_STAGES, LLM2CLIPTrainingArguments
+from .training_health import CollapseMonitor, EmbeddingCollapseError, StepHealth, checkpoint_before, embedding_spread
 
 
 logger = hf_logging.get_logger(__name__)
@@ -108,14 +110,15 @@ class LogitScaleClampCallback(TrainerCallback):
                 safe_set_full_fp32_param(parameter, master.clamp(0.0, self.max_value))
 
 
-class NonFiniteLossCallback(TrainerCallback):
-    """Checks the micro-batch losses of an optimizer step right before the update (one device sync per step)."""
+class TrainingHealthCallback(TrainerCallback):
+    """Checks the micro-batches of an optimizer step right before the update: non-finite losses and collapsed
+    embeddings, agreed by every process (one small all-reduce per step; see :mod:`.training_health`)."""
 
     def __init__(self, trainer: "LLM2CLIPTrainer") -> None:
         self.trainer = trainer
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        self.trainer._check_finite_losses()
+        self.trainer._check_step_health()
 
 
 class EpochCallback(TrainerCallback):
@@ -145,7 +148,9 @@ class LLM2CLIPTrainer(Trainer):
     and ``instruction`` columns, see :func:`text_pair_source`), or a dict (``DatasetDict``) of such named sources:
     then every batch comes from one source, drawn with ``source_mixing_weights`` (:class:`SourceBatchSampler`).
     Stage 2 takes an :class:`LLM2CLIPModel` and a dataset with images and, for ``text_source="cached"``, the embeddings written by ``precompute_text_embeddings``; pass the
-    ``text_model`` that made them to have the cache checked against it. ``trainer.save_model()`` and
+    ``text_model`` that made them to have the cache checked against it, and ``text_model_on_save`` (the text model,
+    or a function loading it) to have the saved model embed it, frozen, without holding the LLM while training.
+    ``args`` are copied, never changed (:meth:`LLM2CLIPTrainingArguments.resolved`). ``trainer.save_model()`` and
     ``push_to_hub()`` write a loadable model (LoRA merged) with remote code and a model card; checkpoints keep the
     LoRA adapter and optimizer state for ``resume_from_checkpoint``.
     """
@@ -161,21 +166,30 @@ class LLM2CLIPTrainer(Trainer):
         loss: nn.Module | None = None,
         lm_head: nn.Module | None = None,
         callbacks: list[TrainerCallback] | None = None,
+        text_model_on_save: LLM2CLIPTextModel | Callable[[], LLM2CLIPTextModel] | None = None,
         **kwargs: Any,
     ) -> None:
         if not isinstance(args, LLM2CLIPTrainingArguments):
             raise TypeError("LLM2CLIPTrainer needs LLM2CLIPTrainingArguments (they carry the stage settings).")
+        if args.stage == MNTP_STAGE and kwargs.get("compute_metrics") is not None:
+            raise ValueError("compute_metrics is not supported in stage 'mntp' (its predictions would be vocabulary-"
+                             "sized logits per token); evaluation reports the MNTP loss.")
+        args = self._resolved_args(model, args, eval_dataset)
         callbacks = list(callbacks or [])
         self._saving_checkpoint = False
         self._data_statistics = DataStatistics()
-        self._micro_step_losses: list[tuple[torch.Tensor, torch.Tensor | None]] = []
-        callbacks.append(NonFiniteLossCallback(self))
+        self._micro_step_records: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, float | None]] = []
+        self._batch_spread: torch.Tensor | None = None
+        self._collapse = CollapseMonitor(args.collapse_spread_ratio, args.collapse_patience)
+        self._text_model_on_save = text_model_on_save
+        callbacks.append(TrainingHealthCallback(self))
         if args.train_sampling_strategy not in ("random", "sequential"):
             raise ValueError(
                 f"train_sampling_strategy={args.train_sampling_strategy!r} is not supported by LLM2CLIPTrainer; use "
                 "'random' (default) or 'sequential'. Contrastive batches need no length grouping."
             )
-        self._train_sampler = EpochTaggedSampler(0, args.seed, shuffle=args.train_sampling_strategy == "random")
+        self._train_sampler = EpochTaggedSampler(0, args.sampling_seed,
+                                                 shuffle=args.train_sampling_strategy == "random")
         callbacks.append(EpochCallback(self))
         self._check_sources(args, train_dataset, eval_dataset)
         if args.stage == MNTP_STAGE:
@@ -200,8 +214,7 @@ class LLM2CLIPTrainer(Trainer):
             else:
                 loss = loss or CLIPContrastiveLoss(world_size=args.world_size, rank=args.process_index)
             callbacks.append(LogitScaleClampCallback(self, args.logit_scale_max))
-        if args.stage == CAPTION_STAGE and eval_dataset is not None and args.retrieval_metrics:
-            args.eval_on_start = True  # the held-out CRA before training, for the log and the card's model-index
+        self._check_loss_processes(loss, args)
         # Training applies the bad-row policy; evaluation never drops a row.
         self._prepare_dataset = prepare
         train_dataset = prepare(train_dataset, args.skip_bad_rows) if train_dataset is not None else None
@@ -242,6 +255,44 @@ class LLM2CLIPTrainer(Trainer):
             raise ValueError("source_mixing_weights weighs the named sources of a dict train_dataset (stage "
                              "'caption'); pass a DatasetDict (CLI: --pair-dataset) or drop the weights.")
 
+    def _resolved_args(self, model, args: LLM2CLIPTrainingArguments, eval_dataset: Any) -> LLM2CLIPTrainingArguments:
+        """The arguments this trainer runs with: a copy of ``args`` with the defaults that depend on the model and
+        data resolved (``args`` itself is never changed, so it can be reused with another model): the small-LLM
+        settings for text stages on LLMs under 1B parameters (logged), and ``eval_on_start`` for stage 1 with
+        held-out pairs (the CRA before training, for the log and the card's model-index) unless it was set."""
+        num_parameters = None
+        if args.stage in TEXT_STAGES:
+            num_parameters = self._require_text_model(model, args).llm.num_parameters()
+        defaults = {"eval_on_start": True} if (args.stage == CAPTION_STAGE and eval_dataset is not None
+                                               and args.retrieval_metrics) else {}
+        resolved, changed = args.resolved(num_parameters, **defaults)
+        small = {name: value for name, value in changed.items() if name not in defaults}
+        if small:
+            logger.warning(
+                f"stage={args.stage!r} on a {num_parameters / 1e6:.0f}M-parameter LLM: using the small-LLM defaults "
+                f"{small} instead of the official values for 1B+ LLMs (measured on SmolLM2-135M, see README 'Stage 1 "
+                "on small LLMs'); set them explicitly to override."
+            )
+        return resolved
+
+    @staticmethod
+    def _check_loss_processes(loss: nn.Module, args: LLM2CLIPTrainingArguments) -> None:
+        """A contrastive loss must gather candidates from every process: refuse one built for another number of
+        processes (a loss made with the defaults on 8 processes would use each process's local negatives only)."""
+        world_size = getattr(loss, "world_size", None)
+        if world_size is None:
+            if args.world_size > 1 and args.stage != MNTP_STAGE:
+                logger.warning(f"The given loss {type(loss).__name__} has no world_size attribute, so it cannot be "
+                               f"checked that it gathers candidates from all {args.world_size} processes.")
+            return
+        if world_size != args.world_size or getattr(loss, "rank", args.process_index) != args.process_index:
+            raise ValueError(
+                f"The given loss {type(loss).__name__} was built for world_size={world_size}, rank="
+                f"{getattr(loss, 'rank', None)}, but this run has {args.world_size} processes (this one is rank "
+                f"{args.process_index}): its negatives would not be the global batch's. Build it with "
+                "world_size=args.world_size, rank=args.process_index."
+            )
+
     def _text_model_with_lora(self, model, args, peft_config) -> PeftModel:
         """The text stages' model: an LLM2CLIPTextModel with LoRA (the official settings unless ``peft_config``)."""
         self._require_text_model(model, args)
@@ -255,14 +306,6 @@ class LLM2CLIPTrainer(Trainer):
                 "LLM2CLIPTextModel.from_llm(...)."
             )
         self.text_model = base
-        num_parameters = base.llm.num_parameters()
-        changed = args.apply_model_size_defaults(num_parameters)
-        if changed:
-            logger.warning(
-                f"stage={args.stage!r} on a {num_parameters / 1e6:.0f}M-parameter LLM: using the small-LLM defaults "
-                f"{changed} instead of the official values for 1B+ LLMs (measured on SmolLM2-135M, see README 'Stage 1 "
-                "on small LLMs'); set them explicitly to override."
-            )
         return base
 
     def _setup_mntp_stage(self, model, args, peft_config, lm_head):
@@ -303,7 +346,7 @@ class LLM2CLIPTrainer(Trainer):
             require_columns(dataset, [short, long],
                             f"{source} (captions; text pairs would have '{QUERY}' and '{POSITIVE}' columns instead)")
             dataset = drop_bad_caption_rows(with_row_index(dataset), [short, long], skip)
-            return build_caption_pairs(dataset, short, long, args.seed, args.hard_negatives,
+            return build_caption_pairs(dataset, short, long, args.sampling_seed, args.hard_negatives,
                                        short_query_instruction=args.short_query_instruction,
                                        long_query_instruction=args.long_query_instruction)
 
@@ -335,11 +378,16 @@ class LLM2CLIPTrainer(Trainer):
         # Hashing the LLM's weights is costly (an 8B model: ~16 GB read): once per trainer, for every dataset checked.
         text_model_hash = functools.cache(lambda: text_model_fingerprint(text_model))
 
-        def check_cache(dataset: Dataset) -> None:
-            """The cache must be of the given text model, else of the one recorded by earlier training."""
+        def check_cache(dataset: Dataset | hf_datasets.IterableDataset) -> None:
+            """The cache must be of the given text model, else of the one recorded by earlier training, and (map-style
+            data; a stream joins by key) each row's embeddings must be of that row's captions."""
             expected = text_model_hash() if text_model is not None else model.config.text_model_fingerprint
-            metadata = check_embedding_cache(dataset, args.caption_columns, expected_fingerprint=expected,
-                                             embedding_dim=model.config.text_embedding_dim)
+            metadata = check_embedding_cache(
+                dataset, args.caption_columns, expected_fingerprint=expected,
+                embedding_dim=model.config.text_embedding_dim,
+                expected_dtype=str(text_model.dtype).removeprefix("torch.") if text_model is not None else None)
+            if isinstance(dataset, Dataset):
+                check_cache_rows(dataset)
             model.config.text_model_fingerprint = metadata["fingerprint"]
             model.config.text_model_name_or_path = metadata.get("text_model") or model.config.text_model_name_or_path
 
@@ -366,7 +414,7 @@ class LLM2CLIPTrainer(Trainer):
             return CLIPCollator(
                 args.image_column, args.caption_columns,
                 CLIPImageTransform(model.config.vision_config, augment=augment),
-                seed=args.seed, weights=args.caption_sampling_weights,
+                seed=args.sampling_seed, weights=args.caption_sampling_weights,
                 text_model=model.text_model if in_loop else None, skip_bad_rows=skip_bad_rows,
             )
 
@@ -385,7 +433,7 @@ class LLM2CLIPTrainer(Trainer):
             # its default for streams) or split it again: the split stream is prepared as a one-process loader,
             # which only moves the batches to this process's device.
             args = self.args
-            stream = training_stream(dataset, args.seed, args.process_index, args.world_size, EPOCH,
+            stream = training_stream(dataset, args.sampling_seed, args.process_index, args.world_size, EPOCH,
                                      shuffle=args.train_sampling_strategy == "random",
                                      buffer_size=args.stream_shuffle_buffer_size)
             loader = torch.utils.data.DataLoader(stream, batch_size=batch_size, collate_fn=self.data_collator,
@@ -428,7 +476,7 @@ class LLM2CLIPTrainer(Trainer):
         ``num_processes`` consecutive ones (with ``split_batches``, a slice of every batch): a step's global batch
         is that many batches, all of one source."""
         group = 1 if self.accelerator.split_batches else self.accelerator.num_processes
-        return SourceBatchSampler(self._train_source_sizes, batch_size, self.args.seed,
+        return SourceBatchSampler(self._train_source_sizes, batch_size, self.args.sampling_seed,
                                   self.args.source_mixing_weights, group,
                                   shuffle=self.args.train_sampling_strategy == "random")
 
@@ -448,12 +496,28 @@ class LLM2CLIPTrainer(Trainer):
             loss = self.loss(outputs.last_hidden_state, labels)
             return (loss, outputs) if return_outputs else loss
         if self.args.stage == CAPTION_STAGE:  # query, positive and negative in one forward
-            embeddings = split_roles(model(**inputs[TEXTS]).text_embeds, inputs[ROLES])
+            text_embeds = model(**inputs[TEXTS]).text_embeds
+            self._record_spread(model, text_embeds)
+            embeddings = split_roles(text_embeds, inputs[ROLES])
             loss = self.loss(embeddings["query"], embeddings["positive"], embeddings.get("negative"))
             return (loss, embeddings) if return_outputs else loss
         outputs = model(**inputs)
+        self._record_spread(model, outputs.image_embeds, outputs.text_embeds)
         loss = self.loss(outputs.image_embeds, outputs.text_embeds, *self._logit_parameters(outputs))
         return (loss, outputs) if return_outputs else loss
+
+    def _record_spread(self, model: nn.Module, *embeddings: torch.Tensor) -> None:
+        """Keep the spread of a training batch's embeddings for the step's collapse check (on the device)."""
+        if model.training and self.args.collapse_spread_ratio > 0:
+            self._batch_spread = embedding_spread(*embeddings)
+
+    def _log_candidates(self, rows: int) -> float | None:
+        """ln(candidates per query) of the stage's InfoNCE loss on ``rows`` local rows (None for other losses)."""
+        if self.args.stage == CAPTION_STAGE:
+            return math.log(max(2, rows * self.args.world_size * (2 if self.args.hard_negatives else 1)))
+        if self.args.stage == CLIP_STAGE and self.args.loss_type == "clip":
+            return math.log(max(2, rows * self.args.world_size))
+        return None
 
     def _logit_parameters(self, source: LLM2CLIPModel | LLM2CLIPOutput) -> tuple[torch.Tensor, ...]:
         """What the stage-2 loss takes besides the embeddings: ``logit_scale``, and SigLIP's ``logit_bias``; from
@@ -466,6 +530,7 @@ class LLM2CLIPTrainer(Trainer):
         finiteness is recorded on the device and checked once per optimizer step, before the update."""
         inputs = self._data_statistics.add(inputs)
         rows = inputs.get(ROW_INDEX)
+        self._batch_spread = None
         loss = super().training_step(model, inputs, num_items_in_batch)
         if self.args.gradcache_chunk_size and self.accelerator.sync_gradients and \
                 self.accelerator.distributed_type in (DistributedType.MULTI_CPU, DistributedType.MULTI_GPU):
@@ -473,28 +538,67 @@ class LLM2CLIPTrainer(Trainer):
             # average these gradients: average the accumulated ones once per optimizer step (DeepSpeed reduces
             # them itself).
             average_gradients(p for p in self.accelerator.unwrap_model(model).parameters() if p.requires_grad)
-        self._micro_step_losses.append((loss.detach(), rows))
+        num_rows = len(rows) if rows is not None else None
+        self._micro_step_records.append((loss.detach(), rows, self._batch_spread,
+                                         self._log_candidates(num_rows) if num_rows else None))
         return loss
 
-    def _check_finite_losses(self) -> None:
-        """Stop on a non-finite loss among this optimizer step's micro-batches (one device sync per step)."""
-        losses, self._micro_step_losses = self._micro_step_losses, []
-        if not losses:
+    def _check_step_health(self) -> None:
+        """This optimizer step's health, summed over its micro-batches and all-reduced over the processes (one small
+        collective and one device sync per step), so every process acts on the same numbers: stop on a non-finite
+        loss anywhere; warn (or stop) on collapsed embeddings."""
+        records, self._micro_step_records = self._micro_step_records, []
+        if not records:
             return
-        finite = torch.stack([torch.isfinite(loss).all() for loss, _ in losses])
-        if bool(finite.all()):
-            return
-        loss, rows = losses[int((~finite).int().argmax())]
-        self._stop_on_non_finite_loss(loss, rows)
+        device = records[0][0].device
+        losses = torch.stack([loss.float().reshape(()) for loss, _, _, _ in records])
+        finite = torch.isfinite(losses)
+        spreads = [spread.float() for _, _, spread, _ in records if spread is not None]
+        log_candidates = [value for _, _, _, value in records if value is not None]
+        totals = torch.stack([
+            (~finite).sum().float(),
+            torch.stack(spreads).sum() if spreads else torch.zeros((), device=device),
+            torch.tensor(float(len(spreads)), device=device),
+            torch.where(finite, losses, torch.zeros_like(losses)).sum(),
+            finite.sum().float(),
+            torch.tensor(float(sum(log_candidates)), device=device),
+            torch.tensor(float(len(log_candidates)), device=device),
+        ]).to(device)
+        totals = self.accelerator.reduce(totals, reduction="sum").tolist()
+        non_finite, spread_sum, spread_count, loss_sum, loss_count, candidates_sum, candidates_count = totals
+        if non_finite:
+            failures = [(self.args.process_index, float(losses[i]), rows.tolist() if rows is not None else None)
+                        for i, (_, rows, _, _) in enumerate(records) if not bool(finite[i])]
+            self._stop_on_non_finite_loss(gather_object(failures) if self.args.world_size > 1 else failures)
+        health = StepHealth(
+            non_finite=int(non_finite), spread=spread_sum / spread_count if spread_count else None,
+            loss=loss_sum / loss_count if loss_count else None,
+            log_candidates=candidates_sum / candidates_count if candidates_count else None,
+        )
+        step = self.state.global_step + 1
+        if self._collapse.update(step, health):
+            message = self._collapse.describe(health, self.args.learning_rate,
+                                              self.args.get_warmup_steps(self.state.max_steps))
+            if not self.args.stop_on_collapse:
+                logger.warning(message)
+                return
+            last_good = checkpoint_before(self.args.output_dir, self._collapse.streak_start)
+            kept = (f"The last checkpoint saved before the collapse is {last_good}; resume from it with a lower "
+                    "learning rate or a longer warmup." if last_good else
+                    "No checkpoint was saved before the collapse began (save_steps).")
+            raise EmbeddingCollapseError(f"Stopped at step {step} (stop_on_collapse=True). {message} {kept} Nothing "
+                                         "was saved from the collapsed steps.")
 
-    def _stop_on_non_finite_loss(self, loss: torch.Tensor, rows: torch.Tensor | None) -> None:
-        """Save the last good state (this step's update has not been applied) and stop, naming step and rows."""
+    def _stop_on_non_finite_loss(self, failures: list[tuple[int, float, list[int] | None]]) -> None:
+        """Every process saves the last good state together (this step's update has not been applied), then every
+        process stops with the same message naming the step, and each failing process's loss and rows."""
         self._save_checkpoint(self.model, trial=None)
         checkpoint = os.path.join(self.args.output_dir, f"checkpoint-{self.state.global_step}")
+        where = "; ".join(f"process {rank}: loss {loss}, batch rows {rows if rows is not None else 'unknown'}"
+                          for rank, loss, rows in failures)
         raise FloatingPointError(
-            f"Non-finite loss ({loss.item()}) at step {self.state.global_step + 1}; batch rows "
-            f"{rows.tolist() if rows is not None else 'unknown'}. The last good state is saved in {checkpoint}. "
-            "Check those rows (and the learning rate), then resume with resume_from_checkpoint."
+            f"Non-finite loss at step {self.state.global_step + 1} ({where}). The last good state is saved in "
+            f"{checkpoint}. Check those rows (and the learning rate), then resume with resume_from_checkpoint."
         )
 
     def _grad_cache_loss(self, model, inputs) -> torch.Tensor:
@@ -503,7 +607,18 @@ class LLM2CLIPTrainer(Trainer):
         unwrapped = self.accelerator.unwrap_model(model)
         encoders, batches, loss_fn = self._grad_cache_parts(unwrapped, inputs)
         loss_parameters = self._logit_parameters(unwrapped) if self.args.stage == CLIP_STAGE else ()
+        encoders = {role: self._in_autocast(encoder) for role, encoder in encoders.items()}
         return grad_cache_loss(encoders, batches, loss_fn, self.args.gradcache_chunk_size, loss_parameters)
+
+    def _in_autocast(self, encoder):
+        """``encoder`` run in the mixed-precision context of the accelerator (accelerate applies it to the wrapped
+        model's ``forward`` only; GradCache calls encoders directly, in both passes), with float32 outputs as the
+        wrapped forward returns them."""
+        def run(batch):
+            with self.accelerator.autocast():
+                return encoder(batch).float()
+
+        return run
 
     def _grad_cache_parts(self, model, inputs):
         """Per-role encoders and inputs, and the loss on their embeddings, for :func:`grad_cache_loss`."""
@@ -511,6 +626,7 @@ class LLM2CLIPTrainer(Trainer):
             encoders = {TEXTS: lambda batch: model(**batch).text_embeds}
 
             def caption_loss(embeddings):
+                self._record_spread(model, embeddings[TEXTS])
                 roles = split_roles(embeddings[TEXTS], inputs[ROLES])
                 return self.loss(roles["query"], roles["positive"], roles.get("negative"))
 
@@ -520,6 +636,7 @@ class LLM2CLIPTrainer(Trainer):
                     "text": lambda batch: model.get_text_features(**batch)}
 
         def clip_loss(embeddings):
+            self._record_spread(model, embeddings["image"], embeddings["text"])
             return self.loss(embeddings["image"], embeddings["text"], *self._logit_parameters(model))
 
         return encoders, {"image": {"pixel_values": inputs["pixel_values"]}, "text": text_inputs}, clip_loss
@@ -531,7 +648,8 @@ class LLM2CLIPTrainer(Trainer):
         if self.is_fsdp_enabled and self.args.stage == CLIP_STAGE:  # before the optimizer and the wrapping
             make_logit_parameters_one_element(self.accelerator.unwrap_model(self.model))
         self._data_statistics = DataStatistics()
-        self._micro_step_losses = []
+        self._micro_step_records = []
+        self._collapse = CollapseMonitor(self.args.collapse_spread_ratio, self.args.collapse_patience)
         result = super().train(*args, **kwargs)
         skipped, truncated = self._data_statistics.gathered()
         result.metrics.update(skipped_rows=len(skipped), truncated_captions=truncated)
@@ -549,10 +667,21 @@ class LLM2CLIPTrainer(Trainer):
         return unwrap_peft(self.accelerator.unwrap_model(self.model))
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """The loss; with a ``compute_metrics`` (``prediction_loss_only`` False) also the batch's embeddings as
+        predictions, ``(query, positive)`` in stage "caption" and ``(image_embeds, text_embeds)`` in stage "clip",
+        and the dataset row of each as label, so ``compute_metrics`` gets every evaluation row's embeddings
+        (gathered over processes by the Trainer)."""
         inputs = self._prepare_inputs(inputs)
+        rows = inputs.get(ROW_INDEX)
         with torch.no_grad():
-            loss = self.compute_loss(model, inputs)
-        return loss.detach(), None, None
+            loss, outputs = self.compute_loss(model, inputs, return_outputs=True)
+        if prediction_loss_only:
+            return loss.detach(), None, None
+        if self.args.stage == CAPTION_STAGE:
+            predictions = (outputs["query"], outputs["positive"])
+        else:
+            predictions = (outputs.image_embeds, outputs.text_embeds)
+        return loss.detach(), tuple(p.detach().float() for p in predictions), rows
 
     def evaluate(self, eval_dataset: Dataset | Mapping[str, Dataset] | str | None = None,
                  ignore_keys: list[str] | None = None, metric_key_prefix: str = "eval") -> dict[str, float]:
@@ -616,17 +745,34 @@ class LLM2CLIPTrainer(Trainer):
         output_dir = output_dir or self.args.output_dir
         os.makedirs(output_dir, exist_ok=True)
         base = self._base_model()
+        self._attach_text_model_for_save(base)
         if state_dict is None:
             weights = merged_state_dict(base)
         else:  # the trained model's keys; under PEFT (stage 1) the base model's follow "base_model.model."
             prefix = "base_model.model." if isinstance(self.accelerator.unwrap_model(self.model), PeftModel) else ""
             weights = merge_lora_state_dict({k.removeprefix(prefix): v for k, v in state_dict.items()}, base)
+            if isinstance(base, LLM2CLIPModel) and base.text_model is not None and \
+                    not any(k.startswith("text_model.") for k in weights):  # attached after the model was wrapped
+                weights.update({f"text_model.{k}": v for k, v in base.text_model.state_dict().items()})
         for name in LOGIT_PARAMETERS:  # 0-d as in every CLIP checkpoint, also after FSDP's 1-element training copy
             if name in weights:
                 weights[name] = weights[name].reshape(())
         base.save_pretrained(output_dir, state_dict=weights, safe_serialization=True)
         torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
         self._write_model_card(output_dir)
+
+    def _attach_text_model_for_save(self, base: LLM2CLIPTextModel | LLM2CLIPModel) -> None:
+        """Stage 2 trained without the LLM (it reads cached embeddings): embed ``text_model_on_save`` into the saved
+        model (frozen), so it reads raw text and ships a processor. Done once, by the saving process, at the first
+        final save: no process holds the LLM while training."""
+        if self._text_model_on_save is None or not isinstance(base, LLM2CLIPModel) or base.text_model is not None:
+            return
+        from ..vision_sources import attach_text_model
+
+        source = self._text_model_on_save
+        text_model = source if isinstance(source, nn.Module) else source()
+        attach_text_model(base, text_model)
+        base.text_model.requires_grad_(False).eval()
 
     def create_model_card(self, model_name: str | None = None, dataset_name: str | list[str] | None = None,
                           **kwargs: Any) -> None:
@@ -653,6 +799,7 @@ class LLM2CLIPTrainer(Trainer):
             args=self.args, base_models=base_models, datasets=datasets,
             num_train_examples=len(self.train_dataset) if has_length(self.train_dataset) else None,
             metrics=metrics, world_size=self.args.world_size, cra_before=cra_before, cra_after=cra_after,
+            model=base,
         )
         with open(os.path.join(output_dir, "README.md"), "w", encoding="utf-8") as handle:
             handle.write(card)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -120,6 +121,20 @@ class LLM2CLIPTrainingArguments(TrainingArguments):
                                         "train_sampling_strategy='random': rows in the shuffle buffer (larger mixes "
                                         "better and holds more decoded rows in memory)."}
     )
+    stop_on_collapse: bool = field(
+        default=False, metadata={"help": "Stop (EmbeddingCollapseError, naming the last checkpoint saved before the "
+                                         "collapse) when the training embeddings collapse to one point; by default "
+                                         "a collapse is logged as a warning and training goes on."}
+    )
+    collapse_spread_ratio: float = field(
+        default=0.02, metadata={"help": "Collapse check: the embeddings of a batch count as collapsed when their "
+                                        "spread (1 - |mean of the L2-normalised embeddings|^2) falls below this share "
+                                        "of its value at the first optimizer step (and, for InfoNCE, the loss sits "
+                                        "within 5%% of ln(candidates)); 0 turns the check off."}
+    )
+    collapse_patience: int = field(
+        default=3, metadata={"help": "Collapse check: consecutive optimizer steps that must look collapsed."}
+    )
     retrieval_metrics: bool = field(
         default=True, metadata={"help": "At each evaluation also compute caption retrieval accuracy (caption stage) "
                                         "or image<->text recall@1/5/10 (clip stage) on the eval dataset."}
@@ -132,6 +147,9 @@ class LLM2CLIPTrainingArguments(TrainingArguments):
     weight_decay: float | None = field(default=None, metadata={"help": "Default: 0 (caption), 0.05 (clip)."})
     max_grad_norm: float | None = field(default=None, metadata={"help": "Default: 1.0 (caption), 5.0 (clip)."})
     lr_scheduler_type: str | None = field(default=None, metadata={"help": "Default: linear (caption), cosine (clip)."})
+    eval_on_start: bool | None = field(default=None, metadata={
+        "help": "Evaluate before training. Default: on in stage caption with an eval dataset and retrieval_metrics "
+                "(the held-out CRA before training, for the log and the model card), else off."})
     remove_unused_columns: bool = field(default=False, metadata={"help": "Kept False: the collators read raw columns."})
     hub_strategy: str = field(
         default="end", metadata={"help": "Push only the final model (checkpoints hold LoRA adapters, not models)."}
@@ -145,6 +163,12 @@ class LLM2CLIPTrainingArguments(TrainingArguments):
         for name, value in STAGE_DEFAULTS[self.stage].items():
             if getattr(self, name) is None:
                 setattr(self, name, value)
+        if self.eval_on_start is None:  # the trainer turns it on for stage 1 with held-out pairs
+            self.defaulted_settings.append("eval_on_start")
+            self.eval_on_start = False
+        if not 0 <= self.collapse_spread_ratio < 1 or self.collapse_patience < 1:
+            raise ValueError(f"collapse_spread_ratio must be in [0, 1) and collapse_patience >= 1, got "
+                             f"{self.collapse_spread_ratio} and {self.collapse_patience}.")
         if self.caption_sampling_weights is not None:
             if len(self.caption_sampling_weights) != len(self.caption_columns):
                 raise ValueError(
@@ -165,17 +189,41 @@ class LLM2CLIPTrainingArguments(TrainingArguments):
             raise ValueError(f"layer_decay must be in (0, 1], got {self.layer_decay}.")
         super().__post_init__()
 
-    def apply_model_size_defaults(self, num_parameters: int) -> dict[str, Any]:
-        """For a text stage on an LLM under 1B parameters, the small-LLM settings (``SMALL_LLM_DEFAULTS``) replace
-        the official ones that were left unset; returns the settings changed (empty for large LLMs, stage "clip",
-        or settings given explicitly)."""
-        if num_parameters >= SMALL_LLM_PARAMETERS:
-            return {}
-        changed = {name: value for name, value in SMALL_LLM_DEFAULTS.get(self.stage, {}).items()
-                   if name in self.defaulted_settings and getattr(self, name) != value}
+    @property
+    def sampling_seed(self) -> int:
+        """Seed of the data's randomness (order, caption draws, query/positive coin flips, hard negatives):
+        ``data_seed`` when set, else ``seed``, as transformers' samplers use them."""
+        return self.seed if self.data_seed is None else self.data_seed
+
+    def resolved(self, num_parameters: int | None = None, **settings: Any) -> tuple["LLM2CLIPTrainingArguments",
+                                                                                      dict[str, Any]]:
+        """A copy with the model-size defaults resolved; the arguments themselves are never changed, so they can be
+        reused for another model. For a text stage on an LLM of ``num_parameters`` under 1B, the small-LLM settings
+        (``SMALL_LLM_DEFAULTS``) replace the official ones that were left unset; ``settings`` are further defaults
+        (names from ``defaulted_settings``) the caller resolved. Returns the copy and what changed. A DeepSpeed
+        configuration is filled again from the copy, so its ``"auto"`` values take the resolved settings."""
+        changed = {}
+        if num_parameters is not None and num_parameters < SMALL_LLM_PARAMETERS:
+            changed = {name: value for name, value in SMALL_LLM_DEFAULTS.get(self.stage, {}).items()
+                       if name in self.defaulted_settings and getattr(self, name) != value}
+        changed.update({name: value for name, value in settings.items()
+                        if name in self.defaulted_settings and getattr(self, name) != value})
+        resolved = copy.deepcopy(self)
         for name, value in changed.items():
-            setattr(self, name, value)
-        return changed
+            setattr(resolved, name, value)
+        if changed and resolved.deepspeed:
+            resolved.fill_deepspeed_config()
+        return resolved, changed
+
+    def fill_deepspeed_config(self) -> None:
+        """Build the DeepSpeed configuration from ``self.deepspeed`` again (transformers fills its ``"auto"`` values
+        from these arguments once, when they are created), so resolved defaults reach DeepSpeed."""
+        from accelerate.utils import DeepSpeedPlugin
+        from transformers.integrations.deepspeed import HfTrainerDeepSpeedConfig
+
+        self.hf_deepspeed_config = HfTrainerDeepSpeedConfig(self.deepspeed)
+        self.hf_deepspeed_config.trainer_config_process(self)
+        self.deepspeed_plugin = DeepSpeedPlugin(hf_ds_config=self.hf_deepspeed_config)
 
     def get_warmup_steps(self, num_training_steps: int) -> int:
         """The warmup of ``TrainingArguments``; a default (unset) warmup is capped at a quarter of the run."""

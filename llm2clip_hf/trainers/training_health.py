@@ -1,0 +1,104 @@
+"""Training health: the checks that stop or warn when a contrastive run breaks, agreed by every process.
+
+Once per optimizer step, right before the update, the micro-batches of the step are summed into one small tensor
+that is all-reduced, so every process takes the same decision on the same numbers:
+
+- a non-finite loss on any process stops every process, after all of them saved the last good state together
+  (the step's update has not been applied), naming the processes, losses and rows;
+- a collapse of the embeddings (every row of a batch mapped to nearly one point: a contrastive loss then sits at
+  ln(candidates) and learns nothing more) is logged as a warning naming the likely cause, or, with
+  ``stop_on_collapse``, stops the run naming the last checkpoint saved before the collapse began.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers.utils import logging as hf_logging
+
+logger = hf_logging.get_logger(__name__)
+
+# The InfoNCE loss of a collapsed batch is ln(candidates); within this share of it the scores carry no information.
+COLLAPSED_LOSS_SHARE = 0.95
+
+
+class EmbeddingCollapseError(RuntimeError):
+    """The training embeddings collapsed to (nearly) one point and ``stop_on_collapse`` is set."""
+
+
+def embedding_spread(*embeddings: torch.Tensor) -> torch.Tensor | None:
+    """How far the rows of each batch of embeddings are from one point: ``1 - |mean of the L2-normalised rows|^2``
+    (0 when all rows point the same way, about 1 for rows spread over the sphere), the smallest over the given
+    batches; ``None`` for batches of fewer than two rows. Detached, on the embeddings' device."""
+    spreads = [1.0 - F.normalize(e.detach().float(), dim=-1).mean(dim=0).square().sum()
+               for e in embeddings if e is not None and e.shape[0] > 1]
+    return torch.stack(spreads).min() if spreads else None
+
+
+@dataclass
+class StepHealth:
+    """One optimizer step's numbers, summed over its micro-batches and over every process."""
+
+    non_finite: int
+    spread: float | None  # mean spread of the step's batches
+    loss: float | None  # mean finite loss
+    log_candidates: float | None  # mean ln(candidates per query) of an InfoNCE loss; None for other losses
+
+
+class CollapseMonitor:
+    """Decides, step by step, whether the embeddings have collapsed: their spread has fallen below
+    ``spread_ratio`` times its value at the first step checked and, for an InfoNCE loss, the loss sits within 5 %
+    of ln(candidates), for ``patience`` consecutive optimizer steps."""
+
+    def __init__(self, spread_ratio: float, patience: int) -> None:
+        self.spread_ratio, self.patience = spread_ratio, patience
+        self.initial_spread: float | None = None
+        self.streak_start: int | None = None  # first step of the current run of collapsed-looking steps
+        self.streak = 0
+        self.reported = False
+
+    def update(self, step: int, health: StepHealth) -> bool:
+        """Record ``step``; True exactly when the current streak reaches ``patience`` steps (reported once)."""
+        if self.spread_ratio <= 0 or health.spread is None or not math.isfinite(health.spread):
+            return False
+        if self.initial_spread is None:
+            self.initial_spread = health.spread
+        low_spread = health.spread < self.spread_ratio * self.initial_spread
+        uninformative = health.log_candidates is None or health.loss is None or \
+            health.loss >= COLLAPSED_LOSS_SHARE * health.log_candidates
+        if not (low_spread and uninformative):
+            self.streak, self.streak_start, self.reported = 0, None, False
+            return False
+        if self.streak == 0:
+            self.streak_start = step
+        self.streak += 1
+        if self.streak >= self.patience and not self.reported:
+            self.reported = True
+            return True
+        return False
+
+    def describe(self, health: StepHealth, learning_rate: float, warmup_steps: int) -> str:
+        loss = (f"; the loss {health.loss:.4f} sits at ln(candidates) = {health.log_candidates:.4f}"
+                if health.log_candidates is not None and health.loss is not None else "")
+        return (f"The training embeddings have collapsed to nearly one point since step {self.streak_start}: their "
+                f"spread is {health.spread:.2e}, {health.spread / self.initial_spread:.1%} of the "
+                f"{self.initial_spread:.2e} of the first step{loss}, for {self.streak} optimizer steps. The usual "
+                f"cause is a learning rate too high for this model (learning_rate={learning_rate:g}) or too short a "
+                f"warmup (warmup_steps={warmup_steps}): lower the one or lengthen the other. Set "
+                "stop_on_collapse=True to stop at the collapse with the last good checkpoint kept.")
+
+
+def checkpoint_before(output_dir: str, step: int) -> str | None:
+    """The newest ``checkpoint-N`` in ``output_dir`` with ``N < step``, or ``None``."""
+    steps = []
+    if os.path.isdir(output_dir):
+        for name in os.listdir(output_dir):
+            match = re.fullmatch(r"checkpoint-(\d+)", name)
+            if match and int(match.group(1)) < step:
+                steps.append(int(match.group(1)))
+    return os.path.join(output_dir, f"checkpoint-{max(steps)}") if steps else None
