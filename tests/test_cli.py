@@ -337,14 +337,28 @@ def test_bad_inputs_end_with_a_clear_error(capsys, data_dir, tiny_llm_dir, argv,
 
 
 def test_demo_smoke_mode_runs_every_step_and_writes_the_report(capsys, tmp_path):
-    code, out, _ = run_cli(capsys, "demo", "--smoke", "--output-dir", tmp_path)
+    code, out, _ = run_cli(capsys, "demo", "--smoke", "--stage2-seeds", "0", "1", "--output-dir", tmp_path)
     assert code == 0
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert (tmp_path / "report.png").stat().st_size > 10_000
     assert metrics["reload_max_abs_difference"] < 1e-5
-    assert len(metrics["stage1_loss"]) == 2 and len(metrics["stage2_loss"]) == 3
+    assert len(metrics["stage1_loss"]) == 2
+    assert {teacher: len(curve) for teacher, curve in metrics["stage2_loss"].items()} == {"raw": 3, "tuned": 3}
     assert metrics["zero_shot_query"]["answer"] in metrics["zero_shot_query"]["scores"]
-    assert "caption retrieval accuracy" in out
+    # both teachers' CLIPs, every seed, every metric; the summary is the seeds' mean and the paired differences
+    seeds = metrics["stage2_seeds"]
+    for teacher in ("raw", "tuned"):
+        runs = metrics["per_seed"][teacher]
+        assert len(runs) == len(seeds) >= 2
+        for key in ("image_to_text_R@5", "long_text_to_image_R@1", "cross_lingual_image_to_text_R@10",
+                    "caption_zh_text_to_image_R@5", "zero_shot_top1", "cra"):
+            values = [run[key] for run in runs]
+            assert metrics["summary"][teacher][key]["mean"] == pytest.approx(sum(values) / len(values))
+    differences = [t["image_to_text_R@5"] - r["image_to_text_R@5"]
+                   for r, t in zip(metrics["per_seed"]["raw"], metrics["per_seed"]["tuned"])]
+    assert metrics["summary"]["tuned_minus_raw"]["image_to_text_R@5"]["values"] == pytest.approx(differences)
+    assert metrics["long_caption_words"]["min"] > 77
+    assert "CRA, held-out pairs" in out and "dense, >77 words" in out and "fr/de/es/zh mean" in out
 
 
 def test_train_clip_stage_streaming_parquet_shards_with_a_keyed_cache(capsys, data_dir, tiny_llm_dir, tmp_path):
@@ -417,3 +431,26 @@ def test_debug_flag_reraises_user_errors_wherever_it_is(monkeypatch, argv):
     failing_command(monkeypatch, ValueError("bad input"))
     with pytest.raises(ValueError, match="bad input"):
         main(argv)
+
+
+def test_evaluate_retrieval_per_caption_column_reports_each_language_and_their_mean(capsys, clip_model_dir):
+    """Cross-lingual retrieval (XM3600-style) with an English-trained model: each caption column of the shipped
+    12-emoji set (English and CLDR's French, German, Spanish and Chinese names) is its own gallery; every
+    language's R@k is recomputed here from the saved model, and the mean is theirs."""
+    data = Path(__file__).parent / "data" / "multilingual" / "metadata.jsonl"
+    languages = ["caption", "caption_fr", "caption_de", "caption_es", "caption_zh"]
+    code, out, err = run_cli(capsys, "evaluate", "--task", "retrieval", "--model", clip_model_dir, "--dataset", data,
+                             "--caption-columns", *languages, "--per-caption-column", "true")
+    assert code == 0, err[-2000:]
+    metrics = last_json(out)
+    rows = [json.loads(line) for line in data.read_text(encoding="utf-8").splitlines()]
+    images = [Image.open(data.parent / row["image"]) for row in rows]
+    recall = [f"{direction}_R@{k}" for direction in ("image_to_text", "text_to_image") for k in (1, 5, 10)]
+    for language in languages:
+        own = {key.split("/", 1)[1]: value for key, value in metrics.items() if key.startswith(language + "/")}
+        assert own["num_images"] == own["num_captions"] == len(rows)
+        assert_retrieval_metrics(own, "", clip_model_dir, images, [[row[language]] for row in rows])
+        words = sorted(len(row[language].split()) for row in rows)
+        assert own["caption_words_max"] == words[-1] and own["caption_words_over_77"] == 0.0
+    for key in recall:
+        assert metrics[f"mean/{key}"] == pytest.approx(sum(metrics[f"{lang}/{key}"] for lang in languages) / 5)

@@ -7,6 +7,7 @@ cover the whole dataset.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -107,22 +108,67 @@ def evaluate_retrieval(
     ks: Sequence[int] = (1, 5, 10),
     chunk_size: int = 1024,
     show_progress_bar: bool | None = None,
+    per_column: bool = False,
 ) -> dict[str, float]:
     """Image<->text recall@k on ``dataset`` (every caption of every caption column belongs to its row's image).
 
     Caption embeddings come from the dataset's cache when present (checked against the model), else from
-    ``text_model`` or the embedded text encoder. Also reports the number of images and captions.
+    ``text_model`` or the embedded text encoder. Also reports the number of images and captions and the length of
+    the captions (:func:`caption_length_statistics`).
+
+    ``per_column``: each caption column is its own text gallery (one language each, as in cross-lingual retrieval
+    XM3600-style, or short vs long captions): the metrics of column ``c`` are reported as ``"<c>/<metric>"`` and
+    their mean over the columns as ``"mean/<metric>"``; the images are embedded once.
     """
     require_columns(dataset, [image_column, *caption_columns], "Retrieval evaluation")
+    image_features = embed_images(model, dataset[image_column], batch_size, show_progress_bar)
+    groups = [[column] for column in caption_columns] if per_column else [list(caption_columns)]
+    results = [_text_gallery_retrieval(model, dataset, columns, image_features, text_model, batch_size, ks,
+                                       chunk_size, show_progress_bar) for columns in groups]
+    if not per_column:
+        return results[0]
+    metrics = {f"{column}/{name}": value for column, result in zip(caption_columns, results)
+               for name, value in result.items()}
+    recall_names = [name for name in results[0] if "_R@" in name]
+    metrics.update({f"mean/{name}": sum(result[name] for result in results) / len(results) for name in recall_names})
+    return metrics
+
+
+def _text_gallery_retrieval(model: LLM2CLIPModel, dataset: Dataset, caption_columns: Sequence[str],
+                            image_features: torch.Tensor, text_model: LLM2CLIPTextModel | None, batch_size: int,
+                            ks: Sequence[int], chunk_size: int, show_progress_bar: bool | None) -> dict[str, float]:
+    """Retrieval between the images and the captions of ``caption_columns``, with the captions' lengths."""
     texts, text_to_image = caption_texts(dataset, caption_columns)
     llm = cached_llm_embeddings(dataset, caption_columns, model)
     if llm is None:
         llm = llm_embeddings_for(texts, model, text_model, batch_size, show_progress_bar)
     text_features = embed_llm_outputs(model, llm)
-    image_features = embed_images(model, dataset[image_column], batch_size, show_progress_bar)
     metrics = retrieval_recall(image_features, text_features, text_to_image, ks=ks, chunk_size=chunk_size,
                                show_progress_bar=show_progress_bar)
-    return {**metrics, "num_images": len(dataset), "num_captions": len(texts)}
+    encoder = text_model if text_model is not None else model.text_model
+    tokenizer = encoder.tokenizer if encoder is not None else None
+    return {**metrics, "num_images": len(image_features), "num_captions": len(texts),
+            **caption_length_statistics(texts, tokenizer)}
+
+
+CLIP_TEXT_TOKENS = 77
+"""The context of CLIP's text encoder: captions longer than this are cut (LLM2CLIP's text side reads them whole)."""
+
+
+def caption_length_statistics(texts: Sequence[str], tokenizer: Any = None) -> dict[str, float]:
+    """Length distribution of the query captions: words (whitespace-separated; each word is at least one CLIP BPE
+    token, so ``words_over_77`` is a lower bound on the share of captions CLIP's 77-token encoder cuts) and, with
+    ``tokenizer`` (the LLM's), tokens without special tokens: median, 90th percentile and maximum."""
+    words = np.array([len(text.split()) for text in texts])
+    statistics = {"caption_words_median": float(np.median(words)),
+                  "caption_words_p90": float(np.percentile(words, 90)), "caption_words_max": float(words.max()),
+                  f"caption_words_over_{CLIP_TEXT_TOKENS}": 100.0 * float((words > CLIP_TEXT_TOKENS).mean())}
+    if tokenizer is not None:
+        tokens = np.array([len(ids) for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]])
+        statistics.update({"caption_tokens_median": float(np.median(tokens)),
+                           "caption_tokens_p90": float(np.percentile(tokens, 90)),
+                           "caption_tokens_max": float(tokens.max())})
+    return statistics
 
 
 def evaluate_zero_shot(
