@@ -36,6 +36,8 @@ DEFAULT_OUTPUT = REPO_ROOT / "llm2clip_hf" / "demo_data" / "emoji"
 DEFAULT_FONT = Path("/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf")
 DEFAULT_ANNOTATIONS = Path("/usr/share/unicode/cldr/common/annotations/en.xml")
 DEFAULT_EMOJI_TEST = Path("/usr/share/unicode/emoji/emoji-test.txt")
+# CLDR's human translations of the names, one caption column each (caption_fr, ...): cross-lingual retrieval.
+TRANSLATED_LANGUAGES = ("fr", "de", "es", "zh")
 
 FONT_SIZE = 109  # the only bitmap strike in Noto Color Emoji (CBDT)
 VARIATION_SELECTOR_16 = "\ufe0f"
@@ -192,6 +194,70 @@ def long_caption(name: str, keywords: list[str], group: str, stem: str) -> str:
     )
 
 
+def dense_caption(name: str, keywords: list[str], group: str, subgroup: str) -> str:
+    """A long caption (more than 77 words, so CLIP's 77-token text encoder cuts it) in which what tells the emoji
+    apart (group, subgroup, keywords, name) comes after a description every emoji shares: a reader of the first 77
+    tokens alone cannot tell the emoji apart."""
+    associations = f"People associate it with {', '.join(keywords)}. " if keywords else ""
+    return (
+        "This is a small square picture taken from the Noto Color Emoji font, the set of colourful symbols that "
+        "phones, chat programs and web pages show in place of plain characters. It is drawn in a flat cartoon "
+        "style with bold outlines, bright colours and simple shading, on a plain white background, and it is meant "
+        "to be recognised at a glance in the middle of a line of text, next to the words of a message. "
+        f"In the Unicode list of emoji it belongs to the group {group.lower()}, in the subgroup "
+        f"{subgroup.replace('-', ' ')}. {associations}Its name is {name}."
+    )
+
+
+def read_translated_names(annotations_path: Path, languages: tuple[str, ...]) -> dict[str, dict[str, str]]:
+    """CLDR's names of the emoji (``type="tts"``) in each language, from ``annotations/`` and ``annotationsDerived/``
+    beside the English file, keyed by language, then by annotation ``cp``."""
+    common = annotations_path.parent.parent
+    translated: dict[str, dict[str, str]] = {}
+    for language in languages:
+        names: dict[str, str] = {}
+        for folder in ("annotations", "annotationsDerived"):
+            path = common / folder / f"{language}.xml"
+            if not path.is_file():
+                sys.exit(f"missing {path}: apt-get install unicode-cldr-core")
+            for element in ET.parse(path).getroot().iter("annotation"):
+                if element.get("type") == "tts" and (element.text or "").strip():
+                    names.setdefault(element.get("cp"), element.text.strip())
+        translated[language] = names
+    return translated
+
+
+def text_columns(key: str, name: str, keywords: list[str], group: str, subgroup: str, stem: str,
+                 translated: dict[str, dict[str, str]]) -> dict[str, str]:
+    """Every caption of one emoji: short (name), long (one sentence), dense (> 77 words) and one per language."""
+    columns = {"short_caption": name, "long_caption": long_caption(name, keywords, group, stem),
+               "dense_caption": dense_caption(name, keywords, group, subgroup)}
+    for language, names in translated.items():
+        if key not in names:
+            sys.exit(f"CLDR has no {language} name for {key!r}")
+        columns[f"caption_{language}"] = names[key]
+    return columns
+
+
+def rewrite_text_columns(output_dir: Path, annotations_path: Path) -> list[dict]:
+    """Recompute the text columns of an existing ``metadata.jsonl`` (the images stay as they are)."""
+    translated = read_translated_names(annotations_path, TRANSLATED_LANGUAGES)
+    path = output_dir / "metadata.jsonl"
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    for row in rows:
+        stem = Path(row["file_name"]).stem
+        row.update(text_columns(row["emoji"].replace(VARIATION_SELECTOR_16, ""), row["name"], row["keywords"],
+                                row["category"], row["subcategory"], stem, translated))
+    write_metadata(path, rows)
+    return rows
+
+
+def write_metadata(path: Path, rows: list[dict]) -> None:
+    with path.open("w", encoding="utf-8") as handle:
+        for row in rows:
+            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
 def build(output_dir: Path, font_path: Path, annotations_path: Path, emoji_test_path: Path,
           image_size: int, padding: int, test_fraction: float) -> list[dict]:
     """Render the images into ``output_dir/images`` and write ``output_dir/metadata.jsonl``; return the rows."""
@@ -199,6 +265,7 @@ def build(output_dir: Path, font_path: Path, annotations_path: Path, emoji_test_
         if not path.is_file():
             sys.exit(f"missing {path}: apt-get install fonts-noto-color-emoji unicode-cldr-core unicode-data")
     names, keywords = read_cldr_annotations(annotations_path)
+    translated = read_translated_names(annotations_path, TRANSLATED_LANGUAGES)
     covered = font_code_points(font_path)
     renderer = EmojiRenderer(font_path, image_size, padding)
 
@@ -225,16 +292,13 @@ def build(output_dir: Path, font_path: Path, annotations_path: Path, emoji_test_
             "emoji": entry.text,
             "name": name,
             "keywords": other_keywords,
-            "short_caption": name,
-            "long_caption": long_caption(name, other_keywords, entry.group, entry.stem),
+            **text_columns(entry.key, name, other_keywords, entry.group, entry.subgroup, entry.stem, translated),
             "category": entry.group,
             "subcategory": entry.subgroup,
             "split": "test" if stable_fraction(entry.stem) < test_fraction else "train",
         })
 
-    with (output_dir / "metadata.jsonl").open("w", encoding="utf-8") as handle:
-        for row in rows:
-            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+    write_metadata(output_dir / "metadata.jsonl", rows)
     return rows
 
 
@@ -248,7 +312,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--padding", type=int, default=4, help="white border in pixels (smaller PNGs)")
     parser.add_argument("--test-fraction", type=float, default=0.15)
+    parser.add_argument("--text-only", action="store_true",
+                        help="recompute only the text columns of the existing metadata.jsonl (no rendering)")
     args = parser.parse_args(argv)
+    if args.text_only:
+        rows = rewrite_text_columns(args.output_dir, args.annotations)
+        print(f"rewrote the text columns of {len(rows)} emoji in {args.output_dir}")
+        return
     rows = build(args.output_dir, args.font, args.annotations, args.emoji_test, args.image_size, args.padding,
                  args.test_fraction)
     test_rows = sum(row["split"] == "test" for row in rows)

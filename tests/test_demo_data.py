@@ -43,7 +43,8 @@ def test_layout_and_row_count(all_rows, metadata):
     assert sorted(p.name for p in (directory / "images").iterdir()) == sorted(
         row["file_name"].split("/", 1)[1] for row in metadata
     )
-    for column in ("image", "emoji", "name", "keywords", "short_caption", "long_caption", "category", "split"):
+    for column in ("image", "emoji", "name", "keywords", "short_caption", "long_caption", "dense_caption",
+                   "caption_fr", "caption_de", "caption_es", "caption_zh", "category", "split"):
         assert column in all_rows.column_names
 
 
@@ -62,8 +63,12 @@ def test_images_are_small_rgb_and_not_blank(all_rows):
 
 def test_captions_are_non_empty_strings(all_rows):
     for row in all_rows.remove_columns("image"):
-        for column in ("emoji", "name", "short_caption", "long_caption", "category"):
+        for column in ("emoji", "name", "short_caption", "long_caption", "dense_caption", "caption_fr", "caption_de",
+                       "caption_es", "caption_zh", "category"):
             assert isinstance(row[column], str) and row[column].strip(), (column, row)
+        # the dense caption is beyond CLIP's 77-token context, and what names the emoji comes after its first 77 words
+        words = row["dense_caption"].split()
+        assert len(words) > 77 and not re.search(rf"\b{re.escape(row['name'])}\b", " ".join(words[:77])), row["name"]
         assert row["short_caption"] == row["name"]
         assert row["name"] in row["long_caption"] or row["name"][0].upper() + row["name"][1:] in row["long_caption"]
         assert all(isinstance(k, str) and k and k != row["name"] for k in row["keywords"])

@@ -27,7 +27,9 @@ def load_emoji_dataset(split: str | None = None) -> datasets.Dataset | datasets.
     ``imagefolder`` puts every row in a single "train" split; the real split lives in the ``split`` column.
     With ``split`` ("train" or "test") return the rows of that split as a ``Dataset``; with ``None`` return a
     ``DatasetDict`` with both. Columns: ``image`` (PIL, 64x64 RGB), ``emoji``, ``name``, ``keywords``,
-    ``short_caption``, ``long_caption``, ``category``, ``subcategory``, ``split``.
+    ``short_caption``, ``long_caption``, ``dense_caption`` (97-117 words: beyond CLIP's 77-token context, with what
+    tells the emoji apart at the end), ``caption_fr`` / ``caption_de`` / ``caption_es`` / ``caption_zh`` (CLDR's
+    human translations of the name), ``category``, ``subcategory``, ``split``.
     """
     if split is not None and split not in EMOJI_SPLITS:
         raise ValueError(f"split must be one of {EMOJI_SPLITS} or None, got {split!r}")
