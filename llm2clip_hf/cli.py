@@ -135,6 +135,10 @@ class EvaluateArguments:
     templates: list[str] | None = field(default=None, metadata={"help": "Prompt templates with {} (zeroshot)."})
     query_instruction: str | None = field(default=None, metadata={
         "help": "Instruction on the query captions (caption-retrieval)."})
+    per_caption_column: bool = field(default=False, metadata={
+        "help": "retrieval: each --caption-columns column is its own text gallery (a language each, for cross-lingual "
+                "retrieval, or short vs long captions): R@K per column (\"<column>/...\") and their mean "
+                "(\"mean/...\"). Default: all columns' captions form one gallery."})
     batch_size: int = field(default=32, metadata={"help": "Batch size for embedding."})
     output_dir: str | None = field(default=None, metadata={"help": "Where metrics_<task>.json is written."})
 
@@ -208,6 +212,9 @@ class ClipModelArguments:
     projection_dim: int | None = field(default=None, metadata={
         "help": "Joint-space width of a new model (default 1280), or of a new image projection for --vision-model "
                 "(default: the source's)."})
+    adapter_input_normalization: str | None = field(default=None, metadata={
+        "help": "A new text adapter's input normalisation: center | standardize (fitted on the training cache's "
+                "embeddings; see README, 'The demo'). Default: none, as the official adapter."})
     embed_text_model: bool = field(default=True, metadata={
         "help": "Save the frozen text model inside the CLIP model (reads raw text, zero-shot pipeline)."})
 
@@ -335,7 +342,7 @@ def run_evaluate(text: TextModelArguments, data: DatasetArguments, columns: Colu
         dataset = data.load(columns.image_column)
         if args.task == "retrieval":
             metrics = evaluation.evaluate_retrieval(model, dataset, columns.image_column, columns.caption_columns,
-                                                    text_model, args.batch_size)
+                                                    text_model, args.batch_size, per_column=args.per_caption_column)
         else:
             metrics = evaluation.evaluate_zero_shot(
                 model, dataset, columns.image_column, args.label_column, args.class_names,

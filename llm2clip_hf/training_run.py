@@ -142,20 +142,23 @@ def train_from_cli(text: Any, data: Any, clip: Any, args: LLM2CLIPTrainingArgume
         # there, by the saving process only), so no process holds a second copy of it while training.
         embed = not cached
         attach_on_save = cached and clip.embed_text_model and text_model is not None
+        adapter_settings = ({"adapter_input_normalization": clip.adapter_input_normalization}
+                            if clip.adapter_input_normalization else {})
         if clip.model is not None:
             model = load_clip_model(clip.model)
         elif clip.vision_model is not None:
             # A pretrained image side (CLIP, SigLIP, EVA-CLIP, or an LLM2CLIP model): kept exactly; the adapter is
             # new unless the source has one for this LLM's width.
             model = llm2clip_from_pretrained_vision(clip.vision_model, text_model, embed_text_model=embed,
-                                                    projection_dim=clip.projection_dim)
+                                                    projection_dim=clip.projection_dim, **adapter_settings)
         else:
             # A new tower; with --loss-type siglip it gets SigLIP's learnable bias and temperature at SigLIP's init.
             siglip = dict(logit_bias_init_value=-10.0, logit_scale_init_value=math.log(10.0)) \
                 if args.loss_type == "siglip" else {}
             model = LLM2CLIPModel.from_text_model(
                 text_model, clip.vision_config(), embed_text_model=embed,
-                projection_dim=1280 if clip.projection_dim is None else clip.projection_dim, **siglip)
+                projection_dim=1280 if clip.projection_dim is None else clip.projection_dim, **siglip,
+                **adapter_settings)
         if cached and data.streaming:
             cache = load_stream_cache(data)
             train = join_stream_embeddings(train, cache, key_column=data.key_column,

@@ -252,11 +252,12 @@ def replace_text_adapter(model: LLM2CLIPModel, text_embedding_dim: int) -> LLM2C
     old = model.text_adapter
     parameter = next(old.parameters())
     new = TextAdapter(text_embedding_dim, config.projection_dim, config.adapter_num_blocks, config.adapter_expansion,
-                      l2_normalize=config.adapter_l2_normalize)
+                      l2_normalize=config.adapter_l2_normalize, input_normalization=config.adapter_input_normalization)
     new.apply(model._init_weights)
     model.text_adapter = new.to(device=parameter.device, dtype=parameter.dtype)
     config.text_embedding_dim = text_embedding_dim
     config.text_model_fingerprint = None
+    config.adapter_input_statistics_rows = 0
     if model.text_model is not None and model.text_model.config.hidden_size != text_embedding_dim:
         model.text_model = None
         config.text_config = None

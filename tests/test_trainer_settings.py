@@ -18,9 +18,9 @@ CAPTIONS = ["short_caption", "long_caption"]
 
 
 def arguments(tmp_path, stage, **settings):
-    return LLM2CLIPTrainingArguments(output_dir=str(tmp_path / "out"), stage=stage, use_cpu=True, report_to="none",
-                                     save_strategy="no", disable_tqdm=True, per_device_train_batch_size=4,
-                                     per_device_eval_batch_size=4, **settings)
+    defaults = dict(output_dir=str(tmp_path / "out"), stage=stage, use_cpu=True, report_to="none", save_strategy="no",
+                    disable_tqdm=True, per_device_train_batch_size=4, per_device_eval_batch_size=4)
+    return LLM2CLIPTrainingArguments(**{**defaults, **settings})
 
 
 @pytest.fixture(scope="module")
@@ -137,3 +137,23 @@ def test_stage2_trains_without_the_llm_and_embeds_it_at_the_final_save(cached_im
         expected = model.get_text_features(text_model.encode(captions))  # adapter on the LLM's embeddings
         got = reloaded.get_text_features(**reloaded.text_model.tokenize(captions))
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_stage1_with_gradient_checkpointing_gives_the_same_gradients(tiny_llm_dir, tmp_path):
+    """The official stage 1 trains with gradient checkpointing (the demo too, for memory): the LoRA gradients of a
+    step equal those without it."""
+    from test_grad_cache import RecordGradients
+
+    pairs = Dataset.from_list(tiny_caption_pair_rows()[:8])
+    gradients = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        recorder = RecordGradients()
+        args = arguments(tmp_path / str(checkpointing), "caption", max_steps=1, per_device_train_batch_size=8,
+                         lora_dropout=0.0, gradient_checkpointing=checkpointing)
+        LLM2CLIPTrainer(model=LLM2CLIPTextModel.from_llm(tiny_llm_dir), args=args, train_dataset=pairs,
+                        callbacks=[recorder]).train()
+        gradients.append(recorder.gradients)
+    assert gradients[0].keys() == gradients[1].keys() and any(g.abs().sum() > 0 for g in gradients[0].values())
+    for name, gradient in gradients[0].items():
+        torch.testing.assert_close(gradients[1][name], gradient, rtol=1e-5, atol=1e-7)

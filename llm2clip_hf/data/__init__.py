@@ -7,6 +7,7 @@ from .embedding_cache import (
     check_cache_rows,
     check_embedding_cache,
     embedding_column,
+    embedding_statistics,
     embeddings_as_float32,
     join_embeddings,
     precompute_text_embeddings,
@@ -26,7 +27,7 @@ from .loading import (
 __all__ = [
     "CLIPImageTransform", "ROW_HASH_COLUMN", "ROW_INDEX", "STORAGE_DTYPES", "build_embedding_cache",
     "caption_texts", "check_cache_rows", "check_embedding_cache", "drop_bad_caption_rows", "embedding_column",
-    "embeddings_as_float32", "join_embeddings", "load_dataset_from_spec", "load_image", "precompute_text_embeddings",
+    "embedding_statistics", "embeddings_as_float32", "join_embeddings", "load_dataset_from_spec", "load_image", "precompute_text_embeddings",
     "read_cache_metadata", "require_columns", "text_model_fingerprint", "with_row_index",
 ]
 

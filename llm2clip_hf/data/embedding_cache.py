@@ -334,6 +334,28 @@ def embeddings_as_float32(values: Any) -> np.ndarray:
     return array.astype(np.float32, copy=False)
 
 
+def embedding_statistics(dataset: Dataset, caption_columns: Sequence[str], batch_size: int = 8192
+                         ) -> tuple[np.ndarray, np.ndarray, int]:
+    """Mean and per-dimension standard deviation (float32) of every cached embedding of ``caption_columns`` (each
+    caption of a list cell counts once), and how many there were; one pass in batches, float64 sums."""
+    columns = [embedding_column(c) for c in caption_columns]
+    total = squares = None
+    count = 0
+    for batch in dataset.select_columns(columns).with_format("numpy").iter(batch_size=batch_size):
+        for column in columns:
+            cells = batch[column]
+            vectors = embeddings_as_float32(np.concatenate([np.asarray(c).reshape(-1, np.asarray(c).shape[-1])
+                                                            for c in cells]) if cells.dtype == object else cells)
+            vectors = vectors.reshape(-1, vectors.shape[-1]).astype(np.float64)
+            total = vectors.sum(0) if total is None else total + vectors.sum(0)
+            squares = (vectors ** 2).sum(0) if squares is None else squares + (vectors ** 2).sum(0)
+            count += len(vectors)
+    if not count:
+        raise ValueError("No cached embeddings to take statistics of: the dataset is empty.")
+    mean = total / count
+    return mean.astype(np.float32), np.sqrt(np.maximum(squares / count - mean ** 2, 0.0)).astype(np.float32), count
+
+
 def _cache_metadata(dataset: Dataset, text_model: LLM2CLIPTextModel, caption_columns: Sequence[str],
                     storage_dtype: str, rows_per_shard: int) -> dict[str, Any]:
     config = text_model.config

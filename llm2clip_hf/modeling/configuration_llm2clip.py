@@ -91,6 +91,10 @@ class LLM2CLIPConfig(PretrainedConfig):
             the training arguments).
         text_model_fingerprint / text_model_name_or_path: the text model whose embeddings the adapter was trained
             on, recorded by stage-2 training so later runs refuse embeddings of another model.
+        adapter_input_normalization: ``None`` (official), ``"center"`` or ``"standardize"``: the adapter first
+            subtracts the mean of the training embeddings (and divides by their per-dimension standard deviation),
+            statistics fitted once by stage-2 training on its cached embeddings (see ``TextAdapter``).
+        adapter_input_statistics_rows: embeddings those statistics were fitted on (0: not fitted yet).
     """
 
     model_type = "llm2clip"
@@ -111,6 +115,8 @@ class LLM2CLIPConfig(PretrainedConfig):
         initializer_range: float = 0.02,
         text_model_fingerprint: str | None = None,
         text_model_name_or_path: str | None = None,
+        adapter_input_normalization: str | None = None,
+        adapter_input_statistics_rows: int = 0,
         **kwargs: Any,
     ) -> None:
         self.vision_config = as_vision_config(vision_config)
@@ -147,6 +153,11 @@ class LLM2CLIPConfig(PretrainedConfig):
         self.initializer_range = initializer_range
         self.text_model_fingerprint = text_model_fingerprint
         self.text_model_name_or_path = text_model_name_or_path
+        if adapter_input_normalization not in (None, "center", "standardize"):
+            raise ValueError(f"adapter_input_normalization must be None, 'center' or 'standardize', got "
+                             f"{adapter_input_normalization!r}.")
+        self.adapter_input_normalization = adapter_input_normalization
+        self.adapter_input_statistics_rows = adapter_input_statistics_rows
         super().__init__(**kwargs)
 
 

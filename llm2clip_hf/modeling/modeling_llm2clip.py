@@ -130,7 +130,7 @@ class LLM2CLIPModel(LLM2CLIPPreTrainedModel):
             vision.hidden_size, config.projection_dim, bias=config.vision_projection == "linear_bias")
         self.text_adapter = TextAdapter(
             config.text_embedding_dim, config.projection_dim, config.adapter_num_blocks, config.adapter_expansion,
-            l2_normalize=config.adapter_l2_normalize,
+            l2_normalize=config.adapter_l2_normalize, input_normalization=config.adapter_input_normalization,
         )
         self.text_model = LLM2CLIPTextModel(config.text_config) if config.text_config is not None else None
         self.logit_scale = nn.Parameter(torch.tensor(float(config.logit_scale_init_value)))

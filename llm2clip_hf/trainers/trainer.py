@@ -29,6 +29,7 @@ from ..data import (
     drop_bad_caption_rows,
     drop_bad_stream_caption_rows,
     embedding_column,
+    embedding_statistics,
     require_columns,
     text_model_fingerprint,
     training_stream,
@@ -218,6 +219,8 @@ class LLM2CLIPTrainer(Trainer):
         # Training applies the bad-row policy; evaluation never drops a row.
         self._prepare_dataset = prepare
         train_dataset = prepare(train_dataset, args.skip_bad_rows) if train_dataset is not None else None
+        if args.stage == CLIP_STAGE:
+            self._fit_adapter_input_statistics(model, train_dataset, args)
         eval_dataset = prepare(eval_dataset, False) if eval_dataset is not None else None
         # Named stage-1 sources train as one dataset whose batch sampler keeps every batch to one source; evaluation
         # keeps them apart (the Trainer evaluates each, its metrics prefixed with the name).
@@ -292,6 +295,28 @@ class LLM2CLIPTrainer(Trainer):
                 f"{args.process_index}): its negatives would not be the global batch's. Build it with "
                 "world_size=args.world_size, rank=args.process_index."
             )
+
+    @staticmethod
+    def _fit_adapter_input_statistics(model: LLM2CLIPModel, dataset: Any, args: LLM2CLIPTrainingArguments) -> None:
+        """An adapter with input normalisation (``adapter_input_normalization``) that was never fitted gets the mean
+        and standard deviation of the training set's cached embeddings (one pass; every process computes the same
+        numbers from the same data). A fitted one (continued training) keeps its statistics."""
+        config = model.config
+        if config.adapter_input_normalization is None or config.adapter_input_statistics_rows:
+            return
+        if args.text_source != "cached" or not isinstance(dataset, Dataset):
+            raise ValueError(
+                f"adapter_input_normalization={config.adapter_input_normalization!r} fits its statistics on the "
+                "training set's cached embeddings, and this run has none to read in one pass (a stream, or the LLM "
+                "in the loop). Fit them first: model.text_adapter.set_input_statistics(mean, std) with the mean and "
+                "std of llm2clip_hf.data.embedding_statistics(<a cached dataset>, caption_columns), and set "
+                "model.config.adapter_input_statistics_rows; or build the model without input normalisation."
+            )
+        mean, std, count = embedding_statistics(dataset, args.caption_columns)
+        model.text_adapter.set_input_statistics(torch.from_numpy(mean), torch.from_numpy(std))
+        config.adapter_input_statistics_rows = count
+        logger.info(f"Adapter input normalisation ({config.adapter_input_normalization}) fitted on {count} cached "
+                    "caption embeddings of the training set.")
 
     def _text_model_with_lora(self, model, args, peft_config) -> PeftModel:
         """The text stages' model: an LLM2CLIPTextModel with LoRA (the official settings unless ``peft_config``)."""
