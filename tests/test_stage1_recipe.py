@@ -1,7 +1,7 @@
 """Stage 1's default recipe: the small-LLM settings replace the official ones only where they were left unset and
 only for LLMs under 1B parameters; a default warmup never takes more than a quarter of a run. With ``-m slow``: the
-demo's stage 1 (those defaults with lr 4e-3), on the real SmolLM2-135M and the emoji pairs, raises held-out CRA to 3x
-its raw level and by 20 points in 20 steps."""
+demo's stage 1 (those defaults), on the real SmolLM2-135M and the emoji pairs, raises held-out CRA to 5x its raw
+level and by 40 points in 40 steps."""
 
 import json
 import logging
@@ -137,14 +137,17 @@ def test_trainer_applies_and_logs_the_small_llm_defaults(text_model, tmp_path, c
 
 @pytest.mark.slow
 def test_demo_stage1_lifts_held_out_cra_of_smollm2_on_emoji(tmp_path):
+    """The demo's stage 1 (the small-LLM defaults: lr 2e-3, warmup a quarter of the run, no instruction; 40 steps of
+    16 pairs): measured 6.0 -> 56.6 (README)."""
     torch.manual_seed(0)
     train, test = emoji_splits(smoke=False)
     model = load_text_model(None, max_length=64)
     raw = evaluate_caption_retrieval(model, test, CAPTIONS)["cra"]
-    demo = DemoArguments()  # the demo's stage 1: the small-LLM defaults but for a doubled learning rate
+    demo = DemoArguments()
+    assert demo.stage1_learning_rate is None  # the package's default, not a demo-only value
     args = args_for(tmp_path, per_device_train_batch_size=demo.stage1_batch_size, max_steps=demo.stage1_steps,
-                    learning_rate=demo.stage1_learning_rate, seed=0, disable_tqdm=True)
+                    seed=0, disable_tqdm=True, gradient_checkpointing=True)
     trainer = LLM2CLIPTrainer(model=model, args=args, train_dataset=train)
     trainer.train()
     tuned = evaluate_caption_retrieval(trainer.text_model, test, CAPTIONS)["cra"]
-    assert tuned >= 3 * raw and tuned >= raw + 20, (raw, tuned)
+    assert tuned >= 5 * raw and tuned >= raw + 40, (raw, tuned)
