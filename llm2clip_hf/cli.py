@@ -135,10 +135,10 @@ class EvaluateArguments:
     templates: list[str] | None = field(default=None, metadata={"help": "Prompt templates with {} (zeroshot)."})
     query_instruction: str | None = field(default=None, metadata={
         "help": "Instruction on the query captions (caption-retrieval)."})
-    per_caption_column: bool = field(default=False, metadata={
-        "help": "retrieval: each --caption-columns column is its own text gallery (a language each, for cross-lingual "
-                "retrieval, or short vs long captions): R@K per column (\"<column>/...\") and their mean "
-                "(\"mean/...\"). Default: all columns' captions form one gallery."})
+    per_caption_column: bool = field(default=True, metadata={
+        "help": "retrieval with several --caption-columns: besides all their captions as one gallery, each column "
+                "as its own gallery (a language each, for cross-lingual retrieval, or short vs long captions): R@K "
+                "per column (\"<column>/...\") and their mean (\"mean/...\"). false: the one gallery only."})
     batch_size: int = field(default=32, metadata={"help": "Batch size for embedding."})
     output_dir: str | None = field(default=None, metadata={"help": "Where metrics_<task>.json is written."})
 

@@ -440,9 +440,10 @@ def test_evaluate_retrieval_per_caption_column_reports_each_language_and_their_m
     data = Path(__file__).parent / "data" / "multilingual" / "metadata.jsonl"
     languages = ["caption", "caption_fr", "caption_de", "caption_es", "caption_zh"]
     code, out, err = run_cli(capsys, "evaluate", "--task", "retrieval", "--model", clip_model_dir, "--dataset", data,
-                             "--caption-columns", *languages, "--per-caption-column", "true")
+                             "--caption-columns", *languages)  # several columns: each its own gallery, by default
     assert code == 0, err[-2000:]
     metrics = last_json(out)
+    assert metrics["num_captions"] == 5 * 12  # and all of them as one gallery, as with one column
     rows = [json.loads(line) for line in data.read_text(encoding="utf-8").splitlines()]
     images = [Image.open(data.parent / row["image"]) for row in rows]
     recall = [f"{direction}_R@{k}" for direction in ("image_to_text", "text_to_image") for k in (1, 5, 10)]

@@ -116,19 +116,24 @@ def evaluate_retrieval(
     ``text_model`` or the embedded text encoder. Also reports the number of images and captions and the length of
     the captions (:func:`caption_length_statistics`).
 
-    ``per_column``: each caption column is its own text gallery (one language each, as in cross-lingual retrieval
-    XM3600-style, or short vs long captions): the metrics of column ``c`` are reported as ``"<c>/<metric>"`` and
-    their mean over the columns as ``"mean/<metric>"``; the images are embedded once.
+    ``per_column`` (with two or more caption columns): also each column as its own text gallery (one language
+    each, as in cross-lingual retrieval XM3600-style, or short vs long captions): the metrics of column ``c`` as
+    ``"<c>/<metric>"`` and their mean over the columns as ``"mean/<metric>"``, beside the metrics of all columns'
+    captions together; the images are embedded once.
     """
     require_columns(dataset, [image_column, *caption_columns], "Retrieval evaluation")
     image_features = embed_images(model, dataset[image_column], batch_size, show_progress_bar)
-    groups = [[column] for column in caption_columns] if per_column else [list(caption_columns)]
-    results = [_text_gallery_retrieval(model, dataset, columns, image_features, text_model, batch_size, ks,
-                                       chunk_size, show_progress_bar) for columns in groups]
-    if not per_column:
-        return results[0]
-    metrics = {f"{column}/{name}": value for column, result in zip(caption_columns, results)
-               for name, value in result.items()}
+
+    def gallery(columns: Sequence[str]) -> dict[str, float]:
+        return _text_gallery_retrieval(model, dataset, columns, image_features, text_model, batch_size, ks,
+                                       chunk_size, show_progress_bar)
+
+    metrics = gallery(caption_columns)
+    if not per_column or len(caption_columns) < 2:
+        return metrics
+    results = [gallery([column]) for column in caption_columns]
+    metrics.update({f"{column}/{name}": value for column, result in zip(caption_columns, results)
+                    for name, value in result.items()})
     recall_names = [name for name in results[0] if "_R@" in name]
     metrics.update({f"mean/{name}": sum(result[name] for result in results) / len(results) for name in recall_names})
     return metrics
