@@ -27,8 +27,8 @@ def test_spread_is_zero_for_identical_rows_and_large_for_spread_ones():
 def test_monitor_reports_a_streak_once_after_patience_and_ignores_a_spread_without_uninformative_loss():
     monitor = CollapseMonitor(spread_ratio=0.02, patience=3)
     log_n = math.log(16)
-    healthy, collapsed = StepHealth(0, 0.4, 1.0, log_n), StepHealth(0, 0.001, log_n, log_n)
-    low_spread_but_learning = StepHealth(0, 0.001, 0.5 * log_n, log_n)
+    healthy, collapsed = StepHealth(0.4, 1.0, log_n), StepHealth(0.001, log_n, log_n)
+    low_spread_but_learning = StepHealth(0.001, 0.5 * log_n, log_n)
     assert not monitor.update(1, healthy)
     assert [monitor.update(step, low_spread_but_learning) for step in (2, 3, 4, 5)] == [False] * 4
     assert [monitor.update(step, collapsed) for step in (6, 7, 8, 9)] == [False, False, True, False]

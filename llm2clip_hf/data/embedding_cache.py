@@ -343,10 +343,9 @@ def embedding_statistics(dataset: Dataset, caption_columns: Sequence[str], batch
     count = 0
     for batch in dataset.select_columns(columns).with_format("numpy").iter(batch_size=batch_size):
         for column in columns:
-            cells = batch[column]
-            vectors = embeddings_as_float32(np.concatenate([np.asarray(c).reshape(-1, np.asarray(c).shape[-1])
-                                                            for c in cells]) if cells.dtype == object else cells)
-            vectors = vectors.reshape(-1, vectors.shape[-1]).astype(np.float64)
+            cells = batch[column]  # [rows, dim], [rows, captions, dim], or an object array of [captions, dim] cells
+            stacked = np.concatenate([np.asarray(cell) for cell in cells]) if cells.dtype == object else cells
+            vectors = embeddings_as_float32(stacked).reshape(-1, stacked.shape[-1]).astype(np.float64)
             total = vectors.sum(0) if total is None else total + vectors.sum(0)
             squares = (vectors ** 2).sum(0) if squares is None else squares + (vectors ** 2).sum(0)
             count += len(vectors)

@@ -596,7 +596,7 @@ class LLM2CLIPTrainer(Trainer):
                         for i, (_, rows, _, _) in enumerate(records) if not bool(finite[i])]
             self._stop_on_non_finite_loss(gather_object(failures) if self.args.world_size > 1 else failures)
         health = StepHealth(
-            non_finite=int(non_finite), spread=spread_sum / spread_count if spread_count else None,
+            spread=spread_sum / spread_count if spread_count else None,
             loss=loss_sum / loss_count if loss_count else None,
             log_candidates=candidates_sum / candidates_count if candidates_count else None,
         )

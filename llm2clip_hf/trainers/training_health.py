@@ -42,9 +42,8 @@ def embedding_spread(*embeddings: torch.Tensor) -> torch.Tensor | None:
 
 @dataclass
 class StepHealth:
-    """One optimizer step's numbers, summed over its micro-batches and over every process."""
+    """One optimizer step's numbers, averaged over its micro-batches and over every process."""
 
-    non_finite: int
     spread: float | None  # mean spread of the step's batches
     loss: float | None  # mean finite loss
     log_candidates: float | None  # mean ln(candidates per query) of an InfoNCE loss; None for other losses
