@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+import time
 from pathlib import Path
 
 import datasets
@@ -24,7 +25,10 @@ BATCH, STEPS = 4, 3
 
 
 def run(llm_dir: str, shards_dir: str, cache_dir: str, output_dir: str) -> None:
-    datasets.config.SLEEP_TIME_ON_THREADS_SHUTDOWN = 0.1  # as in tests/test_streaming.py
+    # datasets sleeps this long whenever it closes parquet readers, so that Arrow's I/O threads end first
+    # (apache/arrow#45214); 0.1 s per close keeps this run short, and one full wait before exit (below) keeps the
+    # interpreter from exiting under a live Arrow thread ("terminate called without an active exception").
+    datasets.config.SLEEP_TIME_ON_THREADS_SHUTDOWN = 0.1
     text_model = LLM2CLIPTextModel.from_llm(llm_dir)
     torch.manual_seed(0)
     model = LLM2CLIPModel.from_text_model(text_model, tiny_vision_config(), embed_text_model=False, projection_dim=32)
@@ -50,6 +54,7 @@ def run(llm_dir: str, shards_dir: str, cache_dir: str, output_dir: str) -> None:
 
 if __name__ == "__main__":
     run(*sys.argv[1:5])
+    time.sleep(5)  # datasets' own default wait for Arrow's reader threads (see run)
     if torch.distributed.is_initialized():  # shut gloo down before exit (see tests/distributed_worker.py)
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
