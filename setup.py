@@ -13,7 +13,7 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["llm2clip_hf", "llm2clip_hf.*"]),
-    package_data={"llm2clip_hf": ["demo/assets/*", "evaluation/metric/*/*.py", "demo_data/emoji/**/*"]},
+    package_data={"llm2clip_hf": ["evaluation/metric/*/*.py", "demo/emoji/**/*"]},
     install_requires=[
         "torch>=2.6",
         "transformers>=5.23,<6",

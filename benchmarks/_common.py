@@ -337,7 +337,7 @@ def load_benchmark_text_model(quick: bool, max_length: int = 64, **tiny_sizes: i
     """SmolLM2-135M-Instruct (offline GGUF, fp32) for full runs; a random tiny Llama (``tiny_sizes``) for
     ``--quick``."""
     from llm2clip_hf import LLM2CLIPTextModel
-    from llm2clip_hf.model_loading import load_text_model
+    from llm2clip_hf.conversion.model_loading import load_text_model
 
     if quick:
         return LLM2CLIPTextModel.from_llm(tiny_llm_dir(**tiny_sizes), max_length=max_length)
@@ -355,7 +355,7 @@ def image_caption_rows(quick: bool, rows: int):
 
         base = tiny_image_caption_rows()
         return Dataset.from_list([dict(base[i % len(base)]) for i in range(rows)])
-    from llm2clip_hf.demo_data import load_emoji_dataset
+    from llm2clip_hf.demo.emoji_dataset import load_emoji_dataset
 
     emoji = load_emoji_dataset("train")
     emoji = emoji.select(range(min(rows, len(emoji)))).select_columns(["image", "short_caption", "long_caption"])

@@ -14,7 +14,7 @@ import torch
 from llm2clip_hf.modeling.caption_tokenization import collate_left_padded
 from llm2clip_hf.testing import tiny_caption_pair_rows
 from llm2clip_hf.trainers import LLM2CLIPTrainer, LLM2CLIPTrainingArguments
-from llm2clip_hf.trainers.caption_pairs import ROLES, TEXTS, split_roles
+from llm2clip_hf.data.text_pairs import ROLES, TEXTS, split_roles
 
 
 def caption_rows(quick: bool):
@@ -22,7 +22,7 @@ def caption_rows(quick: bool):
 
     if quick:
         return Dataset.from_list(tiny_caption_pair_rows())
-    from llm2clip_hf.demo_data import load_emoji_dataset
+    from llm2clip_hf.demo.emoji_dataset import load_emoji_dataset
 
     return load_emoji_dataset()["train"]
 

@@ -67,14 +67,14 @@ def run_embed(llm: Path, captions: Path, output: Path, rows_per_shard: int, proc
 
 def collator_seconds(repeats: int, dim: int = 4096) -> dict[str, float]:
     """Median seconds per batch of 256 rows of width ``dim`` (Llama-3-8B's 4096) fetched as the DataLoader does
-    (``__getitems__``) and collated by ``CLIPCollator``: embeddings as Python lists vs numpy."""
+    (``__getitems__``) and collated by ``ImageTextCollator``: embeddings as Python lists vs numpy."""
     import numpy as np
     from datasets import Dataset, Features, Image, Sequence, Value
     from PIL import Image as PILImage
 
     from llm2clip_hf.data import CLIPImageTransform, ROW_INDEX
     from llm2clip_hf.testing import tiny_vision_config
-    from llm2clip_hf.trainers.clip_data import CLIPCollator
+    from llm2clip_hf.data.image_text_collator import ImageTextCollator
 
     image = PILImage.new("RGB", (32, 32), (120, 30, 200))
     rng = np.random.default_rng(0)
@@ -88,7 +88,7 @@ def collator_seconds(repeats: int, dim: int = 4096) -> dict[str, float]:
                               ROW_INDEX: list(range(256)),
                               "caption_llm_embedding": rng.standard_normal((256, dim), dtype=np.float32)},
                              features=features)
-    collator = CLIPCollator("image", ["caption"], CLIPImageTransform(tiny_vision_config(), augment=False), seed=0)
+    collator = ImageTextCollator("image", ["caption"], CLIPImageTransform(tiny_vision_config(), augment=False), seed=0)
     formatted = data.with_format("numpy", columns=["caption_llm_embedding"], output_all_columns=True)
     rows = list(range(256))
     batches = {"before (lists)": lambda: collator(data.__getitems__(rows)),

@@ -86,7 +86,7 @@ def stage1_trainer(text_model: LLM2CLIPTextModel, batch: int, tokens: int, steps
 
 def sequence_length(trainer: LLM2CLIPTrainer) -> int:
     """Padded length of the first batch (queries and positives go through the LLM as one padded batch)."""
-    from llm2clip_hf.trainers.caption_pairs import TEXTS
+    from llm2clip_hf.data.text_pairs import TEXTS
 
     batch = next(iter(trainer.get_train_dataloader()))
     return int(batch[TEXTS]["input_ids"].shape[1])

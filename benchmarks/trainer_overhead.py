@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader
 from llm2clip_hf import LLM2CLIPModel
 from llm2clip_hf.data import ROW_INDEX, precompute_text_embeddings
 from llm2clip_hf.trainers import CLIPContrastiveLoss, LLM2CLIPTrainer, layer_decay_parameter_groups
-from llm2clip_hf.trainers.data_statistics import BATCH_STATISTICS
+from llm2clip_hf.data.data_statistics import BATCH_STATISTICS
 
 CAPTIONS = ["short_caption", "long_caption"]
 

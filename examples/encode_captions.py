@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from llm2clip_hf import LLM2CLIPTextModel
-from llm2clip_hf.assets import smollm2_gguf
+from llm2clip_hf.conversion.assets import smollm2_gguf
 
 directory, gguf_file = smollm2_gguf()
 model = LLM2CLIPTextModel.from_llm(directory, gguf_file=gguf_file, pooling_mode="mean")

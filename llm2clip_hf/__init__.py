@@ -18,8 +18,8 @@ from .modeling import (
     TextAdapter,
 )
 
-from .model_loading import load_lm_head, load_text_model  # noqa: E402
-from .vision_sources import attach_text_model, llm2clip_from_pretrained_vision  # noqa: E402
+from ._moved import install as _install_moved_paths  # noqa: E402
+from .conversion import attach_text_model, llm2clip_from_pretrained_vision, load_lm_head, load_text_model  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -28,6 +28,7 @@ for _config, _model in ((EVA02VisionConfig, EVA02VisionModel), (LLM2CLIPTextConf
     AutoConfig.register(_config.model_type, _config, exist_ok=True)
     AutoModel.register(_config, _model, exist_ok=True)
 AutoProcessor.register(LLM2CLIPConfig, LLM2CLIPProcessor, exist_ok=True)
+_install_moved_paths()
 
 __all__ = [
     "EVA02_PRESETS", "EVA02VisionConfig", "EVA02VisionModel", "LLM2CLIPConfig", "LLM2CLIPModel", "LLM2CLIPOutput",

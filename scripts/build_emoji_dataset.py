@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Build the small emoji image–caption dataset shipped in ``llm2clip_hf/demo_data/emoji``.
+"""Build the small emoji image–caption dataset shipped in ``llm2clip_hf/demo/emoji``.
 
 Every emoji that the Unicode emoji test file lists as fully qualified (or as an emoji component), that CLDR's
 English annotations name, and that the Noto Color Emoji font draws as one glyph is rendered on a white background,
@@ -32,7 +32,7 @@ from fontTools.ttLib import TTFont
 from PIL import Image, ImageDraw, ImageFont
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_OUTPUT = REPO_ROOT / "llm2clip_hf" / "demo_data" / "emoji"
+DEFAULT_OUTPUT = REPO_ROOT / "llm2clip_hf" / "demo" / "emoji"
 DEFAULT_FONT = Path("/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf")
 DEFAULT_ANNOTATIONS = Path("/usr/share/unicode/cldr/common/annotations/en.xml")
 DEFAULT_EMOJI_TEST = Path("/usr/share/unicode/emoji/emoji-test.txt")

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from llm2clip_hf.cli import main as cli_main
-from llm2clip_hf.convert import (
+from llm2clip_hf.conversion import (
     CheckpointConversionError,
     convert_checkpoint,
     convert_checkpoint_with_report,
@@ -200,7 +200,7 @@ def test_timm_siglip_layout_computes_like_timm_with_attention_pool_latent(varian
         saved.update({"text.text.model.layers.0.self_attn.q_proj.weight": torch.zeros(8, 8),
                       "text.text.model.embed_tokens.weight": torch.zeros(10, 8)})
     path = _save(_wrap(saved, variant), tmp_path / "ck.pt")
-    with caplog.at_level(logging.INFO, logger="llm2clip_hf.convert"):
+    with caplog.at_level(logging.INFO, logger="llm2clip_hf.conversion"):
         model, report = convert_checkpoint_with_report(path)
     assert (report.layout, report.family, report.adapter) == ("eva_clip-timm-siglip", "siglip", "checkpoint")
     config, vision = model.config, model.config.vision_config
@@ -260,7 +260,7 @@ def test_hf_openai_repo_folder_converts_like_the_official_tower(weights, tmp_pat
         torch.save(hf, folder / weights)
     else:
         save_file({k: v.contiguous() for k, v in hf.items()}, str(folder / "model.safetensors"))
-    with caplog.at_level(logging.INFO, logger="llm2clip_hf.convert"):
+    with caplog.at_level(logging.INFO, logger="llm2clip_hf.conversion"):
         model, report = convert_checkpoint_with_report(folder)
     assert (report.layout, report.source_kind, report.family) == ("hf-openai-clip", "folder", "clip")
     assert model.config.vision_config.hidden_act == "quick_gelu"  # the config.json leaves it at CLIP's default
@@ -311,7 +311,7 @@ def test_eva_clip_pretrained_without_adapter_gets_a_new_one_and_drops_the_text_t
     path = _save(state, tmp_path / "EVA02_CLIP_B_psz16_s8B.pt")
     with pytest.raises(CheckpointConversionError, match="no text adapter.*pass text_embedding_dim"):
         convert_eva_clip_checkpoint(path)
-    with caplog.at_level(logging.INFO, logger="llm2clip_hf.convert"):
+    with caplog.at_level(logging.INFO, logger="llm2clip_hf.conversion"):
         model, report = convert_checkpoint_with_report(path, text_embedding_dim=48)
     assert report.adapter == "new" and model.config.text_embedding_dim == 48
     assert sum(report.dropped.values()) == 17 and "token_embedding.weight" in caplog.text
@@ -331,7 +331,7 @@ def test_openai_clip_without_adapter_and_an_adapter_of_another_width(tmp_path, c
     torch.testing.assert_close(_features(model, _pixels(), _embeddings())[0],
                                openai_clip_image_features(state, _pixels(), 2), **TOL)
     with_adapter = _save(openai_clip_state_dict(**OPENAI), tmp_path / "llm2clip.pt")
-    with caplog.at_level(logging.WARNING, logger="llm2clip_hf.convert"):
+    with caplog.at_level(logging.WARNING, logger="llm2clip_hf.conversion"):
         kept = convert_checkpoint(with_adapter, text_embedding_dim=64)  # the adapter is kept as trained
     assert kept.config.text_embedding_dim == 40 and "text_embedding_dim=64 is ignored" in caplog.text
 
@@ -439,7 +439,7 @@ def test_a_hub_id_is_downloaded_with_only_the_files_the_converter_reads(tmp_path
     them and config.json; the snapshot then converts like a folder."""
     import huggingface_hub
 
-    from llm2clip_hf import model_loading
+    from llm2clip_hf.conversion import model_loading
 
     official = openai_clip_state_dict(**OPENAI)
     snapshot = _hf_openai_folder(tmp_path, hf_openai_state_dict(official), official)

@@ -10,7 +10,7 @@ import datasets
 import numpy as np
 import pytest
 
-from llm2clip_hf.demo_data import EMOJI_SPLITS, emoji_dataset_dir, load_emoji_dataset
+from llm2clip_hf.demo.emoji_dataset import EMOJI_SPLITS, emoji_dataset_dir, load_emoji_dataset
 
 VS16 = "\ufe0f"
 

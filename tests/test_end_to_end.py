@@ -14,7 +14,7 @@ from datasets import Dataset
 
 from llm2clip_hf import LLM2CLIPModel, LLM2CLIPTextModel
 from llm2clip_hf.data import precompute_text_embeddings, read_cache_metadata, text_model_fingerprint
-from llm2clip_hf.model_loading import load_text_model
+from llm2clip_hf.conversion.model_loading import load_text_model
 from llm2clip_hf.testing import tiny_caption_pair_rows, tiny_image_caption_rows, tiny_vision_config
 from llm2clip_hf.trainers import LLM2CLIPTrainer, LLM2CLIPTrainingArguments
 

@@ -31,7 +31,7 @@ from launching import accelerate_launch  # noqa: E402
 from numerics import assert_same_tensor  # noqa: E402
 
 from llm2clip_hf import LLM2CLIPModel, LLM2CLIPTextModel  # noqa: E402
-from llm2clip_hf.lora import merged_state_dict  # noqa: E402
+from llm2clip_hf.conversion.lora_merge import merged_state_dict  # noqa: E402
 from llm2clip_hf.testing import (  # noqa: E402
     tiny_caption_pair_rows, tiny_image_caption_rows, tiny_llm2clip_config, tiny_vision_config)
 from llm2clip_hf.trainers import CLIPContrastiveLoss, LLM2CLIPTrainer, LLM2CLIPTrainingArguments  # noqa: E402

@@ -6,7 +6,7 @@ from peft import get_peft_model
 from safetensors.torch import load_file
 
 from llm2clip_hf import LLM2CLIPTextModel
-from llm2clip_hf.lora import merged_state_dict
+from llm2clip_hf.conversion.lora_merge import merged_state_dict
 from llm2clip_hf.testing import tiny_caption_pair_rows
 from llm2clip_hf.trainers import LLM2CLIPTrainer, LLM2CLIPTrainingArguments
 from llm2clip_hf.trainers.trainer import default_lora_config

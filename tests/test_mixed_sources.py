@@ -14,7 +14,8 @@ from datasets import Dataset, DatasetDict
 from llm2clip_hf import LLM2CLIPTextModel
 from llm2clip_hf.cli import main
 from llm2clip_hf.testing import tiny_caption_pair_rows
-from llm2clip_hf.trainers import LLM2CLIPTrainer, LLM2CLIPTrainingArguments, SourceBatchSampler, text_pair_source
+from llm2clip_hf.data import SourceBatchSampler, text_pair_source
+from llm2clip_hf.trainers import LLM2CLIPTrainer, LLM2CLIPTrainingArguments
 
 PAIR_INSTRUCTION = "Given a question, retrieve the passage that answers it"
 

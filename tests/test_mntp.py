@@ -10,8 +10,9 @@ from transformers import LlamaForCausalLM
 
 from llm2clip_hf import LLM2CLIPTextModel, load_lm_head
 from llm2clip_hf.testing import make_tiny_llm, tiny_caption_pair_rows
-from llm2clip_hf.trainers import LLM2CLIPTrainer, LLM2CLIPTrainingArguments, MaskedTextCollator
-from llm2clip_hf.trainers.masked_next_token import LABELS, TEXT
+from llm2clip_hf.data import MaskedTextCollator
+from llm2clip_hf.trainers import LLM2CLIPTrainer, LLM2CLIPTrainingArguments
+from llm2clip_hf.data.masked_next_token import LABELS, TEXT
 
 TEXTS = ["a red bicycle leaning on a brick wall", "two dogs running across a snowy field at dusk",
          "a bowl of ramen with an egg", "the lighthouse on a cliff above a stormy sea"]

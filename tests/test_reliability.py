@@ -191,7 +191,7 @@ def test_sigkill_then_resume_ends_with_the_weights_of_an_uninterrupted_run(tiny_
 
 
 def test_offline_loading_makes_no_network_call_and_says_how_to_provide_the_model(monkeypatch):
-    from llm2clip_hf.model_loading import load_clip_model, load_text_model
+    from llm2clip_hf.conversion.model_loading import load_clip_model, load_text_model
 
     attempts = []
     monkeypatch.setattr(socket.socket, "connect", lambda self, address: attempts.append(address))

@@ -15,7 +15,7 @@ import torch
 from llm2clip_hf.demo import DemoArguments, emoji_splits
 from llm2clip_hf.evaluation import evaluate_caption_retrieval
 from llm2clip_hf import LLM2CLIPTextModel
-from llm2clip_hf.model_loading import load_text_model
+from llm2clip_hf.conversion.model_loading import load_text_model
 from llm2clip_hf.testing import tiny_caption_pair_rows
 from llm2clip_hf.trainers import LLM2CLIPTrainer, LLM2CLIPTrainingArguments
 from llm2clip_hf.trainers.training_args import SMALL_LLM_DEFAULTS, STAGE_DEFAULTS

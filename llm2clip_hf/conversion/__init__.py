@@ -1,7 +1,8 @@
-"""Conversion of the official LLM2CLIP checkpoints (every published layout) to :class:`LLM2CLIPModel`.
-
-``convert_checkpoint(path_or_id)`` reads a file, a folder or a Hub id and detects the layout; the layouts and their
-key maps are in :mod:`.layouts`, safe reading in :mod:`.io`."""
+"""Everything that starts from weights made elsewhere: the official LLM2CLIP checkpoints (every published layout,
+detected from the keys: :mod:`.layouts`, read safely by :mod:`.io`, converted by :mod:`.core`), pretrained vision
+towers to post-train and the assembly of published parts (:mod:`.vision_sources`), plain LLMs and saved models
+(:mod:`.model_loading`, offline assets in :mod:`.assets`), LoRA merging (:mod:`.lora_merge`) and the fingerprint
+that identifies a text encoder's computation (:mod:`.fingerprint`)."""
 
 from .core import (
     ConversionReport,
@@ -15,12 +16,18 @@ from .core import (
     model_from_state_dict,
     resize_grid,
 )
+from .fingerprint import text_model_fingerprint
 from .io import CheckpointConversionError, load_checkpoint_source, load_official_state_dict
 from .layouts import ADAPTER_LAYOUTS, LAYOUTS, default_heads, detect_layout
+from .lora_merge import merge_lora_state_dict, merged_state_dict, unwrap_peft
+from .model_loading import DEFAULT_TEXT_MODEL, hub_is_offline, load_clip_model, load_lm_head, load_text_model
+from .vision_sources import assemble, attach_text_model, llm2clip_from_pretrained_vision
 
 __all__ = [
-    "ADAPTER_LAYOUTS", "LAYOUTS", "CheckpointConversionError", "ConversionReport", "build_config",
-    "convert_checkpoint", "convert_checkpoint_with_report", "convert_eva_clip_checkpoint", "convert_hf_checkpoint",
-    "convert_state_dict", "default_heads", "detect_layout", "infer_config", "load_checkpoint_source",
-    "load_official_state_dict", "model_from_state_dict", "resize_grid",
+    "ADAPTER_LAYOUTS", "DEFAULT_TEXT_MODEL", "LAYOUTS", "CheckpointConversionError", "ConversionReport", "assemble",
+    "attach_text_model", "build_config", "convert_checkpoint", "convert_checkpoint_with_report",
+    "convert_eva_clip_checkpoint", "convert_hf_checkpoint", "convert_state_dict", "default_heads", "detect_layout",
+    "hub_is_offline", "infer_config", "llm2clip_from_pretrained_vision", "load_checkpoint_source", "load_clip_model",
+    "load_lm_head", "load_official_state_dict", "load_text_model", "merge_lora_state_dict", "merged_state_dict",
+    "model_from_state_dict", "resize_grid", "text_model_fingerprint", "unwrap_peft",
 ]

@@ -29,7 +29,7 @@ from .layouts import (
     map_adapter_key,
 )
 
-logger = logging.getLogger("llm2clip_hf.convert")
+logger = logging.getLogger("llm2clip_hf.conversion")
 
 VISION_CONFIG_BY_FAMILY = {"eva02": EVA02VisionConfig, "clip": CLIPVisionConfig, "siglip": SiglipVisionConfig}
 # Generic PretrainedConfig arguments that are no tower settings.

@@ -136,7 +136,7 @@ def download_hub_repo(repo_id: str, revision: str | None = None, token: str | bo
     only when ``HF_HUB_OFFLINE=1``)."""
     from huggingface_hub import list_repo_files, snapshot_download
 
-    from ..model_loading import _missing_model_error, hub_is_offline
+    from .model_loading import _missing_model_error, hub_is_offline
 
     kwargs = {k: v for k, v in dict(revision=revision, token=token, cache_dir=cache_dir).items() if v is not None}
     try:

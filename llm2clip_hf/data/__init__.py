@@ -1,5 +1,8 @@
-"""The data path shared by training and evaluation: opening datasets, reading images, and the embedding cache."""
+"""The data path shared by training and evaluation: opening datasets, captions and images, the embedding cache,
+streams, and the collators and samplers that turn rows into the batches of each stage."""
 
+from ..conversion.fingerprint import text_model_fingerprint
+from .data_statistics import BATCH_STATISTICS, DataStatistics
 from .embedding_cache import (
     ROW_HASH_COLUMN,
     STORAGE_DTYPES,
@@ -12,8 +15,9 @@ from .embedding_cache import (
     join_embeddings,
     precompute_text_embeddings,
     read_cache_metadata,
-    text_model_fingerprint,
 )
+from .epoch_sampling import EPOCH, EpochTaggedDataset, EpochTaggedSampler
+from .image_text_collator import ImageTextCollator
 from .images import CLIPImageTransform, load_image
 from .loading import (
     ROW_INDEX,
@@ -23,15 +27,9 @@ from .loading import (
     require_columns,
     with_row_index,
 )
-
-__all__ = [
-    "CLIPImageTransform", "ROW_HASH_COLUMN", "ROW_INDEX", "STORAGE_DTYPES", "build_embedding_cache",
-    "caption_texts", "check_cache_rows", "check_embedding_cache", "drop_bad_caption_rows", "embedding_column",
-    "embedding_statistics", "embeddings_as_float32", "join_embeddings", "load_dataset_from_spec", "load_image", "precompute_text_embeddings",
-    "read_cache_metadata", "require_columns", "text_model_fingerprint", "with_row_index",
-]
-
-from .streaming import (  # noqa: E402 - streams of stage 2 (docs/streaming.md)
+from .masked_next_token import MaskedTextCollator, build_mntp_texts
+from .mixed_sources import SourceBatchSampler
+from .streaming import (
     KEY_COLUMN,
     KeyIndex,
     drop_bad_stream_caption_rows,
@@ -40,8 +38,21 @@ from .streaming import (  # noqa: E402 - streams of stage 2 (docs/streaming.md)
     training_stream,
     with_key_row_index,
 )
+from .text_pairs import TextPairCollator, build_caption_pairs, build_text_pairs, text_pair_source
 
-__all__ += [
-    "KEY_COLUMN", "KeyIndex", "drop_bad_stream_caption_rows", "join_stream_embeddings", "key_hashes",
-    "training_stream", "with_key_row_index",
+__all__ = [
+    "BATCH_STATISTICS", "CLIPImageTransform", "DataStatistics", "EPOCH", "EpochTaggedDataset", "EpochTaggedSampler",
+    "ImageTextCollator", "KEY_COLUMN", "KeyIndex", "MaskedTextCollator", "ROW_HASH_COLUMN", "ROW_INDEX",
+    "STORAGE_DTYPES", "SourceBatchSampler", "TextPairCollator", "build_caption_pairs", "build_embedding_cache",
+    "build_mntp_texts", "build_text_pairs", "caption_texts", "check_cache_rows", "check_embedding_cache",
+    "drop_bad_caption_rows", "drop_bad_stream_caption_rows", "embedding_column", "embedding_statistics",
+    "embeddings_as_float32", "join_embeddings", "join_stream_embeddings", "key_hashes", "load_dataset_from_spec",
+    "load_image", "precompute_text_embeddings", "read_cache_metadata", "require_columns", "text_model_fingerprint",
+    "text_pair_source", "training_stream", "with_key_row_index", "with_row_index",
 ]
+
+
+def __getattr__(name: str):
+    from .._moved import moved_attribute
+
+    return moved_attribute(__name__, name)

@@ -41,7 +41,7 @@ from datasets.arrow_writer import ArrowWriter
 from datasets.fingerprint import get_temporary_cache_files_directory
 from transformers.utils import logging as hf_logging
 
-from ..lora import iter_merged_state
+from ..conversion.fingerprint import text_model_fingerprint
 from ..modeling import LLM2CLIPTextModel
 from .loading import flatten_captions, require_columns
 from .streaming import key_hashes
@@ -61,34 +61,6 @@ def embedding_column(caption_column: str) -> str:
     return f"{caption_column}{EMBEDDING_SUFFIX}"
 
 
-# Config entries that say how a checkpoint was saved or what a forward returns, not what it computes.
-_BOOKKEEPING_CONFIG_KEYS = frozenset({
-    "_name_or_path", "name_or_path", "architectures", "auto_map", "transformers_version", "dtype", "torch_dtype",
-    "use_cache", "output_attentions", "output_hidden_states", "return_dict", "initializer_range",
-    "_attn_implementation", "_attn_implementation_autoset", "attn_implementation",
-})
-
-
-def _computing_settings(config: dict[str, Any]) -> dict[str, Any]:
-    return {key: _computing_settings(value) if isinstance(value, dict) else value
-            for key, value in config.items() if key not in _BOOKKEEPING_CONFIG_KEYS}
-
-
-def text_model_fingerprint(text_model: LLM2CLIPTextModel) -> str:
-    """Hash of what the text encoder computes: its configuration (the LLM's included), tokenizer, and weights with
-    any LoRA adapters merged, so a model in training and its saved, reloaded copy have the same fingerprint."""
-    digest = hashlib.blake2b(digest_size=16)
-    digest.update(json.dumps(_computing_settings(text_model.config.to_dict()), sort_keys=True, default=str).encode())
-    digest.update(_tokenizer_identity(text_model.require_tokenizer()).encode())
-    tensors = {}  # one digest per tensor, combined in key order: merged tensors are made one at a time
-    for name, tensor in iter_merged_state(text_model):
-        tensor_digest = hashlib.blake2b(f"{tuple(tensor.shape)}:{tensor.dtype}".encode(), digest_size=16)
-        tensor_digest.update(tensor.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes())
-        tensors[name] = tensor_digest.hexdigest()
-    digest.update(json.dumps(sorted(tensors.items())).encode())
-    return digest.hexdigest()
-
-
 def caption_data_fingerprint(dataset: Dataset, caption_columns: Sequence[str], batch_size: int = 10_000) -> str:
     """Hash of the number of rows and the contents of ``caption_columns``: what a cache of their embeddings is of.
 
@@ -102,17 +74,6 @@ def caption_data_fingerprint(dataset: Dataset, caption_columns: Sequence[str], b
             digest.update(json.dumps(batch[column], default=str).encode())
             start += len(batch[column])
     return digest.hexdigest()
-
-
-def _tokenizer_identity(tokenizer: Any) -> str:
-    """The tokenizer's vocabulary and pipeline, without the padding/truncation state that calls change."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None:
-        return json.dumps(tokenizer.get_vocab(), sort_keys=True)
-    spec = json.loads(backend.to_str())
-    spec.pop("truncation", None)
-    spec.pop("padding", None)
-    return json.dumps(spec, sort_keys=True) + json.dumps(tokenizer.padding_side)
 
 
 def read_cache_metadata(dataset: Dataset) -> dict[str, Any] | None:

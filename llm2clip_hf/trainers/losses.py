@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..modeling import LLM2CLIPTextModel
 from ..modeling.contrastive import local_clip_loss, local_sigmoid_loss
 from .distributed import Gather, default_gather
 
@@ -93,3 +94,22 @@ class MaskedNextTokenLoss(nn.Module):
             return hidden_states.sum() * 0.0
         logits = self.lm_head(hidden_states[:, :-1][chosen])
         return F.cross_entropy(logits.float(), targets[chosen])
+
+
+def output_head(text_model: LLM2CLIPTextModel, lm_head: nn.Module | None = None) -> nn.Module:
+    """The LLM's next-token head for MNTP: ``lm_head`` when given, else the input embeddings for an LLM that ties
+    them to its output layer (SmolLM2, Llama-3.2-1B, Qwen2.5-0.5B, ...)."""
+    if lm_head is not None:
+        return lm_head
+    llm_config = text_model.config.llm_config
+    if not getattr(llm_config, "tie_word_embeddings", False):
+        raise ValueError(
+            f"stage='mntp' predicts tokens with the LLM's output layer, and {text_model.name_or_path or 'this LLM'} "
+            "does not tie it to its input embeddings, so an LLM2CLIPTextModel does not hold it. Pass it: "
+            "LLM2CLIPTrainer(..., lm_head=llm2clip_hf.load_lm_head(name_or_path)) (the CLI does this itself)."
+        )
+    embeddings = text_model.get_input_embeddings()
+    head = nn.Linear(embeddings.embedding_dim, embeddings.num_embeddings, bias=False,
+                     device=embeddings.weight.device, dtype=embeddings.weight.dtype)
+    head.weight = embeddings.weight
+    return head

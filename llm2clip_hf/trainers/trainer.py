@@ -37,30 +37,30 @@ from ..data import (
     with_row_index,
 )
 from ..evaluation import evaluate_caption_retrieval, evaluate_retrieval
-from ..lora import merge_lora_state_dict, merged_state_dict, unwrap_peft
+from ..conversion.lora_merge import merge_lora_state_dict, merged_state_dict, unwrap_peft
 from ..modeling import LLM2CLIPModel, LLM2CLIPOutput, LLM2CLIPTextModel
-from .caption_pairs import (
+from ..data.text_pairs import (
     POSITIVE,
     QUERY,
     QUERY_INSTRUCTION,
     ROLES,
     TEXTS,
-    CaptionPairCollator,
+    TextPairCollator,
     build_caption_pairs,
     build_text_pairs,
     check_negatives_agree,
     concatenate_sources,
     split_roles,
 )
-from .clip_data import CLIPCollator
-from .data_statistics import BATCH_STATISTICS, DataStatistics
+from ..data.image_text_collator import ImageTextCollator
+from ..data.data_statistics import BATCH_STATISTICS, DataStatistics
 from .distributed import average_gradients
-from .epoch_sampling import EPOCH, EpochTaggedDataset, EpochTaggedSampler
+from ..data.epoch_sampling import EPOCH, EpochTaggedDataset, EpochTaggedSampler
 from .grad_cache import grad_cache_loss
 from .layer_decay import layer_decay_parameter_groups
-from .losses import CaptionContrastiveLoss, CLIPContrastiveLoss, MaskedNextTokenLoss, SigLIPContrastiveLoss
-from .masked_next_token import LABELS, TEXT, MaskedTextCollator, build_mntp_texts, output_head
-from .mixed_sources import SourceBatchSampler
+from .losses import CaptionContrastiveLoss, CLIPContrastiveLoss, MaskedNextTokenLoss, SigLIPContrastiveLoss, output_head
+from ..data.masked_next_token import LABELS, TEXT, MaskedTextCollator, build_mntp_texts
+from ..data.mixed_sources import SourceBatchSampler
 from .model_card import build_model_card
 from .training_args import CAPTION_STAGE, CLIP_STAGE, MNTP_STAGE, TEXT_STAGES, LLM2CLIPTrainingArguments
 from .training_health import CollapseMonitor, EmbeddingCollapseError, StepHealth, checkpoint_before, embedding_spread
@@ -382,7 +382,7 @@ class LLM2CLIPTrainer(Trainer):
             check_negatives_agree(sources)
             return sources
 
-        collator = CaptionPairCollator(self.text_model, args.instruction_separator)
+        collator = TextPairCollator(self.text_model, args.instruction_separator)
         return model, collator, collator, prepare
 
     def _setup_clip_stage(self, model, args, peft_config, text_model):
@@ -435,8 +435,8 @@ class LLM2CLIPTrainer(Trainer):
                                               output_all_columns=True)
             return dataset
 
-        def collator(augment: bool, skip_bad_rows: bool) -> CLIPCollator:
-            return CLIPCollator(
+        def collator(augment: bool, skip_bad_rows: bool) -> ImageTextCollator:
+            return ImageTextCollator(
                 args.image_column, args.caption_columns,
                 CLIPImageTransform(model.config.vision_config, augment=augment),
                 seed=args.sampling_seed, weights=args.caption_sampling_weights,
@@ -792,7 +792,7 @@ class LLM2CLIPTrainer(Trainer):
         final save: no process holds the LLM while training."""
         if self._text_model_on_save is None or not isinstance(base, LLM2CLIPModel) or base.text_model is not None:
             return
-        from ..vision_sources import attach_text_model
+        from ..conversion.vision_sources import attach_text_model
 
         source = self._text_model_on_save
         text_model = source if isinstance(source, nn.Module) else source()

@@ -9,7 +9,9 @@ import numpy as np
 import torch
 from transformers.utils import logging as hf_logging
 
-from ..data import ROW_INDEX, CLIPImageTransform, embedding_column, embeddings_as_float32
+from .embedding_cache import embedding_column, embeddings_as_float32
+from .images import CLIPImageTransform
+from .loading import ROW_INDEX
 from ..modeling import LLM2CLIPTextModel
 from ..modeling.caption_tokenization import collate_left_padded
 from .data_statistics import BATCH_STATISTICS, batch_statistics
@@ -18,7 +20,7 @@ from .epoch_sampling import EPOCH
 logger = hf_logging.get_logger(__name__)
 
 
-class CLIPCollator:
+class ImageTextCollator:
     """Builds ``pixel_values`` and either ``llm_embeddings`` (cached) or token inputs (LLM in the loop).
 
     Each training example draws one caption column (weights default to uniform, the official 50/50 short/dense) and
@@ -94,3 +96,9 @@ def _one_of(value: Any, rng: np.random.Generator, is_vector: bool = False) -> An
     if not isinstance(value, (list, tuple, np.ndarray)):
         return value
     return value[int(rng.integers(len(value)))]
+
+
+def __getattr__(name: str):
+    from .._moved import moved_attribute
+
+    return moved_attribute(__name__, name)

@@ -29,11 +29,11 @@ from transformers import (
     SiglipVisionModel,
 )
 
-from .convert import convert_checkpoint, convert_checkpoint_with_report
+from .core import convert_checkpoint, convert_checkpoint_with_report
 from .model_loading import _missing_model_error, hub_is_offline, load_clip_model
-from .modeling import LLM2CLIPConfig, LLM2CLIPModel, LLM2CLIPTextConfig, LLM2CLIPTextModel, TextAdapter
-from .modeling.configuration_llm2clip import vision_family
-from .modeling.processing_llm2clip import image_processor_for
+from ..modeling import LLM2CLIPConfig, LLM2CLIPModel, LLM2CLIPTextConfig, LLM2CLIPTextModel, TextAdapter
+from ..modeling.configuration_llm2clip import vision_family
+from ..modeling.processing_llm2clip import image_processor_for
 
 logger = logging.getLogger(__name__)
 
@@ -87,7 +87,7 @@ def llm2clip_from_pretrained_vision(
       ``CLIPVisionModel``, whose projection width defaults to its config's ``projection_dim``) gives a new,
       randomly initialised projection (logged). SigLIP towers have no projection: the MAP head's output is the
       image feature (``vision_projection="linear"`` adds one).
-    - an open_clip / EVA-CLIP / official LLM2CLIP ``.pt`` file, converted by :mod:`llm2clip_hf.convert`.
+    - an open_clip / EVA-CLIP / official LLM2CLIP ``.pt`` file, converted by :mod:`llm2clip_hf.conversion`.
     - an LLM2CLIP model (ours, or a published Hub repo through the converter): loaded as is, to continue training.
 
     The text adapter is new when the source has none or when its input width differs from the LLM's
@@ -224,7 +224,7 @@ def attach_text_model(model: LLM2CLIPModel, text_model: LLM2CLIPTextModel) -> LL
                                              model.name_or_path or None))
     recorded = model.config.text_model_fingerprint
     if recorded:
-        from .data import text_model_fingerprint
+        from .fingerprint import text_model_fingerprint
 
         if text_model_fingerprint(text_model) != recorded:
             logger.warning(

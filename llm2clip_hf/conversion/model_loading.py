@@ -14,7 +14,7 @@ from huggingface_hub import constants as hub_constants
 from transformers import AutoConfig
 
 from .assets import SMOLLM2_HUB_ID, smollm2_gguf
-from .modeling import LLM2CLIPConfig, LLM2CLIPModel, LLM2CLIPTextConfig, LLM2CLIPTextModel
+from ..modeling import LLM2CLIPConfig, LLM2CLIPModel, LLM2CLIPTextConfig, LLM2CLIPTextModel
 
 DEFAULT_TEXT_MODEL = "smollm2"  # SmolLM2-135M-Instruct: the offline GGUF asset if installed, else the Hub id
 

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from datasets import Dataset, Features, Value, concatenate_datasets
 
-from ..data import ROW_INDEX, drop_bad_caption_rows, require_columns
+from .loading import ROW_INDEX, drop_bad_caption_rows, require_columns
 from ..modeling import LLM2CLIPTextModel
 from ..modeling.caption_tokenization import collate_left_padded
 from .data_statistics import BATCH_STATISTICS, batch_statistics
@@ -127,7 +127,7 @@ def concatenate_sources(sources: dict[str, Dataset]) -> Dataset:
     return concatenate_datasets([part if part.features == features else part.cast(features) for part in parts])
 
 
-class CaptionPairCollator:
+class TextPairCollator:
     """Tokenizes prepared rows for :class:`LLM2CLIPTextModel` into ONE left-padded batch, so that a step runs the
     LLM once: the queries, each with its row's ``query_instruction`` (excluded from pooling), then the positives and
     the hard negatives without one (``ROLES`` names the blocks, in that order, each of ``len(rows)`` rows). Also
@@ -152,5 +152,11 @@ class CaptionPairCollator:
 
 
 def split_roles(embeddings: torch.Tensor, roles: list[str]) -> dict[str, torch.Tensor]:
-    """The embeddings of a :class:`CaptionPairCollator` batch, per role."""
+    """The embeddings of a :class:`TextPairCollator` batch, per role."""
     return dict(zip(roles, embeddings.chunk(len(roles))))
+
+
+def __getattr__(name: str):
+    from .._moved import moved_attribute
+
+    return moved_attribute(__name__, name)

@@ -10,7 +10,7 @@ from typing import Any
 from accelerate import PartialState
 from datasets import Dataset, load_from_disk
 
-from .data import (
+from ..data import (
     drop_bad_caption_rows,
     embedding_column,
     join_stream_embeddings,
@@ -20,11 +20,11 @@ from .data import (
     text_model_fingerprint,
     with_row_index,
 )
-from .model_loading import load_clip_model, load_lm_head
-from .modeling import LLM2CLIPModel
-from .trainers import LLM2CLIPTrainer, LLM2CLIPTrainingArguments, text_pair_source
-from .trainers.training_args import CAPTION_STAGE, MNTP_STAGE, TEXT_STAGES
-from .vision_sources import llm2clip_from_pretrained_vision
+from ..conversion.model_loading import load_clip_model, load_lm_head
+from ..modeling import LLM2CLIPModel
+from ..trainers import LLM2CLIPTrainer, LLM2CLIPTrainingArguments, text_pair_source
+from ..trainers.training_args import CAPTION_STAGE, MNTP_STAGE, TEXT_STAGES
+from ..conversion.vision_sources import llm2clip_from_pretrained_vision
 
 
 def has_cache(dataset: Dataset, caption_columns: list[str]) -> bool:

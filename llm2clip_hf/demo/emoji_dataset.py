@@ -1,4 +1,4 @@
-"""Small real datasets shipped with the package for offline demos and tests.
+"""The demo's emoji image–caption dataset, shipped with the package so the demo and tests run offline.
 
 ``emoji/`` holds 64x64 RGB renderings of Noto Color Emoji glyphs with CLDR English names and keywords as captions
 (see ``emoji/ATTRIBUTION.md``; rebuilt by ``scripts/build_emoji_dataset.py``). Its ``metadata.jsonl`` carries a

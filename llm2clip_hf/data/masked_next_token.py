@@ -8,11 +8,9 @@ from typing import Any, Sequence
 
 import torch
 from datasets import Dataset
-from torch import nn
 from transformers import DataCollatorForLanguageModeling
 
-from ..data import ROW_INDEX, require_columns
-from ..data.loading import flatten_captions
+from .loading import ROW_INDEX, flatten_captions, require_columns
 from ..modeling import LLM2CLIPTextModel
 from ..modeling.caption_tokenization import collate_left_padded
 from .data_statistics import BATCH_STATISTICS, batch_statistics
@@ -37,25 +35,6 @@ def build_mntp_texts(dataset: Dataset, text_columns: Sequence[str]) -> Dataset:
         return {TEXT: texts, ROW_INDEX: rows}
 
     return dataset.map(flatten, batched=True, remove_columns=dataset.column_names, desc="Collecting MNTP texts")
-
-
-def output_head(text_model: LLM2CLIPTextModel, lm_head: nn.Module | None = None) -> nn.Module:
-    """The LLM's next-token head for MNTP: ``lm_head`` when given, else the input embeddings for an LLM that ties
-    them to its output layer (SmolLM2, Llama-3.2-1B, Qwen2.5-0.5B, ...)."""
-    if lm_head is not None:
-        return lm_head
-    llm_config = text_model.config.llm_config
-    if not getattr(llm_config, "tie_word_embeddings", False):
-        raise ValueError(
-            f"stage='mntp' predicts tokens with the LLM's output layer, and {text_model.name_or_path or 'this LLM'} "
-            "does not tie it to its input embeddings, so an LLM2CLIPTextModel does not hold it. Pass it: "
-            "LLM2CLIPTrainer(..., lm_head=llm2clip_hf.load_lm_head(name_or_path)) (the CLI does this itself)."
-        )
-    embeddings = text_model.get_input_embeddings()
-    head = nn.Linear(embeddings.embedding_dim, embeddings.num_embeddings, bias=False,
-                     device=embeddings.weight.device, dtype=embeddings.weight.dtype)
-    head.weight = embeddings.weight
-    return head
 
 
 class MaskedTextCollator:

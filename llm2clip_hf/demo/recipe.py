@@ -22,13 +22,13 @@ import torch
 from accelerate import PartialState
 from datasets import Dataset
 
-from .demo_data import load_emoji_dataset
-from .demo_report import results_table, retrieval_keys, summarize, write_report_png
-from .evaluation import embed_images, evaluate_caption_retrieval, evaluate_retrieval, evaluate_zero_shot
-from .model_loading import load_text_model
-from .modeling import EVA02VisionConfig, LLM2CLIPModel, LLM2CLIPTextModel
-from .trainers import LLM2CLIPTrainer, LLM2CLIPTrainingArguments
-from .data import precompute_text_embeddings
+from .emoji_dataset import load_emoji_dataset
+from .report import results_table, retrieval_keys, summarize, write_report_png
+from ..evaluation import embed_images, evaluate_caption_retrieval, evaluate_retrieval, evaluate_zero_shot
+from ..conversion.model_loading import load_text_model
+from ..modeling import EVA02VisionConfig, LLM2CLIPModel, LLM2CLIPTextModel
+from ..trainers import LLM2CLIPTrainer, LLM2CLIPTrainingArguments
+from ..data import precompute_text_embeddings
 
 SHORT, LONG, DENSE = "short_caption", "long_caption", "dense_caption"
 LANGUAGES = ("caption_fr", "caption_de", "caption_es", "caption_zh")  # CLDR's translations of the English names
@@ -85,7 +85,7 @@ def tiny_eva02(smoke: bool) -> EVA02VisionConfig:
 
 def _text_model(args: DemoArguments, out: Path) -> LLM2CLIPTextModel:
     if args.smoke and args.text_model is None:
-        from .testing import make_tiny_llm
+        from ..testing import make_tiny_llm
 
         return load_text_model(str(make_tiny_llm(out / "tiny_llm")), max_length=args.max_length)
     return load_text_model(args.text_model, max_length=args.max_length)

@@ -1,0 +1,279 @@
+"""The ``llm2clip-hf`` command line. Each command's arguments are dataclasses parsed by ``HfArgumentParser``;
+``--config FILE`` (YAML or JSON) supplies defaults that flags override."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from transformers import HfArgumentParser
+
+from .arguments import (
+    AssembleArguments,
+    ClipModelArguments,
+    ColumnArguments,
+    ConvertArguments,
+    DatasetArguments,
+    EmbedArguments,
+    EvaluateArguments,
+    PrecisionArguments,
+    TextModelArguments,
+    TrainDataArguments,
+    process_device,
+    process_state,
+)
+
+
+@dataclass
+class Command:
+    """One subcommand: its argument dataclasses, leading positional fields, and the function that runs it."""
+
+    help: str
+    arguments: tuple[type | Callable[[], type], ...]  # dataclasses, or functions importing them on use
+    run: Callable[..., Any]
+    positionals: tuple[str, ...] = ()
+
+
+def run_convert(args: ConvertArguments) -> dict[str, Any]:
+    from ..conversion import convert_checkpoint_with_report
+
+    overrides = {"image_size": args.image_size} if args.image_size is not None else {}
+    model, report = convert_checkpoint_with_report(
+        args.checkpoint, vision_num_heads=args.vision_num_heads, text_embedding_dim=args.text_embedding_dim,
+        revision=args.revision, **overrides)
+    model.save_pretrained(args.output_dir)
+    vision = model.config.vision_config
+    tower = {"eva02": "EVA02", "clip": "OpenAI CLIP", "siglip": "SigLIP"}[report.family]
+    return {
+        "output_dir": str(args.output_dir),
+        "layout": report.layout,
+        "layout_description": report.layout_description,
+        "family": report.family,
+        "files": report.files,
+        "vision": f"{tower} width {vision.hidden_size}, depth {vision.num_hidden_layers}, heads "
+                  f"{vision.num_attention_heads}, image {vision.image_size}, patch {vision.patch_size}, "
+                  f"activation {getattr(vision, 'hidden_act', 'swiglu')}, layer_norm_eps {vision.layer_norm_eps}",
+        "vision_projection": model.config.vision_projection,
+        "adapter": report.adapter if report.adapter == "new" else f"checkpoint ({report.adapter_origin})",
+        "adapter_l2_normalize": report.adapter_l2_normalize,
+        "logit_bias": report.logit_bias,
+        "dropped": report.dropped,
+        "source_dtypes": report.source_dtypes,
+        "text_embedding_dim": model.config.text_embedding_dim,
+        "projection_dim": model.config.projection_dim,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        **({"notes": report.notes} if report.notes else {}),
+    }
+
+
+def cpu_threads_per_process(state) -> int:
+    """The cores this process may use, shared evenly by the processes of this machine."""
+    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", state.num_processes))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // max(1, local_processes))
+
+
+def run_embed(text: TextModelArguments, data: DatasetArguments, columns: ColumnArguments, args: EmbedArguments,
+              precision: PrecisionArguments) -> dict[str, Any] | None:
+    import torch
+
+    from ..data import build_embedding_cache, read_cache_metadata
+
+    state = process_state()
+    text_model = text.load(precision).to(state.device)
+    if text_model.device.type == "cpu":
+        torch.set_num_threads(args.cpu_threads or cpu_threads_per_process(state))
+    with state.main_process_first():  # one process converts the data files to Arrow, the others reuse them
+        dataset = data.load(columns.image_column)
+    # Every process embeds the shards it claims; all return once the folder is complete.
+    cached = build_embedding_cache(dataset, text_model, columns.caption_columns, Path(args.output_dir),
+                                   batch_size=args.batch_size, storage_dtype=args.storage_dtype,
+                                   rows_per_shard=args.rows_per_shard, key_column=args.key_column)
+    if not state.is_main_process:
+        return None
+    return {"output_dir": args.output_dir, "rows": len(cached), "processes": state.num_processes,
+            "device": str(text_model.device), "cpu_threads": torch.get_num_threads(),
+            **(read_cache_metadata(cached) or {})}
+
+
+def run_evaluate(text: TextModelArguments, data: DatasetArguments, columns: ColumnArguments,
+                 args: EvaluateArguments, precision: PrecisionArguments) -> dict[str, Any] | None:
+    from .. import evaluation
+    from ..conversion.model_loading import load_clip_model
+
+    tasks = ("retrieval", "zeroshot", "caption-retrieval")
+    if args.task not in tasks:
+        raise ValueError(f"Unknown --task {args.task!r}; choose one of {list(tasks)}.")
+    if not process_state().is_main_process:
+        return None  # metrics are computed once, on the main process
+    device = process_device()
+    if args.task == "caption-retrieval":
+        metrics = evaluation.evaluate_caption_retrieval(
+            text.load(precision).to(device), data.load(), columns.caption_columns, args.query_instruction, args.batch_size)
+    else:
+        if args.model is None:
+            raise ValueError(f"--task {args.task} needs --model (a saved LLM2CLIPModel).")
+        model = load_clip_model(args.model, **precision.from_pretrained_kwargs()).to(device)
+        text_model = text.load(precision).to(device) if text.text_model is not None or model.text_model is None \
+            else None
+        dataset = data.load(columns.image_column)
+        if args.task == "retrieval":
+            metrics = evaluation.evaluate_retrieval(model, dataset, columns.image_column, columns.caption_columns,
+                                                    text_model, args.batch_size, per_column=args.per_caption_column)
+        else:
+            metrics = evaluation.evaluate_zero_shot(
+                model, dataset, columns.image_column, args.label_column, args.class_names,
+                args.templates or evaluation.DEFAULT_TEMPLATES, text_model, args.batch_size)
+    result = {"task": args.task, "dataset": data.dataset, "split": data.split, **metrics}
+    if args.output_dir is not None:
+        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+        (Path(args.output_dir) / f"metrics_{args.task}.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
+def run_train(text: TextModelArguments, data: TrainDataArguments, clip: ClipModelArguments,
+              training_args: Any, precision: PrecisionArguments) -> dict[str, Any] | None:
+    from .training_run import train_from_cli
+
+    return train_from_cli(text, data, clip, training_args, precision)
+
+
+def run_assemble(text: TextModelArguments, args: AssembleArguments) -> dict[str, Any]:
+    from ..conversion.vision_sources import assemble
+
+    if text.text_model is None:
+        raise ValueError("assemble needs --text-model: the LLM (or saved LLM2CLIP text encoder) whose embeddings the "
+                         "adapter of --model was trained on.")
+    return assemble(args.model, text.load(), args.output_dir)
+
+
+def run_demo(args: Any) -> dict[str, Any] | None:
+    from ..demo import run
+
+    return run(args)
+
+
+def _demo_arguments() -> type:
+    from ..demo import DemoArguments
+
+    return DemoArguments
+
+
+def _training_arguments() -> type:
+    from ..trainers import LLM2CLIPTrainingArguments
+
+    return LLM2CLIPTrainingArguments
+
+
+COMMANDS: dict[str, Command] = {
+    "train": Command("Train MNTP (--stage mntp), stage 1 (--stage caption) or stage 2 (--stage clip) with "
+                     "LLM2CLIPTrainer.",
+                     (TextModelArguments, TrainDataArguments, ClipModelArguments, _training_arguments,
+                      PrecisionArguments), run_train),
+    "embed": Command("Precompute LLM caption embeddings as dataset columns (the stage-2 cache).",
+                     (TextModelArguments, DatasetArguments, ColumnArguments, EmbedArguments, PrecisionArguments),
+                     run_embed),
+    "evaluate": Command("Retrieval R@1/5/10, zero-shot accuracy, or caption retrieval accuracy (CRA).",
+                        (TextModelArguments, DatasetArguments, ColumnArguments, EvaluateArguments,
+                         PrecisionArguments), run_evaluate),
+    "convert": Command("Convert an official LLM2CLIP checkpoint (eva_clip .pt with an EVA02, OpenAI-CLIP or SigLIP2 "
+                       "tower, a published Hugging Face repo, or an EVA-CLIP / open_clip .pt) to a transformers "
+                       "checkpoint with remote code.",
+                       (ConvertArguments,), run_convert, positionals=("checkpoint", "output_dir")),
+    "assemble": Command("One model from two published parts: an LLM2CLIP image side + adapter and its text model.",
+                        (TextModelArguments, AssembleArguments), run_assemble),
+    "demo": Command("End-to-end demo: SmolLM2 + emoji images, stage 1, cache, stage 2, evaluation, reload.",
+                    (_demo_arguments,), run_demo),
+}
+
+
+def parse_command_arguments(command: Command, argv: Sequence[str], prog: str) -> tuple[Any, ...]:
+    """Parse ``argv`` into the command's dataclasses; leading bare words fill its positional fields in order."""
+    argv = list(argv)
+    named: list[str] = []
+    for name in command.positionals:
+        if argv and not argv[0].startswith("-"):
+            named += [f"--{name}", argv.pop(0)]
+    config_path = _pop_option(argv, "--config")
+    from_file = _as_flags(_read_config_file(config_path)) if config_path is not None else []
+    classes = [a if isinstance(a, type) and hasattr(a, "__dataclass_fields__") else a() for a in command.arguments]
+    parser = HfArgumentParser(
+        classes, prog=prog,
+        description=f"{command.help} Arguments may also come from --config FILE (YAML or JSON); flags override it.",
+    )
+    # Later occurrences win in argparse, so the command line overrides the file.
+    return parser.parse_args_into_dataclasses(args=from_file + named + argv)
+
+
+def _as_flags(values: dict[str, Any]) -> list[str]:
+    flags: list[str] = []
+    for key, value in values.items():
+        if value is None:
+            continue
+        if isinstance(value, (list, tuple)):
+            flags += [f"--{key}", *map(str, value)]
+        else:
+            flags += [f"--{key}", str(value).lower() if isinstance(value, bool) else str(value)]
+    return flags
+
+
+def _pop_option(argv: list[str], option: str) -> str | None:
+    for index, token in enumerate(argv):
+        if token == option and index + 1 < len(argv):
+            value = argv[index + 1]
+            del argv[index:index + 2]
+            return value
+        if token.startswith(option + "="):
+            del argv[index]
+            return token.split("=", 1)[1]
+    return None
+
+
+def _read_config_file(path: str) -> dict[str, Any]:
+    text = Path(path).read_text()
+    if path.endswith((".yaml", ".yml")):
+        import yaml
+
+        values = yaml.safe_load(text) or {}
+    else:
+        values = json.loads(text)
+    if not isinstance(values, dict):
+        raise SystemExit(f"{path} must hold a mapping of argument names to values.")
+    return {key.replace("-", "_"): value for key, value in values.items()}
+
+
+# The package's errors about the user's inputs: one line says what is wrong and how to fix it. Anything else (a
+# TypeError, another OSError, a RuntimeError) may be a bug and keeps its traceback.
+USER_ERRORS = (ValueError, FileNotFoundError)
+DEBUG_FLAG = "--debug"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``llm2clip-hf`` console script. ``--debug``, anywhere in ``argv``, shows the traceback of
+    user errors too."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = DEBUG_FLAG in argv
+    argv = [token for token in argv if token != DEBUG_FLAG]
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        lines = [f"  {name:10s} {command.help}" for name, command in COMMANDS.items()]
+        print("usage: llm2clip-hf COMMAND [ARGS] [--debug]\n\ncommands:\n" + "\n".join(lines) + "\n\noptions:\n"
+              f"  {DEBUG_FLAG:10s} Show the traceback of every error (without it, errors in the inputs print one "
+              "line).")
+        return 0 if not argv or argv[0] in ("-h", "--help") else 2
+    command = COMMANDS[argv[0]]
+    try:
+        result = command.run(*parse_command_arguments(command, argv[1:], prog=f"llm2clip-hf {argv[0]}"))
+    except USER_ERRORS as error:
+        if debug:
+            raise
+        print(f"llm2clip-hf {argv[0]}: error: {error} (run with {DEBUG_FLAG} for the traceback)", file=sys.stderr)
+        return 1
+    if result is not None:
+        print(json.dumps(result, indent=2, default=str))
+    return 0
+
