@@ -35,7 +35,8 @@ from llm2clip_hf.conversion.lora_merge import merged_state_dict  # noqa: E402
 from llm2clip_hf.testing import (  # noqa: E402
     tiny_caption_pair_rows, tiny_image_caption_rows, tiny_llm2clip_config, tiny_vision_config)
 from llm2clip_hf.trainers import CLIPContrastiveLoss, LLM2CLIPTrainer, LLM2CLIPTrainingArguments  # noqa: E402
-from llm2clip_hf.trainers.trainer import LogitScaleClampCallback, default_lora_config  # noqa: E402
+from llm2clip_hf.trainers.callbacks import LogitScaleClampCallback  # noqa: E402
+from llm2clip_hf.trainers.stages import default_lora_config  # noqa: E402
 
 ROOT = Path(__file__).parents[1]
 CONFIGS = ROOT / "examples" / "accelerate"

@@ -9,7 +9,7 @@ from llm2clip_hf import LLM2CLIPTextModel
 from llm2clip_hf.conversion.lora_merge import merged_state_dict
 from llm2clip_hf.testing import tiny_caption_pair_rows
 from llm2clip_hf.trainers import LLM2CLIPTrainer, LLM2CLIPTrainingArguments
-from llm2clip_hf.trainers.trainer import default_lora_config
+from llm2clip_hf.trainers.stages import default_lora_config
 
 
 def bf16_lora_trainer(tiny_llm_dir, tmp_path):

@@ -246,8 +246,8 @@ def test_non_finite_loss_is_checked_once_per_optimizer_step_and_names_the_micro_
     data = Dataset.from_list(tiny_caption_pair_rows()[:24])
     trainer = LLM2CLIPTrainer(model=text_model, args=args, train_dataset=data, loss=ExplodesAtCall6())
     checks = []
-    original = trainer._check_step_health
-    trainer._check_step_health = lambda: (checks.append(len(trainer._micro_step_records)), original())[1]
+    original = trainer.health.check
+    trainer.health.check = lambda: (checks.append(len(trainer.health.records)), original())[1]
     with pytest.raises(FloatingPointError, match=r"at step 2 \(process 0: loss nan, batch rows \[\d+, \d+\]\)") as error:
         trainer.train()
     assert checks == [4, 4]  # one check per optimizer step, over its 4 micro-batches

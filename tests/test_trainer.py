@@ -107,7 +107,7 @@ def test_clip_stage_on_cached_embeddings_learns(text_model, cached, tmp_path):
     trainer = LLM2CLIPTrainer(model=model, args=args, train_dataset=cached, text_model=text_model)
 
     def in_batch_accuracy():
-        batch = trainer.eval_data_collator([dict(row, __llm2clip_row__=i) for i, row in enumerate(cached)])
+        batch = trainer.data_collator([dict(row, __llm2clip_row__=i) for i, row in enumerate(cached)])  # evaluation
         batch = {k: v for k, v in batch.items() if not k.startswith("__llm2clip")}  # row indices, statistics
         with torch.no_grad():
             out = model(**batch)

@@ -68,7 +68,7 @@ def test_stop_on_collapse_keeps_the_last_checkpoint_from_before_the_collapse(tin
     trainer = stage1(tiny_llm_dir, tmp_path, 0.5, stop_on_collapse=True, save_strategy="steps", save_steps=2)
     with pytest.raises(EmbeddingCollapseError, match="stop_on_collapse=True") as error:
         trainer.train()
-    start = trainer._collapse.streak_start
+    start = trainer.health.collapse.streak_start
     kept = max(step for step in range(2, start, 2))
     assert f"checkpoint-{kept}" in str(error.value) and f"since step {start}" in str(error.value)
     assert (tmp_path / f"checkpoint-{kept}").is_dir()

@@ -27,18 +27,20 @@ class ImageTextCollator:
     its crop from a generator seeded by ``(seed, epoch, row)``, the epoch coming with the row (``EPOCH``, see
     :mod:`.epoch_sampling`): the batch is the same whatever the number of processes or DataLoader workers, and a
     resumed run draws what the uninterrupted run drew. Rows without an epoch (evaluation) draw from ``(seed, row)``,
-    the same choice at every evaluation. Counts of skipped rows and truncated captions travel in the batch
-    (``BATCH_STATISTICS``).
+    the same choice at every evaluation; they go through ``evaluation_transform`` (default: ``image_transform``)
+    and are never skipped: an unreadable one is an error. Counts of skipped rows and truncated captions travel in
+    the batch (``BATCH_STATISTICS``).
     """
 
     def __init__(self, image_column: str, caption_columns: Sequence[str], image_transform: CLIPImageTransform,
                  seed: int, weights: Sequence[float] | None = None, text_model: LLM2CLIPTextModel | None = None,
-                 skip_bad_rows: bool = True) -> None:
+                 skip_bad_rows: bool = True, evaluation_transform: CLIPImageTransform | None = None) -> None:
         self.image_column = image_column
         self.caption_columns = list(caption_columns)
         weights = np.ones(len(caption_columns)) if weights is None else np.asarray(weights, dtype=np.float64)
         self.probabilities = weights / weights.sum()
         self.image_transform = image_transform
+        self.evaluation_transform = evaluation_transform or image_transform
         self.seed = seed
         self.text_model = text_model
         self.skip_bad_rows = skip_bad_rows
@@ -47,14 +49,14 @@ class ImageTextCollator:
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         pixels, chosen, rngs, skipped = [], [], [], []
         for row in rows:
-            index = int(row[ROW_INDEX])
-            key = [self.seed, int(row[EPOCH]), index] if EPOCH in row else [self.seed, index]
-            rng = np.random.default_rng(key)
+            index, training = int(row[ROW_INDEX]), EPOCH in row
+            rng = np.random.default_rng([self.seed, int(row[EPOCH]), index] if training else [self.seed, index])
             column = self.caption_columns[rng.choice(len(self.caption_columns), p=self.probabilities)]
+            transform = self.image_transform if training else self.evaluation_transform
             try:
-                pixels.append(self.image_transform(row[self.image_column], rng))
+                pixels.append(transform(row[self.image_column], rng))
             except Exception as error:  # noqa: BLE001 - any unreadable image is a bad row
-                self._bad_row(index, error)
+                self._bad_row(index, error, skip=self.skip_bad_rows and training)
                 skipped.append(index)
                 continue
             rngs.append(rng)
@@ -76,9 +78,9 @@ class ImageTextCollator:
         batch[BATCH_STATISTICS] = batch_statistics(skipped, truncated)
         return batch
 
-    def _bad_row(self, index: int, error: Exception) -> None:
+    def _bad_row(self, index: int, error: Exception, skip: bool) -> None:
         reason = f"row {index}: cannot read the image ({type(error).__name__}: {error})"
-        if not self.skip_bad_rows:
+        if not skip:
             raise ValueError(f"{reason}. Fix or drop the row, or train with skip_bad_rows=True.") from error
         if not self._warned:
             self._warned = True

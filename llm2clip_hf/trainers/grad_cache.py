@@ -10,16 +10,18 @@ small one, with the backward pass left to the caller (``accelerator.backward``: 
    ``g * <parameter, cached gradient>`` for the loss's own parameters. Parameter gradients accumulate to ``g``
    times those of the full-batch loss, exactly as a plain ``loss.backward(g)`` would give.
 
-The hook technique is sentence-transformers' (its Cached losses); this is our own implementation.
+The hook technique is sentence-transformers' (its Cached losses); this is our own implementation. As there,
+GradCache is a loss: :class:`GradCacheLoss` wraps the stage's loss and gives it this gradient.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from functools import partial
 
 import torch
+from torch import nn
 
 Encoder = Callable[[dict[str, torch.Tensor]], torch.Tensor]
 RngState = tuple[torch.Tensor, dict[int, torch.Tensor]]
@@ -115,3 +117,31 @@ def grad_cache_backward(
     loss = grad_cache_loss(encoders, inputs, loss_fn, chunk_size, loss_parameters)
     loss.backward(torch.tensor(gradient_scale, dtype=loss.dtype, device=loss.device))
     return loss.detach()
+
+
+class GradCacheLoss(nn.Module):
+    """``loss`` on a batch of any size, with the exact gradient of the full batch and the activations of one chunk of
+    ``chunk_size`` rows at a time. ``stage`` (a :class:`~.stages.TrainingStage`) says which encoders a batch goes
+    through and how ``loss`` scores their embeddings; the encoders run in ``autocast()`` (the accelerator's
+    mixed-precision context, which covers only the wrapped model's ``forward``, not these direct calls) in both
+    passes and return float32, as the wrapped forward does."""
+
+    def __init__(self, loss: nn.Module, stage: object, chunk_size: int,
+                 autocast: Callable[[], AbstractContextManager] = nullcontext) -> None:
+        super().__init__()
+        if chunk_size < 1:
+            raise ValueError(f"GradCache chunk size must be positive, got {chunk_size}.")
+        self.loss, self.stage, self.chunk_size, self.autocast = loss, stage, chunk_size, autocast
+
+    def forward(self, model: nn.Module, inputs: dict[str, object]) -> torch.Tensor:
+        """The batch's loss, as a leaf whose backward (once, e.g. ``accelerator.backward``) runs the second pass."""
+        encoders, batches, loss_fn, loss_parameters = self.stage.grad_cache_parts(model, inputs, self.loss)
+        return grad_cache_loss({role: self._in_autocast(encoder) for role, encoder in encoders.items()}, batches,
+                               loss_fn, self.chunk_size, loss_parameters)
+
+    def _in_autocast(self, encoder: Encoder) -> Encoder:
+        def run(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+            with self.autocast():
+                return encoder(batch).float()
+
+        return run

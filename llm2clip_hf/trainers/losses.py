@@ -7,10 +7,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.utils import logging as hf_logging
 
 from ..modeling import LLM2CLIPTextModel
 from ..modeling.contrastive import local_clip_loss, local_sigmoid_loss
 from .distributed import Gather, default_gather
+
+logger = hf_logging.get_logger(__name__)
 
 
 class _GatheringLoss(nn.Module):
@@ -113,3 +116,21 @@ def output_head(text_model: LLM2CLIPTextModel, lm_head: nn.Module | None = None)
                      device=embeddings.weight.device, dtype=embeddings.weight.dtype)
     head.weight = embeddings.weight
     return head
+
+
+def check_loss_processes(loss: nn.Module, world_size: int, rank: int, contrastive: bool = True) -> None:
+    """A contrastive loss must gather candidates from every process: refuse one built for another number of
+    processes (a loss made with the defaults on 8 processes would use each process's local negatives only)."""
+    built_for = getattr(loss, "world_size", None)
+    if built_for is None:
+        if world_size > 1 and contrastive:
+            logger.warning(f"The given loss {type(loss).__name__} has no world_size attribute, so it cannot be "
+                           f"checked that it gathers candidates from all {world_size} processes.")
+        return
+    if built_for != world_size or getattr(loss, "rank", rank) != rank:
+        raise ValueError(
+            f"The given loss {type(loss).__name__} was built for world_size={built_for}, rank="
+            f"{getattr(loss, 'rank', None)}, but this run has {world_size} processes (this one is rank {rank}): its "
+            "negatives would not be the global batch's. Build it with world_size=args.world_size, "
+            "rank=args.process_index."
+        )

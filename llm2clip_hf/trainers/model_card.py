@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 from typing import Any
 
 from transformers import CLIPVisionConfig, PretrainedConfig, PreTrainedModel, SiglipVisionConfig
+from transformers.trainer_utils import has_length
 
-from ..modeling import EVA02VisionConfig
+from ..modeling import EVA02VisionConfig, LLM2CLIPTextModel
 from .training_args import MNTP_STAGE, TEXT_STAGES
 
 _HYPERPARAMETERS = (
@@ -120,6 +122,33 @@ def build_model_card(
         "  journal={arXiv preprint arXiv:2411.04997}, year={2024}", "}", "```", "",
     ]
     return "\n".join(lines)
+
+
+def write_model_card(trainer: Any, output_dir: str, model_name: str | None = None,
+                     dataset_name: str | list[str] | None = None) -> None:
+    """Write ``README.md`` to ``output_dir`` for what ``trainer`` (an ``LLM2CLIPTrainer``) trained: its stage, base
+    models, data, hyperparameters, last metrics, and the CRA before and after stage 1 when evaluated."""
+    base = trainer._base_model()
+    if isinstance(base, LLM2CLIPTextModel):
+        base_models = [base.name_or_path]
+    else:
+        base_models = [base.name_or_path, base.config.text_model_name_or_path]
+    datasets = [dataset_name] if isinstance(dataset_name, str) else list(dataset_name or [])
+    history = trainer.state.log_history
+    metrics = {}
+    for entry in history:
+        metrics.update({k: v for k, v in entry.items() if isinstance(v, (int, float)) and k not in ("step", "epoch")})
+    cra = [(entry["step"], entry["eval_cra"]) for entry in history if "eval_cra" in entry]
+    card = build_model_card(
+        repo=model_name or getattr(trainer, "hub_model_id", None) or os.path.basename(os.path.abspath(output_dir)),
+        args=trainer.args, base_models=base_models, datasets=datasets,
+        num_train_examples=len(trainer.train_dataset) if has_length(trainer.train_dataset) else None,
+        metrics=metrics, world_size=trainer.args.world_size,
+        cra_before=cra[0][1] if cra and cra[0][0] == 0 else None,
+        cra_after=cra[-1][1] if cra and cra[-1][0] > 0 else None, model=base,
+    )
+    with open(os.path.join(output_dir, "README.md"), "w", encoding="utf-8") as handle:
+        handle.write(card)
 
 
 def _caption_stage_purpose(args: Any, config: PretrainedConfig | None) -> str:

@@ -8,6 +8,9 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from transformers import TrainingArguments
+from transformers.utils import logging as hf_logging
+
+logger = hf_logging.get_logger(__name__)
 
 MNTP_STAGE, CAPTION_STAGE, CLIP_STAGE = "mntp", "caption", "clip"
 TEXT_STAGES = (MNTP_STAGE, CAPTION_STAGE)  # stages that train an LLM2CLIPTextModel
@@ -214,6 +217,21 @@ class LLM2CLIPTrainingArguments(TrainingArguments):
         if changed and resolved.deepspeed:
             resolved.fill_deepspeed_config()
         return resolved, changed
+
+    def resolved_for_run(self, num_parameters: int | None, evaluates: bool) -> "LLM2CLIPTrainingArguments":
+        """:meth:`resolved` for a trainer: the small-LLM defaults (logged) for a text stage on an LLM of
+        ``num_parameters``, and ``eval_on_start`` for stage 1 with held-out data (``evaluates``: the CRA before
+        training, for the log and the card's model-index) unless it was set."""
+        defaults = {"eval_on_start": True} if self.stage == CAPTION_STAGE and evaluates else {}
+        resolved, changed = self.resolved(num_parameters, **defaults)
+        small = {name: value for name, value in changed.items() if name not in defaults}
+        if small:
+            logger.warning(
+                f"stage={self.stage!r} on a {num_parameters / 1e6:.0f}M-parameter LLM: using the small-LLM defaults "
+                f"{small} instead of the official values for 1B+ LLMs (measured on SmolLM2-135M, see README 'Stage 1 "
+                "on small LLMs'); set them explicitly to override."
+            )
+        return resolved
 
     def fill_deepspeed_config(self) -> None:
         """Build the DeepSpeed configuration from ``self.deepspeed`` again (transformers fills its ``"auto"`` values

@@ -19,6 +19,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from accelerate.utils import gather_object
+from torch import nn
+from transformers import TrainerCallback
 from transformers.utils import logging as hf_logging
 
 logger = hf_logging.get_logger(__name__)
@@ -101,3 +104,92 @@ def checkpoint_before(output_dir: str, step: int) -> str | None:
             if match and int(match.group(1)) < step:
                 steps.append(int(match.group(1)))
     return os.path.join(output_dir, f"checkpoint-{max(steps)}") if steps else None
+
+
+class TrainingHealthCallback(TrainerCallback):
+    """Records each micro-batch's loss, rows and embedding spread (on the device), and checks the optimizer step
+    right before the update: one small all-reduce and one device sync per step, every process acting on the same
+    numbers. ``trainer`` is the :class:`~.trainer.LLM2CLIPTrainer` (for its accelerator and checkpoints)."""
+
+    def __init__(self, trainer) -> None:
+        self.trainer = trainer
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the records and the collapse streak (a new ``train()``)."""
+        args = self.trainer.args
+        self.records: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, float | None]] = []
+        self.batch_spread: torch.Tensor | None = None
+        self.collapse = CollapseMonitor(args.collapse_spread_ratio, args.collapse_patience)
+
+    def observe(self, model: nn.Module, *embeddings: torch.Tensor) -> None:
+        """Keep the spread of a training batch's embeddings for the step's collapse check."""
+        if model.training and self.trainer.args.collapse_spread_ratio > 0:
+            self.batch_spread = embedding_spread(*embeddings)
+
+    def record(self, loss: torch.Tensor, rows: torch.Tensor | None, log_candidates: float | None) -> None:
+        """A micro-batch's loss and rows, with the spread observed while computing it."""
+        self.records.append((loss.detach(), rows, self.batch_spread, log_candidates))
+        self.batch_spread = None
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        self.check()
+
+    def check(self) -> None:
+        """Stop on a non-finite loss anywhere; warn (or stop) on collapsed embeddings."""
+        records, self.records = self.records, []
+        if not records:
+            return
+        trainer = self.trainer
+        device = records[0][0].device
+        losses = torch.stack([loss.float().reshape(()) for loss, _, _, _ in records])
+        finite = torch.isfinite(losses)
+        spreads = [spread.float() for _, _, spread, _ in records if spread is not None]
+        log_candidates = [value for _, _, _, value in records if value is not None]
+        totals = torch.stack([
+            (~finite).sum().float(),
+            torch.stack(spreads).sum() if spreads else torch.zeros((), device=device),
+            torch.tensor(float(len(spreads)), device=device),
+            torch.where(finite, losses, torch.zeros_like(losses)).sum(),
+            finite.sum().float(),
+            torch.tensor(float(sum(log_candidates)), device=device),
+            torch.tensor(float(len(log_candidates)), device=device),
+        ]).to(device)
+        totals = trainer.accelerator.reduce(totals, reduction="sum").tolist()
+        non_finite, spread_sum, spread_count, loss_sum, loss_count, candidates_sum, candidates_count = totals
+        if non_finite:
+            failures = [(trainer.args.process_index, float(losses[i]), rows.tolist() if rows is not None else None)
+                        for i, (_, rows, _, _) in enumerate(records) if not bool(finite[i])]
+            self._stop_on_non_finite_loss(gather_object(failures) if trainer.args.world_size > 1 else failures)
+        health = StepHealth(
+            spread=spread_sum / spread_count if spread_count else None,
+            loss=loss_sum / loss_count if loss_count else None,
+            log_candidates=candidates_sum / candidates_count if candidates_count else None,
+        )
+        step = trainer.state.global_step + 1
+        if not self.collapse.update(step, health):
+            return
+        message = self.collapse.describe(health, trainer.args.learning_rate,
+                                         trainer.args.get_warmup_steps(trainer.state.max_steps))
+        if not trainer.args.stop_on_collapse:
+            logger.warning(message)
+            return
+        last_good = checkpoint_before(trainer.args.output_dir, self.collapse.streak_start)
+        kept = (f"The last checkpoint saved before the collapse is {last_good}; resume from it with a lower "
+                "learning rate or a longer warmup." if last_good else
+                "No checkpoint was saved before the collapse began (save_steps).")
+        raise EmbeddingCollapseError(f"Stopped at step {step} (stop_on_collapse=True). {message} {kept} Nothing "
+                                     "was saved from the collapsed steps.")
+
+    def _stop_on_non_finite_loss(self, failures: list[tuple[int, float, list[int] | None]]) -> None:
+        """Every process saves the last good state together (this step's update has not been applied), then every
+        process stops with the same message naming the step, and each failing process's loss and rows."""
+        trainer = self.trainer
+        trainer._save_checkpoint(trainer.model, trial=None)
+        checkpoint = os.path.join(trainer.args.output_dir, f"checkpoint-{trainer.state.global_step}")
+        where = "; ".join(f"process {rank}: loss {loss}, batch rows {rows if rows is not None else 'unknown'}"
+                          for rank, loss, rows in failures)
+        raise FloatingPointError(
+            f"Non-finite loss at step {trainer.state.global_step + 1} ({where}). The last good state is saved in "
+            f"{checkpoint}. Check those rows (and the learning rate), then resume with resume_from_checkpoint."
+        )
