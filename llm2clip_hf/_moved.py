@@ -8,6 +8,8 @@ import importlib.abc
 import importlib.util
 import sys
 import warnings
+from collections.abc import Callable
+from functools import partial
 from types import ModuleType
 from typing import Any
 
@@ -15,7 +17,7 @@ REMOVAL = "the old path will be removed in the next release"
 
 MOVED_MODULES = {
     "llm2clip_hf.convert": "llm2clip_hf.conversion",
-    "llm2clip_hf.vision_sources": "llm2clip_hf.conversion.vision_sources",
+    "llm2clip_hf.vision_sources": "llm2clip_hf.conversion.pretrained_vision",
     "llm2clip_hf.model_loading": "llm2clip_hf.conversion.model_loading",
     "llm2clip_hf.assets": "llm2clip_hf.conversion.assets",
     "llm2clip_hf.lora": "llm2clip_hf.conversion.lora_merge",
@@ -39,7 +41,15 @@ MOVED_NAMES = {
        for module in ("llm2clip_hf.trainers", "llm2clip_hf.data", "llm2clip_hf.data.image_text_collator")},
     **{(module, "CaptionPairCollator"): "llm2clip_hf.data:TextPairCollator"
        for module in ("llm2clip_hf.trainers", "llm2clip_hf.data", "llm2clip_hf.data.text_pairs")},
+    # llm2clip_hf.vision_sources (now .pretrained_vision) also held the text side, now in .text_attachment.
+    **{("llm2clip_hf.conversion.pretrained_vision", name): f"llm2clip_hf.conversion.text_attachment:{name}"
+       for name in ("adapter_width_error", "attach_text_model", "replace_text_adapter")},
 }
+
+
+def moved_names(module: str) -> Callable[[str], Any]:
+    """A module's ``__getattr__`` serving its old names (``__getattr__ = moved_names(__name__)``)."""
+    return partial(moved_attribute, module)
 
 
 def moved_attribute(module: str, name: str) -> Any:
@@ -63,10 +73,14 @@ class _MovedModuleFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
     def create_module(self, spec) -> ModuleType:
         new = MOVED_MODULES[spec.name]
         warnings.warn(f"{spec.name} is now {new}; {REMOVAL}.", FutureWarning, stacklevel=2)
-        return importlib.import_module(new)
+        module = importlib.import_module(new)
+        self.real_specs = {**getattr(self, "real_specs", {}), new: module.__spec__}
+        return module
 
     def exec_module(self, module: ModuleType) -> None:
-        """The module at the new place is already executed."""
+        """The module at the new place is already executed; it keeps its own ``__spec__`` (importlib set the old
+        path's), so its relative imports resolve from its real package."""
+        module.__spec__ = self.real_specs[module.__name__]
 
 
 def install() -> None:

@@ -24,7 +24,7 @@ from llm2clip_hf.cli import main
 from llm2clip_hf.data import precompute_text_embeddings
 from llm2clip_hf.testing import tiny_image_caption_rows, tiny_vision_config
 from llm2clip_hf.trainers import LLM2CLIPTrainer, LLM2CLIPTrainingArguments
-from llm2clip_hf.conversion.vision_sources import attach_text_model, llm2clip_from_pretrained_vision
+from llm2clip_hf.conversion import attach_text_model, llm2clip_from_pretrained_vision
 
 TOWER = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=32,
              patch_size=8)
@@ -172,7 +172,7 @@ def test_stage2_from_a_pretrained_tower_trains_and_lr0_changes_nothing(family, s
 
 
 def test_projection_dim_gives_a_new_projection_and_logs_it(sources, llm, caplog):
-    with caplog.at_level(logging.INFO, logger="llm2clip_hf.conversion.vision_sources"):
+    with caplog.at_level(logging.INFO, logger="llm2clip_hf.conversion.pretrained_vision"):
         model = llm2clip_from_pretrained_vision(sources["clip"], llm, embed_text_model=False, projection_dim=40)
     assert model.visual_projection.weight.shape == (40, 32)
     assert "new image projection 32 -> 40" in caplog.text and "new text adapter for 64-d" in caplog.text
@@ -192,7 +192,7 @@ def test_the_sources_preprocessing_is_compared_not_applied(sources, llm, tmp_pat
         shutil.copytree(sources["clip"], tmp_path / name)
         processor.save_pretrained(tmp_path / name)
         caplog.clear()
-        with caplog.at_level(logging.INFO, logger="llm2clip_hf.conversion.vision_sources"):
+        with caplog.at_level(logging.INFO, logger="llm2clip_hf.conversion.pretrained_vision"):
             model = llm2clip_from_pretrained_vision(tmp_path / name, llm)
         warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
         if name == "same":
@@ -293,7 +293,7 @@ def test_llm2clip_source_keeps_a_matching_adapter_and_renews_another_width(sourc
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in parts.state_dict().items())
     wide = image_side("eva02", sources, width=48)
     wide.save_pretrained(tmp_path / "wide")
-    with caplog.at_level(logging.INFO, logger="llm2clip_hf.conversion.vision_sources"):
+    with caplog.at_level(logging.INFO, logger="llm2clip_hf.conversion.pretrained_vision"):
         model = llm2clip_from_pretrained_vision(tmp_path / "wide", llm)
     assert "new text adapter for 64-d LLM embeddings (the checkpoint's adapter takes 48-d" in caplog.text
     assert model.config.text_embedding_dim == LLM_WIDTH and model.text_model is not None
@@ -318,7 +318,7 @@ def test_eva_clip_pt_with_an_adapter_of_another_width_gets_a_new_one(llm, tmp_pa
 
     path = official_checkpoint(tmp_path)
     reference = convert_eva_clip_checkpoint(path, vision_num_heads=1).eval()
-    with caplog.at_level(logging.INFO, logger="llm2clip_hf.conversion.vision_sources"):
+    with caplog.at_level(logging.INFO, logger="llm2clip_hf.conversion.pretrained_vision"):
         model = llm2clip_from_pretrained_vision(path, llm, vision_num_heads=1).eval()
     assert "the checkpoint's adapter takes 40-d embeddings, the LLM gives 64-d ones" in caplog.text
     assert model.config.text_embedding_dim == LLM_WIDTH and model.text_model is not None
@@ -335,7 +335,7 @@ def test_eva_clip_pt_without_adapter_through_the_converter(llm, tmp_path, caplog
         pytest.skip("needs llm2clip_hf.conversion.convert_checkpoint (converter of adapter-less open_clip / EVA-CLIP "
                     ".pt files), which is not in this tree yet")
     reference = convert.convert_eva_clip_checkpoint(official_checkpoint(tmp_path), vision_num_heads=1).eval()
-    with caplog.at_level(logging.INFO, logger="llm2clip_hf.conversion.vision_sources"):
+    with caplog.at_level(logging.INFO, logger="llm2clip_hf.conversion.pretrained_vision"):
         model = llm2clip_from_pretrained_vision(official_checkpoint(tmp_path, adapter=False), llm,
                                                 vision_num_heads=1).eval()
     assert "the checkpoint has no text adapter" in caplog.text

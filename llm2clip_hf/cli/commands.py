@@ -144,7 +144,7 @@ def run_train(text: TextModelArguments, data: TrainDataArguments, clip: ClipMode
 
 
 def run_assemble(text: TextModelArguments, args: AssembleArguments) -> dict[str, Any]:
-    from ..conversion.vision_sources import assemble
+    from ..conversion.pretrained_vision import assemble
 
     if text.text_model is None:
         raise ValueError("assemble needs --text-model: the LLM (or saved LLM2CLIP text encoder) whose embeddings the "

@@ -1,8 +1,9 @@
 """Everything that starts from weights made elsewhere: the official LLM2CLIP checkpoints (every published layout,
 detected from the keys: :mod:`.layouts`, read safely by :mod:`.io`, converted by :mod:`.core`), pretrained vision
-towers to post-train and the assembly of published parts (:mod:`.vision_sources`), plain LLMs and saved models
-(:mod:`.model_loading`, offline assets in :mod:`.assets`), LoRA merging (:mod:`.lora_merge`) and the fingerprint
-that identifies a text encoder's computation (:mod:`.fingerprint`)."""
+towers to post-train and the assembly of published parts (:mod:`.pretrained_vision`, which embeds text encoders
+and renews adapters with :mod:`.text_attachment`), plain LLMs and saved models (:mod:`.model_loading`, offline assets
+in :mod:`.assets`), LoRA merging (:mod:`.lora_merge`) and the fingerprint that identifies a text encoder's
+computation (:mod:`.fingerprint`)."""
 
 from .core import (
     ConversionReport,
@@ -21,7 +22,8 @@ from .io import CheckpointConversionError, load_checkpoint_source, load_official
 from .layouts import ADAPTER_LAYOUTS, LAYOUTS, default_heads, detect_layout
 from .lora_merge import merge_lora_state_dict, merged_state_dict, unwrap_peft
 from .model_loading import DEFAULT_TEXT_MODEL, hub_is_offline, load_clip_model, load_lm_head, load_text_model
-from .vision_sources import assemble, attach_text_model, llm2clip_from_pretrained_vision
+from .pretrained_vision import assemble, llm2clip_from_pretrained_vision
+from .text_attachment import attach_text_model
 
 __all__ = [
     "ADAPTER_LAYOUTS", "DEFAULT_TEXT_MODEL", "LAYOUTS", "CheckpointConversionError", "ConversionReport", "assemble",

@@ -16,6 +16,7 @@ from ..modeling import LLM2CLIPTextModel
 from ..modeling.caption_tokenization import collate_left_padded
 from .data_statistics import BATCH_STATISTICS, batch_statistics
 from .epoch_sampling import EPOCH
+from .._moved import moved_names
 
 logger = hf_logging.get_logger(__name__)
 
@@ -99,8 +100,4 @@ def _one_of(value: Any, rng: np.random.Generator, is_vector: bool = False) -> An
         return value
     return value[int(rng.integers(len(value)))]
 
-
-def __getattr__(name: str):
-    from .._moved import moved_attribute
-
-    return moved_attribute(__name__, name)
+__getattr__ = moved_names(__name__)  # old names, warned (llm2clip_hf/_moved.py)

@@ -6,14 +6,11 @@ from .layer_decay import layer_decay_parameter_groups
 from .losses import CaptionContrastiveLoss, CLIPContrastiveLoss, MaskedNextTokenLoss, SigLIPContrastiveLoss
 from .trainer import LLM2CLIPTrainer
 from .training_args import LLM2CLIPTrainingArguments
+from .._moved import moved_names
 
 __all__ = [
     "CLIPContrastiveLoss", "CaptionContrastiveLoss", "LLM2CLIPTrainer", "LLM2CLIPTrainingArguments",
     "MaskedNextTokenLoss", "SigLIPContrastiveLoss", "all_gather_with_grad", "layer_decay_parameter_groups",
 ]
 
-
-def __getattr__(name: str):
-    from .._moved import moved_attribute
-
-    return moved_attribute(__name__, name)
+__getattr__ = moved_names(__name__)  # old names, warned (llm2clip_hf/_moved.py)

@@ -1,10 +1,10 @@
-"""LLM2CLIP models from pretrained vision towers (post-training a CLIP with an LLM), and one model from two parts.
+"""LLM2CLIP models from pretrained vision towers (post-training a CLIP with an LLM), and ``llm2clip-hf assemble``.
 
 ``llm2clip_from_pretrained_vision(source, text_model)`` starts stage 2 from a pretrained CLIP instead of a random
 tower, as the paper does: the image side (tower, projection, temperature) is kept exactly and a text adapter maps
-the LLM's embeddings into its space. ``attach_text_model(model, text_model)`` embeds a text encoder into a model that
-reads LLM embeddings only (the official checkpoints publish the two parts separately), so the result takes raw text
-and works in ``pipeline("zero-shot-image-classification")``.
+the LLM's embeddings into its space. ``assemble(source, text_model, output_dir)`` saves a source with its adapter
+kept and the text encoder embedded (by :mod:`.text_attachment`), so the result takes raw text and works in
+``pipeline("zero-shot-image-classification")``.
 
 Nothing here runs a source's remote code: configs are read with ``trust_remote_code=False``, weights are loaded
 into transformers' own classes or read by the converters with ``torch.load(weights_only=True)``, and with
@@ -29,11 +29,13 @@ from transformers import (
     SiglipVisionModel,
 )
 
+from . import text_attachment
 from .core import convert_checkpoint, convert_checkpoint_with_report
 from .model_loading import _missing_model_error, hub_is_offline, load_clip_model
-from ..modeling import LLM2CLIPConfig, LLM2CLIPModel, LLM2CLIPTextConfig, LLM2CLIPTextModel, TextAdapter
+from ..modeling import LLM2CLIPConfig, LLM2CLIPModel, LLM2CLIPTextConfig, LLM2CLIPTextModel
 from ..modeling.configuration_llm2clip import vision_family
 from ..modeling.processing_llm2clip import image_processor_for
+from .._moved import moved_names
 
 logger = logging.getLogger(__name__)
 
@@ -94,7 +96,7 @@ def llm2clip_from_pretrained_vision(
     (``adapter="auto"``, logged); ``adapter="keep"`` makes a width difference an error instead, ``"new"`` always
     starts a new adapter. The LLM's width comes from ``text_model`` (or ``text_embedding_dim`` without one).
     With ``text_model`` and ``embed_text_model`` (default) the text encoder is embedded (see
-    :func:`attach_text_model`); otherwise the model reads precomputed LLM embeddings.
+    :func:`.text_attachment.attach_text_model`); otherwise the model reads precomputed LLM embeddings.
 
     ``config_overrides`` go to :class:`LLM2CLIPConfig` (``adapter_num_blocks``, ``vision_projection``, ...) for
     transformers sources and to the converter for checkpoint files. The image processor saved with the result
@@ -151,16 +153,16 @@ def build_from_pretrained_vision(source: str | os.PathLike, text_model: LLM2CLIP
         width = model.config.text_embedding_dim if width is None else width
         if adapter == "new" or model.config.text_embedding_dim != width:
             if adapter == "keep":
-                raise ValueError(adapter_width_error(model.config.text_embedding_dim, width,
-                                                     getattr(text_model, "name_or_path", None), source))
+                raise ValueError(text_attachment.adapter_width_error(
+                    model.config.text_embedding_dim, width, getattr(text_model, "name_or_path", None), source))
             reason = ("adapter='new'" if adapter == "new" else
                       f"the checkpoint's adapter takes {model.config.text_embedding_dim}-d embeddings, the LLM "
                       f"gives {width}-d ones")
-            replace_text_adapter(model, width)
+            text_attachment.replace_text_adapter(model, width)
             info.update(adapter="new", adapter_reason=reason)
     if text_model is not None:
         if embed_text_model:
-            attach_text_model(model, text_model)
+            text_attachment.attach_text_model(model, text_model)
         elif info["adapter"] == "new":
             model.config.text_model_name_or_path = text_model.name_or_path
     if info["adapter"] == "new":
@@ -189,79 +191,6 @@ def assemble(source: str | os.PathLike, text_model: LLM2CLIPTextModel, output_di
     return {"output_dir": str(output_dir), "source": str(source), "source_kind": info["source_kind"],
             "vision_family": info["family"], "text_model": text_model.name_or_path, "adapter": info["adapter"],
             "text_embedding_dim": model.config.text_embedding_dim, "projection_dim": model.config.projection_dim}
-
-
-# ------------------------------------------------------------------------------------------------ text side
-def adapter_width_error(adapter_width: int, llm_width: int, llm_name: str | None, model_name: str | None) -> str:
-    llm = f"the text model {llm_name!r}" if llm_name else "the text model"
-    model = f" of {model_name!r}" if model_name else ""
-    return (
-        f"The text adapter{model} takes {adapter_width}-d LLM embeddings, but {llm} produces {llm_width}-d ones "
-        f"(its hidden size). The adapter only works with the LLM it was trained on (for example, the official "
-        "LLM2CLIP adapters for Llama-3-8B take 4096-d embeddings, those for Llama-3.2-1B 2048-d): pass that LLM, or "
-        "train a new adapter for this one (`llm2clip-hf train --stage clip --vision-model ...`)."
-    )
-
-
-def attach_text_model(model: LLM2CLIPModel, text_model: LLM2CLIPTextModel) -> LLM2CLIPModel:
-    """Embed ``text_model`` into ``model`` (in place; ``model`` is returned): ``config.text_config`` is set and the
-    encoder's weights and tokenizer are copied, so the model reads raw text, ``save_pretrained`` writes an
-    ``LLM2CLIPProcessor`` and ``pipeline("zero-shot-image-classification", model=DIR, trust_remote_code=True)``
-    takes plain labels. An encoder already embedded is replaced.
-
-    The adapter's input width must equal the LLM's hidden size (``ValueError`` naming both otherwise). When the
-    model records the fingerprint of the text model its adapter was trained with and ``text_model`` differs, a
-    warning says so (the adapter expects that model's embeddings).
-    """
-    if not isinstance(model, LLM2CLIPModel):
-        raise TypeError(f"attach_text_model takes an LLM2CLIPModel, got {type(model).__name__}.")
-    if not isinstance(text_model, LLM2CLIPTextModel):
-        raise TypeError(f"attach_text_model takes an LLM2CLIPTextModel as text model, got {type(text_model).__name__}"
-                        "; wrap a plain LLM with LLM2CLIPTextModel.from_llm(...).")
-    llm_width = text_model.config.hidden_size
-    if model.config.text_embedding_dim != llm_width:
-        raise ValueError(adapter_width_error(model.config.text_embedding_dim, llm_width, text_model.name_or_path,
-                                             model.name_or_path or None))
-    recorded = model.config.text_model_fingerprint
-    if recorded:
-        from .fingerprint import text_model_fingerprint
-
-        if text_model_fingerprint(text_model) != recorded:
-            logger.warning(
-                "The adapter of this model was trained on the embeddings of another text model (fingerprint %s, "
-                "%s) than %s: its text features will not match its image features unless the two compute the same "
-                "embeddings.", recorded, model.config.text_model_name_or_path, text_model.name_or_path)
-    if model.text_model is not None:
-        logger.info("Replacing the embedded text encoder %s by %s.", model.config.text_model_name_or_path,
-                    text_model.name_or_path)
-    text_config = LLM2CLIPTextConfig(**{k: v for k, v in text_model.config.to_dict().items() if k != "model_type"})
-    encoder = LLM2CLIPTextModel(text_config)
-    encoder.load_state_dict(text_model.state_dict())
-    encoder.tokenizer = text_model.tokenizer
-    reference = model.logit_scale
-    model.text_model = encoder.to(reference.device)
-    model.config.text_config = text_config
-    model.config.text_model_name_or_path = text_model.name_or_path
-    return model
-
-
-def replace_text_adapter(model: LLM2CLIPModel, text_embedding_dim: int) -> LLM2CLIPModel:
-    """Give ``model`` a new, randomly initialised text adapter for ``text_embedding_dim``-d LLM embeddings (in
-    place). The recorded text-model fingerprint is cleared, and an embedded text encoder of another width dropped."""
-    config = model.config
-    old = model.text_adapter
-    parameter = next(old.parameters())
-    new = TextAdapter(text_embedding_dim, config.projection_dim, config.adapter_num_blocks, config.adapter_expansion,
-                      l2_normalize=config.adapter_l2_normalize, input_normalization=config.adapter_input_normalization)
-    new.apply(model._init_weights)
-    model.text_adapter = new.to(device=parameter.device, dtype=parameter.dtype)
-    config.text_embedding_dim = text_embedding_dim
-    config.text_model_fingerprint = None
-    config.adapter_input_statistics_rows = 0
-    if model.text_model is not None and model.text_model.config.hidden_size != text_embedding_dim:
-        model.text_model = None
-        config.text_config = None
-    return model
 
 
 def _llm_width(text_model: LLM2CLIPTextModel | None, text_embedding_dim: int | None) -> int | None:
@@ -461,6 +390,7 @@ def _output_size(settings: dict[str, Any]) -> tuple[int, int] | None:
         return as_pair(settings["crop_size"])
     return as_pair(settings.get("size")) if settings.get("size") is not None else None
 
+__getattr__ = moved_names(__name__)  # old names, warned (llm2clip_hf/_moved.py)
 
-__all__ = ["SUPPORTED_SOURCES", "assemble", "attach_text_model", "build_from_pretrained_vision",
-           "llm2clip_from_pretrained_vision", "replace_text_adapter"]
+
+__all__ = ["SUPPORTED_SOURCES", "assemble", "build_from_pretrained_vision", "llm2clip_from_pretrained_vision"]
