@@ -22,9 +22,10 @@ from ..data import (
 )
 from ..conversion.model_loading import load_clip_model, load_lm_head
 from ..modeling import LLM2CLIPModel
-from ..trainers import LLM2CLIPTrainer, LLM2CLIPTrainingArguments, text_pair_source
+from ..data import text_pair_source
+from ..trainers import LLM2CLIPTrainer, LLM2CLIPTrainingArguments
 from ..trainers.training_args import CAPTION_STAGE, MNTP_STAGE, TEXT_STAGES
-from ..conversion.vision_sources import llm2clip_from_pretrained_vision
+from ..conversion.pretrained_vision import llm2clip_from_pretrained_vision
 
 
 def has_cache(dataset: Dataset, caption_columns: list[str]) -> bool:
