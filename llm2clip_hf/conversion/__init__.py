@@ -19,7 +19,8 @@ from .core import (
 )
 from .fingerprint import text_model_fingerprint
 from .io import CheckpointConversionError, load_checkpoint_source, load_official_state_dict
-from .layouts import ADAPTER_LAYOUTS, LAYOUTS, default_heads, detect_layout
+from .adapter_layouts import ADAPTER_LAYOUTS
+from .layouts import LAYOUTS, default_heads, detect_layout
 from .lora_merge import merge_lora_state_dict, merged_state_dict, unwrap_peft
 from .model_loading import DEFAULT_TEXT_MODEL, hub_is_offline, load_clip_model, load_lm_head, load_text_model
 from .pretrained_vision import assemble, llm2clip_from_pretrained_vision

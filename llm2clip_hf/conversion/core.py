@@ -18,16 +18,8 @@ from transformers.initialization import no_init_weights
 
 from ..modeling import EVA02VisionConfig, LLM2CLIPConfig, LLM2CLIPModel
 from .io import CheckpointConversionError, LoadedCheckpoint, load_checkpoint_source, load_official_state_dict
-from .layouts import (
-    AdapterLayout,
-    VisionLayout,
-    default_heads,
-    detect_layout,
-    dropped_category,
-    find_adapter,
-    infer_adapter,
-    map_adapter_key,
-)
+from .adapter_layouts import AdapterLayout, dropped_category, find_adapter, infer_adapter, map_adapter_key
+from .layouts import VisionLayout, default_heads, detect_layout
 
 logger = logging.getLogger("llm2clip_hf.conversion")
 

@@ -1,4 +1,5 @@
-"""The checkpoint layouts of the official LLM2CLIP family, and how each maps onto :class:`LLM2CLIPModel`.
+"""The vision-tower layouts of the official LLM2CLIP checkpoints, and how each maps onto :class:`LLM2CLIPModel`
+(the text side: :mod:`.adapter_layouts`).
 
 A layout is recognised from its keys, reads every size from tensor shapes, and renames (and where the two sides
 store a weight differently, splits, merges or transposes) each key. Sources, per layout:
@@ -99,7 +100,7 @@ class VisionLayout:
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-def _count(state: Mapping[str, torch.Tensor], pattern: str) -> int:
+def count_indices(state: Mapping[str, torch.Tensor], pattern: str) -> int:
     return len({m.group(1) for k in state if (m := re.match(pattern, k))})
 
 
@@ -128,7 +129,7 @@ def _tower_sizes(state: Mapping[str, torch.Tensor], patch_key: str, position_key
     conv = state[patch_key]
     grid = _grid(state[position_key].shape[-2], class_tokens, position_key)
     return dict(image_size=grid * conv.shape[-1], patch_size=conv.shape[-1], hidden_size=conv.shape[0],
-                num_hidden_layers=_count(state, block_pattern), intermediate_size=state[mlp_key].shape[0])
+                num_hidden_layers=count_indices(state, block_pattern), intermediate_size=state[mlp_key].shape[0])
 
 
 # ------------------------------------------------------------------------------------------------ eva_clip EVA02
@@ -347,65 +348,3 @@ def detect_layout(state: Mapping[str, torch.Tensor]) -> VisionLayout:
         "Not an LLM2CLIP eva_clip checkpoint nor a Hugging Face LLM2CLIP export: no vision tower layout recognised "
         f"(keys that identify each: {expected}). Found keys such as {examples}."
     )
-
-
-# ------------------------------------------------------------------------------------------------ text side
-@dataclass(frozen=True)
-class AdapterLayout:
-    prefix: str
-    l2_normalize: bool
-    origin: str
-
-
-# Where the official checkpoints keep the text adapter, and whether their forward L2-normalises its input.
-ADAPTER_LAYOUTS = (
-    AdapterLayout("text.text_proj.text_adaptor.", False,
-                  "LLM2VecTextTransformer.text_proj (SigLIP2 model; called with l2_norm=False)"),
-    AdapterLayout("text.text_adaptor.", True, "CustomCLIP.text = TextProj (l2_norm=True)"),
-    AdapterLayout("text_adapter.adaptor.", True, "HF LLM2CLIPModel.text_adapter = LLM2CLIP_Adapter (inferred)"),
-)
-# Weights that are not part of LLM2CLIPModel and are dropped (named in a log line): the CLIP text tower of open_clip
-# / EVA-CLIP checkpoints (under text.* for CustomCLIP, top level for open_clip's CLIP, text_model.* in transformers),
-# and the LLM held by LLM2VecTextTransformer (text.text.*).
-DROPPED_TEXT = (
-    (r"text\.text\..+", "LLM weights of LLM2VecTextTransformer (text.text.*)"),
-    (r"text\.(?!text_adaptor\.|text_proj\.text_adaptor\.).+", "CLIP text tower (text.*)"),
-    (r"(transformer\.resblocks\.\d+\..+|token_embedding\.weight|positional_embedding|ln_final\.(weight|bias)"
-     r"|text_projection|attn_mask)", "open_clip CLIP text tower (top level)"),
-    (r"text_model\..+|text_projection\.weight", "transformers CLIP text tower (text_model.*)"),
-)
-
-
-def find_adapter(state: Mapping[str, torch.Tensor]) -> AdapterLayout | None:
-    found = [layout for layout in ADAPTER_LAYOUTS if any(k.startswith(layout.prefix) for k in state)]
-    if len(found) > 1:
-        raise CheckpointConversionError(
-            f"The checkpoint holds text-adapter keys under several prefixes ({[a.prefix for a in found]}); keep one."
-        )
-    return found[0] if found else None
-
-
-def infer_adapter(state: Mapping[str, torch.Tensor], adapter: AdapterLayout) -> dict[str, int]:
-    first = adapter.prefix + "0.fn.0.weight"
-    if first not in state:
-        raise CheckpointConversionError(
-            f"The checkpoint has text-adapter keys under {adapter.prefix!r} but lacks {first!r}, needed to read the "
-            f"adapter's sizes; its adapter keys: {sorted(k for k in state if k.startswith(adapter.prefix))[:12]}."
-        )
-    weight = state[first]
-    blocks = _count(state, re.escape(adapter.prefix) + r"(\d+)\.fn\.")
-    return dict(text_embedding_dim=weight.shape[1], adapter_num_blocks=blocks,
-                adapter_expansion=weight.shape[0] // weight.shape[1])
-
-
-def map_adapter_key(key: str, adapter: AdapterLayout) -> str | None:
-    if key.startswith(adapter.prefix):
-        return "text_adapter.layers." + key[len(adapter.prefix):]
-    return None
-
-
-def dropped_category(key: str) -> str | None:
-    for pattern, category in DROPPED_TEXT:
-        if re.fullmatch(pattern, key):
-            return category
-    return None
