@@ -37,6 +37,10 @@ MOVED_NAMES = {
     **{("llm2clip_hf.trainers", name): f"llm2clip_hf.data:{name}" for name in (
         "MaskedTextCollator", "SourceBatchSampler", "TextPairCollator", "ImageTextCollator", "build_caption_pairs",
         "build_mntp_texts", "text_pair_source")},
+    **{("llm2clip_hf.data.loading", name): f"llm2clip_hf.data.captions:{name}" for name in (
+        "caption_texts", "flatten_captions", "bad_caption_rows", "drop_bad_caption_rows")},
+    **{("llm2clip_hf.data.embedding_cache", name): f"llm2clip_hf.data.embedding_cache_building:{name}"
+       for name in ("precompute_text_embeddings", "build_embedding_cache")},
     **{(module, "CLIPCollator"): "llm2clip_hf.data:ImageTextCollator"
        for module in ("llm2clip_hf.trainers", "llm2clip_hf.data", "llm2clip_hf.data.image_text_collator")},
     **{(module, "CaptionPairCollator"): "llm2clip_hf.data:TextPairCollator"

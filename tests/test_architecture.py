@@ -133,6 +133,8 @@ OLD_PATHS = [
     ("llm2clip_hf.trainers.clip_data", "CLIPCollator", "llm2clip_hf.data"),
     ("llm2clip_hf.trainers.caption_pairs", "CaptionPairCollator", "llm2clip_hf.data"),
     ("llm2clip_hf.trainers", "SourceBatchSampler", "llm2clip_hf.data"),
+    ("llm2clip_hf.data.loading", "caption_texts", "llm2clip_hf.data"),
+    ("llm2clip_hf.data.embedding_cache", "precompute_text_embeddings", "llm2clip_hf.data"),
 ]
 
 

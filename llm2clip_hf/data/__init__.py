@@ -2,31 +2,24 @@
 streams, and the collators and samplers that turn rows into the batches of each stage."""
 
 from ..conversion.fingerprint import text_model_fingerprint
+from .captions import caption_texts, drop_bad_caption_rows
 from .data_statistics import BATCH_STATISTICS, DataStatistics
 from .embedding_cache import (
     ROW_HASH_COLUMN,
     STORAGE_DTYPES,
-    build_embedding_cache,
     check_cache_rows,
     check_embedding_cache,
     embedding_column,
     embedding_statistics,
     embeddings_as_float32,
     join_embeddings,
-    precompute_text_embeddings,
     read_cache_metadata,
 )
+from .embedding_cache_building import build_embedding_cache, precompute_text_embeddings
 from .epoch_sampling import EPOCH, EpochTaggedDataset, EpochTaggedSampler
 from .image_text_collator import ImageTextCollator
 from .images import CLIPImageTransform, load_image
-from .loading import (
-    ROW_INDEX,
-    caption_texts,
-    drop_bad_caption_rows,
-    load_dataset_from_spec,
-    require_columns,
-    with_row_index,
-)
+from .loading import ROW_INDEX, load_dataset_from_spec, require_columns, with_row_index
 from .masked_next_token import MaskedTextCollator, build_mntp_texts
 from .mixed_sources import SourceBatchSampler
 from .streaming import (
@@ -39,6 +32,7 @@ from .streaming import (
     with_key_row_index,
 )
 from .text_pairs import TextPairCollator, build_caption_pairs, build_text_pairs, text_pair_source
+from .._moved import moved_names
 
 __all__ = [
     "BATCH_STATISTICS", "CLIPImageTransform", "DataStatistics", "EPOCH", "EpochTaggedDataset", "EpochTaggedSampler",
@@ -51,8 +45,4 @@ __all__ = [
     "text_pair_source", "training_stream", "with_key_row_index", "with_row_index",
 ]
 
-
-def __getattr__(name: str):
-    from .._moved import moved_attribute
-
-    return moved_attribute(__name__, name)
+__getattr__ = moved_names(__name__)  # old names, warned (llm2clip_hf/_moved.py)

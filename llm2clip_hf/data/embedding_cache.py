@@ -1,18 +1,12 @@
-"""Stage-2 cache of LLM caption embeddings: a dataset of embedding columns, one row per source row, tied to the text
-model and the data that made them, and joined to the source (images) by row.
-
-Building it is a data-parallel, bounded-memory, resumable job. Rows are cut into fixed shards; each process claims
-shards one at a time (a file lock per shard), embeds a shard's captions length-sorted, and writes it as one Arrow
-file of the ``save_to_disk`` layout. Memory holds one shard, whatever the number of captions; a killed run keeps its
-finished shards, and the next run (any number of processes) computes only the missing ones. When every shard is
-there, ``state.json`` and ``dataset_info.json`` are written and the folder is a dataset ``load_from_disk`` opens,
-the shards in row order, without copying them. Image bytes are never rewritten.
+"""Stage-2 cache of LLM caption embeddings, as it is read: a dataset of embedding columns, one row per source row,
+tied to the text model and the data that made them, and joined to the source (images) by row (:func:`join_embeddings`).
+Building it: :mod:`llm2clip_hf.data.embedding_cache_building`.
 
 The text model's fingerprint covers everything that changes an embedding: the weights as the encoder computes with
 them (LoRA adapters merged), the LLM's configuration (RoPE, norms, ...), the tokenizer, the pooling mode, the
 template and the token budget. The data fingerprint covers the caption columns' contents and the number of rows.
-A cache (finished or not) made by another text model, from other data or in another storage dtype is refused, and
-nothing is overwritten.
+Both are recorded in the cache's metadata (:func:`read_cache_metadata`) and checked before use
+(:func:`check_embedding_cache`).
 
 Each cache row also holds the hash of the captions it was made from (``ROW_HASH_COLUMN``). The column travels
 with the embeddings (joins, ``select``, ``shuffle``, ``filter``, splits), so :func:`check_cache_rows` can verify at
@@ -21,38 +15,26 @@ any time that every row's embeddings are of that row's captions.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
-import math
-import os
-import shutil
-import tempfile
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
-from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 import torch
-from datasets import Dataset, Features, Sequence as ArrowSequence, Value, concatenate_datasets, load_from_disk
-from datasets.arrow_writer import ArrowWriter
-from datasets.fingerprint import get_temporary_cache_files_directory
+from datasets import Dataset, concatenate_datasets
 from transformers.utils import logging as hf_logging
 
-from ..conversion.fingerprint import text_model_fingerprint
-from ..modeling import LLM2CLIPTextModel
-from .loading import flatten_captions, require_columns
+from .captions import flatten_captions
+from .loading import require_columns
 from .streaming import key_hashes
+from .._moved import moved_names
 
 logger = hf_logging.get_logger(__name__)
 
 EMBEDDING_SUFFIX = "_llm_embedding"
 METADATA_KEY = "llm2clip_embedding_cache"
-METADATA_FILE = "llm2clip_embedding_cache.json"
 STORAGE_DTYPES = ("float32", "float16", "bfloat16")  # bfloat16 has no Arrow type: stored as its uint16 bit patterns
-DEFAULT_ROWS_PER_SHARD = 4096
 ROW_HASH_COLUMN = "llm2clip_caption_hash"  # per row: hash of the caption cells its embeddings were made from
 
 
@@ -77,7 +59,7 @@ def caption_data_fingerprint(dataset: Dataset, caption_columns: Sequence[str], b
 
 
 def read_cache_metadata(dataset: Dataset) -> dict[str, Any] | None:
-    """The cache metadata stored with a dataset by :func:`precompute_text_embeddings`, if any."""
+    """The cache metadata stored with a dataset by :func:`~llm2clip_hf.data.build_embedding_cache`, if any."""
     try:
         return json.loads(dataset.info.description or "")[METADATA_KEY]
     except (json.JSONDecodeError, KeyError, TypeError):
@@ -106,8 +88,8 @@ def check_embedding_cache(dataset: Dataset, caption_columns: Sequence[str], expe
     if expected_fingerprint is not None and metadata["fingerprint"] != expected_fingerprint:
         expected = {"fingerprint": expected_fingerprint, "text_model_dtype": expected_dtype}
         raise ValueError(
-            f"The embedding cache was made by a different text model ({_describe_text_model(metadata)}) than the one "
-            f"expected here ({_describe_text_model(expected)}). {_text_model_difference(metadata, expected)} "
+            f"The embedding cache was made by a different text model ({describe_text_model(metadata)}) than the one "
+            f"expected here ({describe_text_model(expected)}). {text_model_difference(metadata, expected)} "
             "Recompute the cache with this text model."
         )
     if embedding_dim is not None and metadata["embedding_dim"] != embedding_dim:
@@ -147,7 +129,7 @@ def check_cache_rows(dataset: Dataset, batch_size: int = 10_000) -> None:
     start = 0
     for batch in dataset.select_columns([*columns, hash_column]).with_format(None).iter(batch_size=batch_size):
         found = np.asarray(batch[hash_column], dtype=np.int64)
-        misaligned += (start + np.flatnonzero(_caption_row_hashes(batch, columns) != found)).tolist()
+        misaligned += (start + np.flatnonzero(caption_row_hashes(batch, columns) != found)).tolist()
         start += len(found)
         if len(misaligned) >= 10:
             break
@@ -178,13 +160,13 @@ def _check_rows_by_data_fingerprint(dataset: Dataset, metadata: dict[str, Any]) 
         )
 
 
-def _caption_row_hashes(cells: dict[str, list], caption_columns: Sequence[str]) -> np.ndarray:
+def caption_row_hashes(cells: dict[str, list], caption_columns: Sequence[str]) -> np.ndarray:
     """One int64 hash per row of the rows' caption cells (canonical JSON of the cells, in column order)."""
     return key_hashes(json.dumps(row, separators=(",", ":"), default=str)
                       for row in zip(*(cells[c] for c in caption_columns)))
 
 
-def _describe_text_model(metadata: dict[str, Any]) -> str:
+def describe_text_model(metadata: dict[str, Any]) -> str:
     """The recorded identity of a text model: fingerprint, name and weight dtype where known."""
     parts = [f"fingerprint {metadata['fingerprint']}"]
     if metadata.get("text_model"):
@@ -194,7 +176,7 @@ def _describe_text_model(metadata: dict[str, Any]) -> str:
     return ", ".join(parts)
 
 
-def _text_model_difference(made: dict[str, Any], expected: dict[str, Any]) -> str:
+def text_model_difference(made: dict[str, Any], expected: dict[str, Any]) -> str:
     """What may differ between the text model that ``made`` a cache and the ``expected`` one."""
     made_dtype, expected_dtype = made.get("text_model_dtype"), expected.get("text_model_dtype")
     if made_dtype and expected_dtype and made_dtype != expected_dtype:
@@ -202,65 +184,6 @@ def _text_model_difference(made: dict[str, Any], expected: dict[str, Any]) -> st
                 f"{expected_dtype}; load the LLM in {made_dtype} (e.g. --dtype {made_dtype}) to use this cache.")
     return ("The weights or their dtype (a bfloat16 LLM does not compute the embeddings of its float32 original), "
             "tokenizer, pooling mode, template or max length differ.")
-
-
-def precompute_text_embeddings(
-    dataset: Dataset,
-    text_model: LLM2CLIPTextModel,
-    caption_columns: Sequence[str],
-    output_dir: str | os.PathLike | None = None,
-    batch_size: int = 32,
-    show_progress_bar: bool | None = None,
-    storage_dtype: str = "float32",
-    rows_per_shard: int = DEFAULT_ROWS_PER_SHARD,
-    key_column: str | None = None,
-) -> Dataset:
-    """Embed every caption column with the frozen text model; return ``dataset`` joined with the embedding columns.
-
-    The embeddings are written to ``output_dir`` (default: a temporary folder removed at exit) as a dataset of only
-    the columns ``<caption column>_llm_embedding``, one row per row of ``dataset`` in its order; see the module
-    docstring for how the work is split, resumed and checked. Call it from every process of an ``accelerate
-    launch`` (or any set of processes sharing the folder): each embeds the shards it claims, then all return the
-    same result. A finished folder made by the same text model from the same captions is reused as is.
-
-    ``storage_dtype`` is ``float32`` (default), ``float16`` or ``bfloat16`` (stored as uint16 bit patterns; the
-    trainer and :func:`embeddings_as_float32` decode them). Each process holds ``rows_per_shard`` rows at a time.
-    ``key_column`` copies that column of ``dataset`` into the cache, so a stream of the same rows can join the
-    embeddings by key (:func:`~llm2clip_hf.data.join_stream_embeddings`).
-    """
-    require_columns(dataset, caption_columns, "Embedding captions")
-    if output_dir is None:  # removed when the process exits; pass output_dir to keep it or share it between processes
-        output_dir = Path(tempfile.mkdtemp(prefix="llm2clip_embeddings_", dir=get_temporary_cache_files_directory()))
-    cache = build_embedding_cache(dataset, text_model, caption_columns, Path(output_dir), batch_size,
-                                  show_progress_bar, storage_dtype, rows_per_shard, key_column)
-    return join_embeddings(dataset, cache)
-
-
-def build_embedding_cache(dataset: Dataset, text_model: LLM2CLIPTextModel, caption_columns: Sequence[str],
-                          output_dir: Path, batch_size: int = 32, show_progress_bar: bool | None = None,
-                          storage_dtype: str = "float32", rows_per_shard: int = DEFAULT_ROWS_PER_SHARD,
-                          key_column: str | None = None) -> Dataset:
-    """The embedding-columns dataset in ``output_dir`` (with ``key_column`` copied from ``dataset`` when given):
-    reused when finished, else completed (see the module)."""
-    require_columns(dataset, [*caption_columns, *([key_column] if key_column else [])], "Embedding captions")
-    if storage_dtype not in STORAGE_DTYPES:
-        raise ValueError(f"storage_dtype must be one of {list(STORAGE_DTYPES)}, got {storage_dtype!r}.")
-    if rows_per_shard < 1 or batch_size < 1:
-        raise ValueError(f"rows_per_shard and batch_size must be positive, got {rows_per_shard} and {batch_size}.")
-    metadata = _cache_metadata(dataset, text_model, caption_columns, storage_dtype, rows_per_shard)
-    if key_column is not None:
-        metadata["key_column"] = key_column
-        metadata["key_feature"] = Features({key_column: dataset.features[key_column]}).to_dict()[key_column]
-    with _exclusive_lock(output_dir):
-        finished = _finished_cache(output_dir, metadata)
-        if finished is not None:
-            return finished
-        plan = _start_or_resume(output_dir, metadata)
-    _embed_missing_shards(dataset, text_model, output_dir, plan, batch_size, show_progress_bar)
-    with _exclusive_lock(output_dir):
-        if not (output_dir / "state.json").is_file():
-            _assemble(output_dir, plan)
-    return load_from_disk(str(output_dir))
 
 
 def join_embeddings(dataset: Dataset, cache: Dataset) -> Dataset:
@@ -316,235 +239,4 @@ def embedding_statistics(dataset: Dataset, caption_columns: Sequence[str], batch
     return mean.astype(np.float32), np.sqrt(np.maximum(squares / count - mean ** 2, 0.0)).astype(np.float32), count
 
 
-def _cache_metadata(dataset: Dataset, text_model: LLM2CLIPTextModel, caption_columns: Sequence[str],
-                    storage_dtype: str, rows_per_shard: int) -> dict[str, Any]:
-    config = text_model.config
-    return {
-        "fingerprint": text_model_fingerprint(text_model), "embedding_dim": config.hidden_size,
-        "caption_columns": list(caption_columns), "text_model": text_model.name_or_path,
-        "text_model_dtype": str(text_model.dtype).removeprefix("torch."), "row_hash_column": ROW_HASH_COLUMN,
-        "pooling_mode": config.pooling_mode, "text_template": config.text_template,
-        "max_seq_length": config.max_seq_length, "num_rows": len(dataset),
-        "data_fingerprint": caption_data_fingerprint(dataset, caption_columns), "storage_dtype": storage_dtype,
-        "rows_per_shard": rows_per_shard, "num_shards": max(1, math.ceil(len(dataset) / rows_per_shard)),
-        "several_captions": [_holds_lists(dataset, c) for c in caption_columns],
-    }
-
-
-def _finished_cache(output_dir: Path, metadata: dict[str, Any]) -> Dataset | None:
-    """The finished cache in ``output_dir`` if it is of this text model and data; ``None`` if there is none."""
-    if not (output_dir / "state.json").is_file():
-        return None
-    cached = load_from_disk(str(output_dir))
-    found = check_embedding_cache(cached, metadata["caption_columns"], expected_fingerprint=metadata["fingerprint"],
-                                  expected_dtype=metadata["text_model_dtype"])
-    _check_same_job(found, metadata, output_dir)
-    return cached
-
-
-def _start_or_resume(output_dir: Path, metadata: dict[str, Any]) -> dict[str, Any]:
-    """Write the job's plan into a new folder, or return the plan of an unfinished one made for the same job."""
-    plan_file = output_dir / METADATA_FILE
-    if plan_file.is_file():
-        plan = json.loads(plan_file.read_text())
-        if plan["fingerprint"] != metadata["fingerprint"]:
-            raise ValueError(
-                f"{output_dir} holds an unfinished embedding cache of a different text model "
-                f"({_describe_text_model(plan)}; this one: {_describe_text_model(metadata)}). "
-                f"{_text_model_difference(plan, metadata)} Nothing was changed: write this cache to another folder, "
-                "or delete that one to start over."
-            )
-        _check_same_job(plan, metadata, output_dir)
-        done = sum(_shard_path(output_dir, plan, shard).is_file() for shard in range(plan["num_shards"]))
-        logger.info(f"Resuming the embedding cache in {output_dir}: {done} of {plan['num_shards']} shards are done "
-                    f"({plan['rows_per_shard']} rows each).")
-        return plan
-    if output_dir.exists() and any(output_dir.iterdir()):
-        raise ValueError(f"{output_dir} exists and is not an LLM2CLIP embedding cache; choose an empty or new folder.")
-    (output_dir / ".locks").mkdir(parents=True, exist_ok=True)
-    _write_atomically(plan_file, json.dumps(metadata, indent=2))
-    return metadata
-
-
-def _check_same_job(found: dict[str, Any], metadata: dict[str, Any], output_dir: Path) -> None:
-    """Refuse a cache folder made from other captions than this dataset's (another subset, another dataset),
-    without the key column asked for, or stored in another dtype."""
-    if metadata.get("key_column") and found.get("key_column") != metadata["key_column"]:
-        raise ValueError(
-            f"The embedding cache in {output_dir} was made with key column {found.get('key_column')!r}, not "
-            f"{metadata.get('key_column')!r}. Nothing was changed: use the same key column, or write this cache to "
-            "another folder."
-        )
-    if found.get("data_fingerprint") != metadata["data_fingerprint"] or found.get("num_rows") != metadata["num_rows"]:
-        raise ValueError(
-            f"The embedding cache in {output_dir} was made from other data ({found.get('num_rows')} rows, data "
-            f"fingerprint {found.get('data_fingerprint')}) than this dataset ({metadata['num_rows']} rows, "
-            f"{metadata['data_fingerprint']}), for example a --max-samples subset. Nothing was changed: write this "
-            "cache to another folder (output_dir / --embedding-cache), or delete that folder to recompute it."
-        )
-    if found["storage_dtype"] != metadata["storage_dtype"]:
-        raise ValueError(
-            f"The embedding cache in {output_dir} is stored as {found['storage_dtype']}, not the "
-            f"{metadata['storage_dtype']} asked for. Nothing was changed: use storage_dtype="
-            f"{found['storage_dtype']!r} (--storage-dtype) to use it, or write the {metadata['storage_dtype']} cache "
-            "to another folder."
-        )
-
-
-def _features(plan: dict[str, Any]) -> Features:
-    value = Value("uint16" if plan["storage_dtype"] == "bfloat16" else plan["storage_dtype"])
-    vector = ArrowSequence(value, length=plan["embedding_dim"])
-    features = {embedding_column(column): ArrowSequence(vector) if several else vector
-                for column, several in zip(plan["caption_columns"], plan["several_captions"])}
-    if plan.get("row_hash_column"):  # absent from the plans of unfinished caches made by earlier versions
-        features[plan["row_hash_column"]] = Value("int64")
-    if plan.get("key_column"):
-        features.update(Features.from_dict({plan["key_column"]: plan["key_feature"]}))
-    return Features(features)
-
-
-def _shard_path(output_dir: Path, plan: dict[str, Any], shard: int) -> Path:
-    return output_dir / f"data-{shard:05d}-of-{plan['num_shards']:05d}.arrow"
-
-
-def _embed_missing_shards(dataset: Dataset, text_model: LLM2CLIPTextModel, output_dir: Path, plan: dict[str, Any],
-                          batch_size: int, show_progress_bar: bool | None) -> None:
-    """Claim and embed every shard not written yet; then wait for (or take over) shards other processes hold."""
-    if show_progress_bar is None:
-        show_progress_bar = hf_logging.is_progress_bar_enabled()
-    rows_per_shard, num_rows = plan["rows_per_shard"], plan["num_rows"]
-
-    def rows_of(shard: int) -> int:
-        return min(num_rows, (shard + 1) * rows_per_shard) - shard * rows_per_shard
-
-    held_elsewhere = []
-    with hf_logging.tqdm(total=num_rows, desc="Embedding captions", unit="rows", unit_scale=True,
-                         disable=not show_progress_bar) as bar:
-        for shard in range(plan["num_shards"]):
-            if not _shard_path(output_dir, plan, shard).is_file():
-                with _shard_lock(output_dir, shard, wait=False) as claimed:
-                    if not claimed:
-                        held_elsewhere.append(shard)
-                        continue
-                    if not _shard_path(output_dir, plan, shard).is_file():
-                        _embed_shard(dataset, text_model, output_dir, plan, shard, batch_size, bar.update)
-                        continue
-            bar.update(rows_of(shard))
-        for shard in held_elsewhere:  # blocks while another process works on it; takes over if that process died
-            with _shard_lock(output_dir, shard, wait=True):
-                if not _shard_path(output_dir, plan, shard).is_file():
-                    _embed_shard(dataset, text_model, output_dir, plan, shard, batch_size, bar.update)
-                    continue
-            bar.update(rows_of(shard))
-
-
-def _embed_shard(dataset: Dataset, text_model: LLM2CLIPTextModel, output_dir: Path, plan: dict[str, Any],
-                 shard: int, batch_size: int, progress) -> None:
-    """Embed one shard's captions (all columns together, length-sorted) and write its Arrow file atomically."""
-    start = shard * plan["rows_per_shard"]
-    stop = min(plan["num_rows"], start + plan["rows_per_shard"])
-    columns = plan["caption_columns"]
-    key_column = plan.get("key_column")
-    cells = dataset.select_columns([*columns, *([key_column] if key_column else [])]).with_format(None)[start:stop]
-    texts, owners, spans = [], [], []
-    for column in columns:
-        column_texts, column_owners = flatten_captions(cells[column], column, start)
-        spans.append((len(texts), len(texts) + len(column_texts)))
-        texts += column_texts
-        owners.append(np.asarray(column_owners, dtype=np.int64))
-    items = text_model.tokenize_items(texts)
-    text_model.warn_truncation(sum(item.truncated for item in items), len(items))
-    embeddings = text_model.embed_items(items, batch_size, progress=None).numpy()
-    stored = _to_storage_dtype(embeddings, plan["storage_dtype"])
-    features = _features(plan)
-    table = {}
-    for column, (first, last), column_owners, several in zip(columns, spans, owners, plan["several_captions"]):
-        table[embedding_column(column)] = _arrow_column(stored[first:last], column_owners, stop - start, several)
-    if plan.get("row_hash_column"):
-        table[plan["row_hash_column"]] = pa.array(_caption_row_hashes(cells, columns), type=pa.int64())
-    if key_column:
-        table[key_column] = pa.array(cells[key_column], type=features[key_column].pa_type)
-    path = _shard_path(output_dir, plan, shard)
-    partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
-    with ArrowWriter(features=features, path=str(partial)) as writer:
-        writer.write_table(pa.table(table, schema=features.arrow_schema))
-        writer.finalize()
-    os.replace(partial, path)
-    progress(stop - start)
-
-
-def _to_storage_dtype(embeddings: np.ndarray, storage_dtype: str) -> np.ndarray:
-    if storage_dtype == "bfloat16":
-        return torch.from_numpy(embeddings).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
-    return embeddings.astype(np.dtype(storage_dtype), copy=False)
-
-
-def _arrow_column(vectors: np.ndarray, owners: np.ndarray, num_rows: int, several: bool):
-    """An Arrow column of one vector per row, or (``several``) a list of vectors per row, from vectors in row order."""
-    fixed = pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), vectors.shape[1])
-    if not several:
-        return fixed
-    offsets = np.zeros(num_rows + 1, dtype=np.int32)
-    np.add.at(offsets, owners + 1, 1)
-    return pa.ListArray.from_arrays(pa.array(np.cumsum(offsets, dtype=np.int32)), fixed)
-
-
-def _assemble(output_dir: Path, plan: dict[str, Any]) -> None:
-    """Make the folder a ``save_to_disk`` dataset of the shards in row order (no data is copied)."""
-    missing = [s for s in range(plan["num_shards"]) if not _shard_path(output_dir, plan, s).is_file()]
-    if missing:
-        raise RuntimeError(f"Embedding shards {missing[:10]} of {output_dir} are missing after every process "
-                           "finished; run the same command again to compute them.")
-    metadata = {k: v for k, v in plan.items()
-                if k not in ("rows_per_shard", "num_shards", "several_captions", "key_feature")}
-    info = {"description": json.dumps({METADATA_KEY: metadata}), "citation": "", "homepage": "", "license": "",
-            "features": _features(plan).to_dict()}
-    state = {
-        "_data_files": [{"filename": _shard_path(output_dir, plan, s).name} for s in range(plan["num_shards"])],
-        "_fingerprint": hashlib.blake2b(json.dumps(plan, sort_keys=True).encode(), digest_size=8).hexdigest(),
-        "_format_columns": None, "_format_kwargs": {}, "_format_type": None, "_output_all_columns": False,
-        "_split": None,
-    }
-    _write_atomically(output_dir / "dataset_info.json", json.dumps(info, indent=2))
-    _write_atomically(output_dir / "state.json", json.dumps(state, indent=2))  # written last: marks completion
-    shutil.rmtree(output_dir / ".locks", ignore_errors=True)
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
-    partial.write_text(text)
-    os.replace(partial, path)
-
-
-@contextmanager
-def _exclusive_lock(output_dir: Path) -> Iterator[None]:
-    """An advisory lock on ``<output_dir>.lock`` held while the cache's plan is checked or the folder assembled."""
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    with open(output_dir.with_name(output_dir.name + ".lock"), "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-@contextmanager
-def _shard_lock(output_dir: Path, shard: int, wait: bool) -> Iterator[bool]:
-    """The lock of one shard: yields whether it is held. The OS releases it when its process dies, so a killed
-    process's shard is taken over by the next process that asks."""
-    locks = output_dir / ".locks"
-    locks.mkdir(parents=True, exist_ok=True)
-    with open(locks / f"{shard:05d}.lock", "w") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            yield False
-            return
-        try:
-            yield True
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def _holds_lists(dataset: Dataset, column: str) -> bool:
-    return not isinstance(dataset.features[column], Value)
+__getattr__ = moved_names(__name__)  # old names, warned (llm2clip_hf/_moved.py)

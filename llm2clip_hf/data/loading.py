@@ -6,13 +6,10 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import datasets
 from datasets import Dataset, DatasetDict, IterableDataset, load_dataset, load_from_disk
-from transformers.utils import logging as hf_logging
-
-logger = hf_logging.get_logger(__name__)
+from .._moved import moved_names
 
 ROW_INDEX = "__llm2clip_row__"  # the row's position in the dataset the user gave, carried through batches
 FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".tar": "webdataset"}
@@ -109,70 +106,9 @@ def require_columns(dataset: Dataset, columns: Sequence[str], purpose: str) -> N
         )
 
 
-def caption_texts(dataset: Dataset, caption_columns: Sequence[str]) -> tuple[list[str], list[int]]:
-    """All captions of ``caption_columns`` (cells may hold one string or a list of strings) and, for each, the row
-    it belongs to. Rows are in order; a row's captions follow the column order."""
-    texts: list[str] = []
-    rows: list[int] = []
-    columns = [dataset[c] for c in caption_columns]
-    for row, cells in enumerate(zip(*columns)):
-        for column, cell in zip(caption_columns, cells):
-            cell_texts, _ = flatten_captions([cell], column, first_row=row)
-            texts += cell_texts
-            rows += [row] * len(cell_texts)
-    return texts, rows
-
-
-def flatten_captions(cells: Sequence[Any], column: str, first_row: int = 0) -> tuple[list[str], list[int]]:
-    """The captions of consecutive cells of one column (each one string or a list of strings) and, for each, the
-    position of its cell; a missing, empty or non-string caption raises a ``ValueError`` naming its row."""
-    texts: list[str] = []
-    owners: list[int] = []
-    for offset, cell in enumerate(cells):
-        for text in (cell if isinstance(cell, (list, tuple)) else [cell]):
-            if not isinstance(text, str) or not text.strip():
-                raise ValueError(
-                    f"Row {first_row + offset}, column {column!r}: the caption is {text!r}, not a non-empty string. "
-                    "Fix or drop that row (e.g. dataset.filter(...)) before embedding or evaluating."
-                )
-            texts.append(text)
-            owners.append(offset)
-    return texts, owners
-
-
 def with_row_index(dataset: Dataset) -> Dataset:
     """``dataset`` with a ``ROW_INDEX`` column (0..n-1) unless it has one, so batches can name their rows."""
     return dataset if ROW_INDEX in dataset.column_names else dataset.add_column(ROW_INDEX, list(range(len(dataset))))
 
 
-def bad_caption_rows(dataset: Dataset, caption_columns: Sequence[str]) -> list[int]:
-    """Rows where a caption cell is missing, empty, or not a string (or a list of non-empty strings)."""
-    def good(cell) -> bool:
-        cells = cell if isinstance(cell, (list, tuple)) else [cell]
-        return bool(cells) and all(isinstance(c, str) and c.strip() for c in cells)
-
-    bad = set()
-    for column in caption_columns:
-        bad.update(i for i, cell in enumerate(dataset[column]) if not good(cell))
-    return sorted(bad)
-
-
-def drop_bad_caption_rows(dataset: Dataset, caption_columns: Sequence[str], skip: bool) -> Dataset:
-    """Remove rows with unusable captions, logging how many and which (``skip``), or stop naming the first one."""
-    require_columns(dataset, caption_columns, "Training")
-    bad = bad_caption_rows(dataset, caption_columns)
-    if not bad:
-        return dataset
-    rows = ROW_INDEX in dataset.column_names and dataset[ROW_INDEX]
-    names = [rows[i] if rows else i for i in bad]
-    if not skip:
-        first = dataset[bad[0]]
-        raise ValueError(
-            f"Row {names[0]} has an empty, missing or non-string caption in {list(caption_columns)}: "
-            f"{ {c: first[c] for c in caption_columns} }. Fix or drop it, or train with skip_bad_rows=True "
-            f"({len(bad)} such rows in all)."
-        )
-    logger.warning(f"Skipping {len(bad)} of {len(dataset)} rows with empty, missing or non-string captions "
-                   f"(rows {names[:10]}{' ...' if len(bad) > 10 else ''}).")
-    keep = sorted(set(range(len(dataset))) - set(bad))
-    return dataset.select(keep)
+__getattr__ = moved_names(__name__)  # old names, warned (llm2clip_hf/_moved.py)

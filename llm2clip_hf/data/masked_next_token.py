@@ -10,7 +10,8 @@ import torch
 from datasets import Dataset
 from transformers import DataCollatorForLanguageModeling
 
-from .loading import ROW_INDEX, flatten_captions, require_columns
+from .captions import flatten_captions
+from .loading import ROW_INDEX, require_columns
 from ..modeling import LLM2CLIPTextModel
 from ..modeling.caption_tokenization import collate_left_padded
 from .data_statistics import BATCH_STATISTICS, batch_statistics

@@ -23,7 +23,8 @@ from datasets import Dataset, Features, IterableDataset, Value
 from datasets.distributed import split_dataset_by_node
 from transformers.utils import logging as hf_logging
 
-from .loading import ROW_INDEX, flatten_captions, require_columns
+from .captions import has_good_captions
+from .loading import ROW_INDEX, require_columns
 
 logger = hf_logging.get_logger(__name__)
 
@@ -130,23 +131,12 @@ def _key_row_index(batch: dict[str, list], key_column: str) -> dict[str, np.ndar
 
 def drop_bad_stream_caption_rows(stream: IterableDataset, caption_columns: Sequence[str],
                                  skip: bool) -> IterableDataset:
-    """``stream`` without rows whose captions are missing, empty or not strings (``skip``); otherwise such a row
-    stops the reading with a ``ValueError`` naming it by ``ROW_INDEX`` (its key's hash). A stream is not read ahead,
-    so dropped rows are not counted."""
+    """``stream`` without rows whose captions are unusable (``skip``; see :mod:`llm2clip_hf.data.captions`); otherwise
+    such a row stops the reading with a ``ValueError`` naming it by ``ROW_INDEX`` (its key's hash). A stream is not
+    read ahead, so dropped rows are not counted."""
     _require_known_columns(stream)
     require_columns(stream, caption_columns, "Training")
-    return stream.filter(partial(_has_good_captions, caption_columns=list(caption_columns), skip=skip))
-
-
-def _has_good_captions(row: dict[str, Any], caption_columns: list[str], skip: bool) -> bool:
-    try:
-        for column in caption_columns:
-            flatten_captions([row[column]], column, first_row=int(row[ROW_INDEX]))
-    except ValueError:
-        if skip:
-            return False
-        raise
-    return True
+    return stream.filter(partial(has_good_captions, caption_columns=list(caption_columns), skip=skip))
 
 
 def training_stream(stream: IterableDataset, seed: int, rank: int, world_size: int, epoch_column: str,

@@ -13,10 +13,12 @@ import numpy as np
 import torch
 from datasets import Dataset, Features, Value, concatenate_datasets
 
-from .loading import ROW_INDEX, drop_bad_caption_rows, require_columns
+from .captions import drop_bad_caption_rows
+from .loading import ROW_INDEX, require_columns
 from ..modeling import LLM2CLIPTextModel
 from ..modeling.caption_tokenization import collate_left_padded
 from .data_statistics import BATCH_STATISTICS, batch_statistics
+from .._moved import moved_names
 
 QUERY, POSITIVE, NEGATIVE, QUERY_IS_SHORT = "query", "positive", "negative", "query_is_short"
 QUERY_INSTRUCTION = "query_instruction"  # of every prepared row
@@ -155,8 +157,4 @@ def split_roles(embeddings: torch.Tensor, roles: list[str]) -> dict[str, torch.T
     """The embeddings of a :class:`TextPairCollator` batch, per role."""
     return dict(zip(roles, embeddings.chunk(len(roles))))
 
-
-def __getattr__(name: str):
-    from .._moved import moved_attribute
-
-    return moved_attribute(__name__, name)
+__getattr__ = moved_names(__name__)  # old names, warned (llm2clip_hf/_moved.py)
