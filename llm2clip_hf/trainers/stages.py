@@ -52,6 +52,9 @@ from .training_args import CAPTION_STAGE, CLIP_STAGE, MNTP_STAGE, LLM2CLIPTraini
 logger = hf_logging.get_logger(__name__)
 
 Encoders = dict[str, Callable[[dict[str, Any]], torch.Tensor]]
+# What GradCacheLoss needs from a stage: encoders per role, their inputs, the loss on the embeddings, its parameters.
+GradCacheParts = tuple[Encoders, dict[str, dict[str, Any]], Callable[[dict[str, torch.Tensor]], torch.Tensor],
+                       tuple[torch.Tensor, ...]]
 EmbeddingsObserver = Callable[..., None]  # (model, *embeddings) of a training batch, for the health checks
 
 LOGIT_PARAMETERS = ("logit_scale", "logit_bias")
@@ -113,9 +116,7 @@ class TrainingStage:
         """The loss of a batch in one forward, and the outputs ``prediction_step`` reports."""
         raise NotImplementedError
 
-    def grad_cache_parts(self, model: nn.Module, inputs: dict[str, Any], loss: nn.Module
-                         ) -> tuple[Encoders, dict[str, dict[str, Any]], Callable[[dict[str, torch.Tensor]], torch.Tensor],
-                                    tuple[torch.Tensor, ...]]:
+    def grad_cache_parts(self, model: nn.Module, inputs: dict[str, Any], loss: nn.Module) -> GradCacheParts:
         """For :class:`~.grad_cache.GradCacheLoss`: the encoders per role, their inputs, the loss on their
         embeddings, and the parameters that loss uses besides them."""
         raise NotImplementedError(f"gradcache_chunk_size is not supported in stage {self.name!r}.")
