@@ -23,6 +23,8 @@ from llm2clip_hf.testing import tiny_caption_pair_rows, tiny_image_caption_rows,
 from llm2clip_hf.trainers import LLM2CLIPTrainer, LLM2CLIPTrainingArguments
 from llm2clip_hf.data import precompute_text_embeddings
 
+from launching import end_worker_process
+
 GLOBAL_BATCH, STEPS, ROWS = 8, 3, 24
 
 
@@ -80,8 +82,4 @@ if __name__ == "__main__":
     chunk_arg = int(sys.argv[5]) if len(sys.argv) > 5 and sys.argv[5] != "none" else None
     loss_type_arg = sys.argv[6] if len(sys.argv) > 6 else "clip"
     run(stage_arg, llm_dir_arg, output_arg, int(world_size_arg), chunk_arg, loss_type_arg)
-    # Shut gloo down before the interpreter exits: its threads, still alive at exit, can abort a rank
-    # ("terminate called without an active exception": seen once, in a clean-clone CI run).
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    end_worker_process()

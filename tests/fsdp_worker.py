@@ -27,6 +27,8 @@ from llm2clip_hf import LLM2CLIPModel, LLM2CLIPTextModel
 from llm2clip_hf.testing import tiny_caption_pair_rows, tiny_image_caption_rows, tiny_vision_config
 from llm2clip_hf.trainers import LLM2CLIPTrainer, LLM2CLIPTrainingArguments
 
+from launching import end_worker_process
+
 GLOBAL_BATCH, STEPS, ROWS = 8, 3, 24
 LOGIT_SCALE_INIT = math.log(1 / 0.07)
 LOGIT_SCALE_MAX = 2.3
@@ -99,6 +101,4 @@ def run(stage: str, llm_dir: str, output_dir: str, world_size: int, force_fsdp2:
 if __name__ == "__main__":
     stage_arg, llm_dir_arg, output_arg, world_size_arg = sys.argv[1:5]
     run(stage_arg, llm_dir_arg, output_arg, int(world_size_arg), force_fsdp2="force-fsdp2" in sys.argv[5:])
-    if torch.distributed.is_initialized():  # shut gloo / NCCL down before the interpreter exits
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    end_worker_process()

@@ -17,6 +17,8 @@ from llm2clip_hf import LLM2CLIPTextModel
 from llm2clip_hf.testing import tiny_caption_pair_rows
 from llm2clip_hf.trainers import CaptionContrastiveLoss, LLM2CLIPTrainer, LLM2CLIPTrainingArguments
 
+from launching import end_worker_process
+
 
 class NaNOnProcess1AtStep2(CaptionContrastiveLoss):
     calls = 0
@@ -48,6 +50,4 @@ def main(llm_dir: str, output: str) -> None:
 
 if __name__ == "__main__":
     main(*sys.argv[1:3])
-    if torch.distributed.is_initialized():  # shut gloo down before exit (see distributed_worker.py)
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    end_worker_process()

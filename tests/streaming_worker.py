@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import math
 import sys
-import time
 from pathlib import Path
 
 import datasets
@@ -21,13 +20,15 @@ from llm2clip_hf.data import ROW_INDEX, join_stream_embeddings
 from llm2clip_hf.testing import tiny_vision_config
 from llm2clip_hf.trainers import LLM2CLIPTrainer, LLM2CLIPTrainingArguments
 
+from launching import end_worker_process
+
 BATCH, STEPS = 4, 3
 
 
 def run(llm_dir: str, shards_dir: str, cache_dir: str, output_dir: str) -> None:
     # datasets sleeps this long whenever it closes parquet readers, so that Arrow's I/O threads end first
-    # (apache/arrow#45214); 0.1 s per close keeps this run short, and one full wait before exit (below) keeps the
-    # interpreter from exiting under a live Arrow thread ("terminate called without an active exception").
+    # (apache/arrow#45214); 0.1 s per close keeps this run short, and the worker leaves without the exit-time
+    # teardown that a live Arrow thread can abort (tests/launching.py: end_worker_process).
     datasets.config.SLEEP_TIME_ON_THREADS_SHUTDOWN = 0.1
     text_model = LLM2CLIPTextModel.from_llm(llm_dir)
     torch.manual_seed(0)
@@ -54,7 +55,4 @@ def run(llm_dir: str, shards_dir: str, cache_dir: str, output_dir: str) -> None:
 
 if __name__ == "__main__":
     run(*sys.argv[1:5])
-    time.sleep(5)  # datasets' own default wait for Arrow's reader threads (see run)
-    if torch.distributed.is_initialized():  # shut gloo down before exit (see tests/distributed_worker.py)
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    end_worker_process()

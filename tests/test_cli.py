@@ -455,3 +455,27 @@ def test_evaluate_retrieval_per_caption_column_reports_each_language_and_their_m
         assert own["caption_words_max"] == words[-1] and own["caption_words_over_77"] == 0.0
     for key in recall:
         assert metrics[f"mean/{key}"] == pytest.approx(sum(metrics[f"{lang}/{key}"] for lang in languages) / 5)
+
+
+@pytest.fixture()
+def one_process_group(tmp_path):
+    """A 1-process gloo group, as ``accelerate launch`` leaves one for the command; destroyed afterwards if the
+    command did not."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    yield dist
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def test_a_finished_command_shuts_the_launchers_process_group_down(monkeypatch, one_process_group):
+    monkeypatch.setattr(COMMANDS["convert"], "run", lambda *arguments: None)
+    assert main(["convert", "in.pt", "out"]) == 0
+    assert not one_process_group.is_initialized()
+
+
+def test_a_failed_command_leaves_the_process_group_to_the_other_processes(capsys, monkeypatch, one_process_group):
+    failing_command(monkeypatch, ValueError("bad input"))
+    assert main(["convert", "in.pt", "out"]) == 1
+    assert one_process_group.is_initialized()

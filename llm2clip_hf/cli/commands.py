@@ -275,5 +275,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     if result is not None:
         print(json.dumps(result, indent=2, default=str))
+    release_process_group()
     return 0
+
+
+def release_process_group() -> None:
+    """Shut down the process group a launcher started (``accelerate launch``) once a command has succeeded: left to
+    the interpreter's exit, torch warns and the threads it still holds can abort the process after the work is
+    done. After an error it is left as it is, since another process may still be waiting in a collective."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
