@@ -40,8 +40,9 @@ class RecordGradients(TrainerCallback):
                 self.gradients[f"step{state.global_step + 1}/{name}"] = parameter.grad.detach().clone()
 
 
-def run(stage: str, llm_dir: str, output_dir: str, world_size: int, gradcache_chunk_size: int | None = None,
-        loss_type: str = "clip") -> None:
+def model_and_data(stage: str, llm_dir: str, loss_type: str = "clip") -> tuple[torch.nn.Module, Dataset]:
+    """The tiny LLM's encoder and ``ROWS`` caption pairs (stage "caption"), or a new tiny CLIP and ``ROWS`` image rows
+    with the LLM's cached embeddings (stage "clip"); seeded, so every process and run builds the same."""
     torch.manual_seed(0)
     text_model = LLM2CLIPTextModel.from_llm(llm_dir)
     if stage == "caption":
@@ -55,6 +56,12 @@ def run(stage: str, llm_dir: str, output_dir: str, world_size: int, gradcache_ch
                                                       logit_scale_init_value=math.log(10.0))
         model = LLM2CLIPModel.from_text_model(text_model, tiny_vision_config(), embed_text_model=False,
                                               projection_dim=32, **siglip)
+    return model, data
+
+
+def run(stage: str, llm_dir: str, output_dir: str, world_size: int, gradcache_chunk_size: int | None = None,
+        loss_type: str = "clip") -> None:
+    model, data = model_and_data(stage, llm_dir, loss_type)
     args = LLM2CLIPTrainingArguments(
         output_dir=output_dir, stage=stage, per_device_train_batch_size=GLOBAL_BATCH // world_size,
         max_steps=STEPS, optim="sgd", learning_rate=0.5, warmup_steps=0, lr_scheduler_type="constant",

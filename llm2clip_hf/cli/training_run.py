@@ -24,6 +24,7 @@ from ..conversion.model_loading import load_clip_model, load_lm_head
 from ..modeling import LLM2CLIPModel
 from ..data import text_pair_source
 from ..trainers import LLM2CLIPTrainer, LLM2CLIPTrainingArguments
+from ..trainers.deepspeed_settings import models_built_whole
 from ..trainers.training_args import CAPTION_STAGE, MNTP_STAGE, TEXT_STAGES
 from ..conversion.pretrained_vision import llm2clip_from_pretrained_vision
 
@@ -125,68 +126,69 @@ def train_from_cli(text: Any, data: Any, clip: Any, args: LLM2CLIPTrainingArgume
     if data.eval_dataset or data.eval_split:
         evaluation = load_dataset_from_spec(data.eval_dataset or data.dataset, data.eval_split or data.split,
                                             image_column)
-    output_dir = Path(args.output_dir)
-    text_model = lm_head = None
-    attach_on_save = False
-    if args.stage in TEXT_STAGES:
-        model = text_model = text.load(precision)
-        if args.stage == MNTP_STAGE and not getattr(text_model.config.llm_config, "tie_word_embeddings", False):
-            lm_head = load_lm_head(text.text_model, **{"gguf_file": text.gguf_file} if text.gguf_file else {},
-                                   **(precision.from_pretrained_kwargs() if precision is not None else {}))
-    else:
-        cached = args.text_source == "cached"
-        built_cache = False
-        needs_text_model = clip.model is None or text.text_model is not None or (
-            cached and not data.streaming and not has_cache(train, args.caption_columns))
-        text_model = text.load(precision) if needs_text_model else None
-        # Training on cached embeddings needs no LLM in the model: it is embedded at the final save (loaded again
-        # there, by the saving process only), so no process holds a second copy of it while training.
-        embed = not cached
-        attach_on_save = cached and clip.embed_text_model and text_model is not None
-        adapter_settings = ({"adapter_input_normalization": clip.adapter_input_normalization}
-                            if clip.adapter_input_normalization else {})
-        if clip.model is not None:
-            model = load_clip_model(clip.model)
-        elif clip.vision_model is not None:
-            # A pretrained image side (CLIP, SigLIP, EVA-CLIP, or an LLM2CLIP model): kept exactly; the adapter is
-            # new unless the source has one for this LLM's width.
-            model = llm2clip_from_pretrained_vision(clip.vision_model, text_model, embed_text_model=embed,
-                                                    projection_dim=clip.projection_dim, **adapter_settings)
+    with models_built_whole():  # under ZeRO-3, the Trainer partitions them
+        output_dir = Path(args.output_dir)
+        text_model = lm_head = None
+        attach_on_save = False
+        if args.stage in TEXT_STAGES:
+            model = text_model = text.load(precision)
+            if args.stage == MNTP_STAGE and not getattr(text_model.config.llm_config, "tie_word_embeddings", False):
+                lm_head = load_lm_head(text.text_model, **{"gguf_file": text.gguf_file} if text.gguf_file else {},
+                                       **(precision.from_pretrained_kwargs() if precision is not None else {}))
         else:
-            # A new tower; with --loss-type siglip it gets SigLIP's learnable bias and temperature at SigLIP's init.
-            siglip = dict(logit_bias_init_value=-10.0, logit_scale_init_value=math.log(10.0)) \
-                if args.loss_type == "siglip" else {}
-            model = LLM2CLIPModel.from_text_model(
-                text_model, clip.vision_config(), embed_text_model=embed,
-                projection_dim=1280 if clip.projection_dim is None else clip.projection_dim, **siglip,
-                **adapter_settings)
-        if cached and data.streaming:
-            cache = load_stream_cache(data)
-            train = join_stream_embeddings(train, cache, key_column=data.key_column,
-                                           cache_key_column=read_cache_metadata(cache)["key_column"])
-        elif cached:
-            cache_dir = Path(data.embedding_cache) if data.embedding_cache else output_dir / "_embedding_cache"
-            needs_cache = [part for part in (train, evaluation) if part is not None
-                           and not has_cache(part, args.caption_columns)]
-            if needs_cache:
-                text_model.to(args.device)
-            built_cache = not has_cache(train, args.caption_columns)
-            if built_cache:
-                # The training policy for bad captions (skip_bad_rows) applies before embedding; row indices keep
-                # naming the rows of the given dataset.
-                train = drop_bad_caption_rows(with_row_index(train), args.caption_columns, args.skip_bad_rows)
-                train = precompute_text_embeddings(train, text_model, args.caption_columns, cache_dir,
-                                                   batch_size=args.per_device_eval_batch_size)
-            if evaluation is not None and not has_cache(evaluation, args.caption_columns):
-                evaluation = precompute_text_embeddings(
-                    evaluation, text_model, args.caption_columns, cache_dir.with_name(cache_dir.name + "_eval"),
-                    batch_size=args.per_device_eval_batch_size)
-        if cached and text_model is not None:
-            # The trainer checks the cache against this fingerprint (that of a cache just made is the LLM's); the
-            # LLM itself is not kept for training.
-            model.config.text_model_fingerprint = read_cache_metadata(train)["fingerprint"] if built_cache else \
-                text_model_fingerprint(text_model)
-            text_model = None
+            cached = args.text_source == "cached"
+            built_cache = False
+            needs_text_model = clip.model is None or text.text_model is not None or (
+                cached and not data.streaming and not has_cache(train, args.caption_columns))
+            text_model = text.load(precision) if needs_text_model else None
+            # Training on cached embeddings needs no LLM in the model: it is embedded at the final save (loaded again
+            # there, by the saving process only), so no process holds a second copy of it while training.
+            embed = not cached
+            attach_on_save = cached and clip.embed_text_model and text_model is not None
+            adapter_settings = ({"adapter_input_normalization": clip.adapter_input_normalization}
+                                if clip.adapter_input_normalization else {})
+            if clip.model is not None:
+                model = load_clip_model(clip.model)
+            elif clip.vision_model is not None:
+                # A pretrained image side (CLIP, SigLIP, EVA-CLIP, or an LLM2CLIP model): kept exactly; the adapter is
+                # new unless the source has one for this LLM's width.
+                model = llm2clip_from_pretrained_vision(clip.vision_model, text_model, embed_text_model=embed,
+                                                        projection_dim=clip.projection_dim, **adapter_settings)
+            else:
+                # A new tower; with --loss-type siglip it gets SigLIP's learnable bias and temperature at SigLIP's init.
+                siglip = dict(logit_bias_init_value=-10.0, logit_scale_init_value=math.log(10.0)) \
+                    if args.loss_type == "siglip" else {}
+                model = LLM2CLIPModel.from_text_model(
+                    text_model, clip.vision_config(), embed_text_model=embed,
+                    projection_dim=1280 if clip.projection_dim is None else clip.projection_dim, **siglip,
+                    **adapter_settings)
+            if cached and data.streaming:
+                cache = load_stream_cache(data)
+                train = join_stream_embeddings(train, cache, key_column=data.key_column,
+                                               cache_key_column=read_cache_metadata(cache)["key_column"])
+            elif cached:
+                cache_dir = Path(data.embedding_cache) if data.embedding_cache else output_dir / "_embedding_cache"
+                needs_cache = [part for part in (train, evaluation) if part is not None
+                               and not has_cache(part, args.caption_columns)]
+                if needs_cache:
+                    text_model.to(args.device)
+                built_cache = not has_cache(train, args.caption_columns)
+                if built_cache:
+                    # The training policy for bad captions (skip_bad_rows) applies before embedding; row indices keep
+                    # naming the rows of the given dataset.
+                    train = drop_bad_caption_rows(with_row_index(train), args.caption_columns, args.skip_bad_rows)
+                    train = precompute_text_embeddings(train, text_model, args.caption_columns, cache_dir,
+                                                       batch_size=args.per_device_eval_batch_size)
+                if evaluation is not None and not has_cache(evaluation, args.caption_columns):
+                    evaluation = precompute_text_embeddings(
+                        evaluation, text_model, args.caption_columns, cache_dir.with_name(cache_dir.name + "_eval"),
+                        batch_size=args.per_device_eval_batch_size)
+            if cached and text_model is not None:
+                # The trainer checks the cache against this fingerprint (that of a cache just made is the LLM's); the
+                # LLM itself is not kept for training.
+                model.config.text_model_fingerprint = read_cache_metadata(train)["fingerprint"] if built_cache else \
+                    text_model_fingerprint(text_model)
+                text_model = None
     if evaluation is None and data.eval_fraction > 0:
         parts = train.train_test_split(test_size=data.eval_fraction, seed=args.seed)
         train, evaluation = parts["train"], parts["test"]

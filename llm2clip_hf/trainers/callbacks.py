@@ -33,11 +33,25 @@ class LogitScaleClampCallback(TrainerCallback):
         with torch.no_grad():
             (parameter.to_local() if isinstance(parameter, DTensor) else parameter).clamp_(0.0, self.max_value)
         if trainer.is_deepspeed_enabled:
-            from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
+            clamp_deepspeed_copies(parameter, self.max_value)
 
-            master = safe_get_full_fp32_param(parameter)  # collective: every process calls it
-            if master is not None:
-                safe_set_full_fp32_param(parameter, master.clamp(0.0, self.max_value))
+
+def clamp_deepspeed_copies(parameter: nn.Parameter, max_value: float) -> None:
+    """Clamp DeepSpeed's copies of ``parameter`` to ``[0, max_value]``: the float32 master (ZeRO-1/2: assembled and
+    written back, a collective every process calls) or, under ZeRO-3, this process's partitions of the master and of
+    the parameter itself; clamping is elementwise, so each process clamping its own elements is exact (DeepSpeed's
+    full-parameter setter cannot write a parameter with fewer elements than processes, as ``logit_scale``)."""
+    from deepspeed.utils import (safe_get_full_fp32_param, safe_get_local_fp32_param, safe_set_full_fp32_param,
+                                 safe_set_local_fp32_param)
+
+    if hasattr(parameter, "ds_id"):  # ZeRO-3
+        with torch.no_grad():
+            parameter.ds_tensor.clamp_(0.0, max_value)
+        safe_set_local_fp32_param(parameter, safe_get_local_fp32_param(parameter).clamp(0.0, max_value))
+        return
+    master = safe_get_full_fp32_param(parameter)
+    if master is not None:
+        safe_set_full_fp32_param(parameter, master.clamp(0.0, max_value))
 
 
 class EpochCallback(TrainerCallback):

@@ -365,8 +365,9 @@ class ClipStage(TrainingStage):
 
 
 def make_logit_parameters_one_element(model: nn.Module) -> None:
-    """Give ``logit_scale`` / ``logit_bias`` the shape ``(1,)`` for FSDP, which refuses 0-d parameters ("fully_shard
-    doesn't support scalar parameters"). The model computes the same (they broadcast); saved models keep the 0-d
+    """Give ``logit_scale`` / ``logit_bias`` the shape ``(1,)`` for FSDP and DeepSpeed, which refuse 0-d parameters
+    (FSDP: "fully_shard doesn't support scalar parameters"; DeepSpeed's engine broadcasts each parameter as bytes:
+    "self.dim() cannot be 0 to view Float as Byte"). The model computes the same (they broadcast); saved models keep the 0-d
     shape of the official and transformers' CLIP checkpoints (:func:`zero_dimensional_logit_parameters`)."""
     for name in LOGIT_PARAMETERS:
         parameter = getattr(model, name, None)

@@ -34,6 +34,7 @@ from ..modeling import LLM2CLIPModel, LLM2CLIPTextModel
 from .callbacks import EpochCallback, LogitScaleClampCallback
 from .distributed import average_gradients
 from .grad_cache import GradCacheLoss
+from .deepspeed_settings import check_deepspeed_config, models_built_whole
 from .layer_decay import layer_decay_parameter_groups
 from .losses import check_loss_processes
 from .model_card import write_model_card
@@ -136,7 +137,10 @@ class LLM2CLIPTrainer(Trainer):
                 )
             self._grad_cache = GradCacheLoss(self.loss, self.stage, args.gradcache_chunk_size,
                                              autocast=self.accelerator.autocast)
+        if self.is_deepspeed_enabled:
+            check_deepspeed_config(self.accelerator.state.deepspeed_plugin.deepspeed_config, args)
         self._text_model_on_save = text_model_on_save
+        self._gathered_state_dict: dict[str, torch.Tensor] | None = None
         self._data_statistics = DataStatistics()
         self._saving_checkpoint = False
         # Our losses are means over the local batch and take no `num_items_in_batch`: let the Trainer divide by the
@@ -206,9 +210,9 @@ class LLM2CLIPTrainer(Trainer):
 
     def train(self, *args: Any, **kwargs: Any):
         """``Trainer.train``; the result's metrics also count, over all processes and DataLoader workers, the rows
-        skipped for unreadable images and the captions truncated to the token budget. Under FSDP, ``logit_scale`` /
-        ``logit_bias`` become 1-element first (:func:`~.stages.make_logit_parameters_one_element`)."""
-        if self.is_fsdp_enabled and self.args.stage == CLIP_STAGE:  # before the optimizer and the wrapping
+        skipped for unreadable images and the captions truncated to the token budget. Under FSDP and DeepSpeed,
+        ``logit_scale`` / ``logit_bias`` become 1-element first (:func:`~.stages.make_logit_parameters_one_element`)."""
+        if (self.is_fsdp_enabled or self.is_deepspeed_enabled) and self.args.stage == CLIP_STAGE:  # before wrapping
             make_logit_parameters_one_element(self.accelerator.unwrap_model(self.model))
         self._data_statistics = DataStatistics()
         self.health.reset()
@@ -289,6 +293,18 @@ class LLM2CLIPTrainer(Trainer):
                                   batch_size=args.per_device_eval_batch_size, show_progress_bar=False)
 
     # --------------------------------------------------------------------------------------------- saving
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """``Trainer.save_model``. Under DeepSpeed ZeRO-3 a LoRA model's final save gathers every weight first (the
+        Trainer gathers the adapter only, and the merged model needs the frozen weights too); every process calls
+        this, as the gathering is collective."""
+        if self.is_deepspeed_enabled and not self._saving_checkpoint and self.deepspeed.zero_optimization_stage() == 3 \
+                and isinstance(self.accelerator.unwrap_model(self.model), PeftModel):
+            self._gathered_state_dict = self.deepspeed._zero3_consolidated_16bit_state_dict()
+        try:
+            super().save_model(output_dir, _internal_call)
+        finally:
+            self._gathered_state_dict = None
+
     def _save_checkpoint(self, model, trial):
         self._saving_checkpoint = True
         try:
@@ -304,6 +320,7 @@ class LLM2CLIPTrainer(Trainer):
             return super()._save(output_dir, state_dict)
         if not self.args.should_save:
             return
+        state_dict = self._gathered_state_dict if self._gathered_state_dict is not None else state_dict
         output_dir = output_dir or self.args.output_dir
         os.makedirs(output_dir, exist_ok=True)
         base = self._base_model()
@@ -312,10 +329,18 @@ class LLM2CLIPTrainer(Trainer):
             weights = merged_state_dict(base)
         else:  # the trained model's keys; under PEFT (stage 1) the base model's follow "base_model.model."
             prefix = "base_model.model." if isinstance(self.accelerator.unwrap_model(self.model), PeftModel) else ""
-            weights = merge_lora_state_dict({k.removeprefix(prefix): v for k, v in state_dict.items()}, base)
+            state = {k.removeprefix(prefix): v for k, v in state_dict.items()}
             if isinstance(base, LLM2CLIPModel) and base.text_model is not None and \
-                    not any(k.startswith("text_model.") for k in weights):  # attached after the model was wrapped
-                weights.update({f"text_model.{k}": v for k, v in base.text_model.state_dict().items()})
+                    not any(k.startswith("text_model.") for k in state):  # attached after the model was wrapped
+                state.update({f"text_model.{k}": v for k, v in base.text_model.state_dict().items()})
+            missing = sorted(set(base.state_dict()) - set(state))
+            if missing:
+                raise RuntimeError(
+                    f"The consolidated state dict lacks {len(missing)} of the model's weights ({missing[:3]} ...): the "
+                    f"saved model would not load, so nothing was written to {output_dir}. The run's checkpoints are "
+                    "intact; report this with the DeepSpeed / FSDP configuration."
+                )
+            weights = merge_lora_state_dict(state, base)
         base.save_pretrained(output_dir, state_dict=zero_dimensional_logit_parameters(weights),
                              safe_serialization=True)
         torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
@@ -328,7 +353,8 @@ class LLM2CLIPTrainer(Trainer):
         if self._text_model_on_save is None or not isinstance(base, LLM2CLIPModel) or base.text_model is not None:
             return
         source = self._text_model_on_save
-        attach_text_model(base, source if isinstance(source, nn.Module) else source())
+        with models_built_whole():  # the saving process alone: no ZeRO-3 partitioning (a collective) here
+            attach_text_model(base, source if isinstance(source, nn.Module) else source())
         base.text_model.requires_grad_(False).eval()
 
     def create_model_card(self, model_name: str | None = None, dataset_name: str | list[str] | None = None,
