@@ -15,6 +15,7 @@ from transformers import AutoConfig
 
 from .assets import SMOLLM2_HUB_ID, smollm2_gguf
 from ..modeling import LLM2CLIPConfig, LLM2CLIPModel, LLM2CLIPTextConfig, LLM2CLIPTextModel
+from ..modeling.caption_tokenization import resolve_text_template
 
 DEFAULT_TEXT_MODEL = "smollm2"  # SmolLM2-135M-Instruct: the offline GGUF asset if installed, else the Hub id
 
@@ -65,7 +66,8 @@ def load_text_model(
     except (OSError, ValueError) as error:
         raise _missing_model_error(str(name_or_path), "text model", error) from error
     if isinstance(config, LLM2CLIPTextConfig):
-        requested = {"pooling_mode": pooling_mode, "text_template": text_template, "max_seq_length": max_length}
+        requested = {"pooling_mode": pooling_mode, "text_template": resolve_text_template(text_template),
+                     "max_seq_length": max_length}  # a preset name is compared as the template it stands for
         conflicts = {k: (v, getattr(config, k)) for k, v in requested.items() if v is not None and v != getattr(config, k)}
         if conflicts:
             details = ", ".join(f"{k}={v[0]!r} (saved: {v[1]!r})" for k, v in conflicts.items())
