@@ -1,5 +1,6 @@
-"""Training health: collapsed embeddings are noticed in both stages (warned, or stopped with the last good checkpoint
-kept); non-finite losses are tested in test_reliability.py, on one process and on two."""
+"""Training health: collapsed embeddings are noticed in both stages (stopped by default with the last good weights
+saved as a model, or warned with stop_on_collapse=False); non-finite losses are tested in test_reliability.py, on one
+process and on two."""
 
 import logging
 import math
@@ -12,7 +13,13 @@ from llm2clip_hf import LLM2CLIPModel, LLM2CLIPTextModel
 from llm2clip_hf.data import precompute_text_embeddings
 from llm2clip_hf.testing import tiny_caption_pair_rows, tiny_image_caption_rows, tiny_vision_config
 from llm2clip_hf.trainers import LLM2CLIPTrainer, LLM2CLIPTrainingArguments
-from llm2clip_hf.trainers.training_health import CollapseMonitor, EmbeddingCollapseError, StepHealth, embedding_spread
+from llm2clip_hf.trainers.training_health import (
+    CollapseMonitor,
+    EmbeddingCollapseError,
+    StepHealth,
+    checkpoint_before,
+    embedding_spread,
+)
 
 COLLAPSED = "The training embeddings have collapsed"
 
@@ -40,9 +47,9 @@ def test_monitor_reports_a_streak_once_after_patience_and_ignores_a_spread_witho
 def stage1(tiny_llm_dir, tmp_path, learning_rate, **settings):
     torch.manual_seed(0)
     args = LLM2CLIPTrainingArguments(
-        output_dir=str(tmp_path), stage="caption", max_steps=12, learning_rate=learning_rate, warmup_steps=0,
+        output_dir=str(tmp_path), stage="caption", learning_rate=learning_rate, warmup_steps=0,
         per_device_train_batch_size=8, use_cpu=True, logging_steps=1, disable_tqdm=True, report_to="none",
-        **{"save_strategy": "no", **settings})
+        **{"save_strategy": "no", "max_steps": 12, **settings})
     return LLM2CLIPTrainer(model=LLM2CLIPTextModel.from_llm(tiny_llm_dir), args=args,
                            train_dataset=Dataset.from_list(tiny_caption_pair_rows()))
 
@@ -57,26 +64,84 @@ def test_stage1_collapse_at_a_very_high_learning_rate_is_warned_and_a_sane_run_i
     """lr 0.5 maps every caption of the tiny LLM to nearly one point within 5 steps (loss at ln 16); 2e-4 keeps
     the spread above 60 % of its start."""
     with caplog.at_level(logging.WARNING):
-        stage1(tiny_llm_dir, tmp_path, learning_rate).train()
+        stage1(tiny_llm_dir, tmp_path, learning_rate, stop_on_collapse=False).train()
     warnings = collapse_warnings(caplog)
     assert len(warnings) == (1 if collapses else 0)
     if collapses:
         assert "learning_rate=0.5" in warnings[0] and "ln(candidates) = 2.7726" in warnings[0]
+        assert "Training goes on" in warnings[0]
 
 
-def test_stop_on_collapse_keeps_the_last_checkpoint_from_before_the_collapse(tiny_llm_dir, tmp_path):
-    trainer = stage1(tiny_llm_dir, tmp_path, 0.5, stop_on_collapse=True, save_strategy="steps", save_steps=2)
-    with pytest.raises(EmbeddingCollapseError, match="stop_on_collapse=True") as error:
+def test_checkpoint_before_a_collapse_excludes_the_weights_that_embedded_its_first_step(tmp_path):
+    """Step S embeds with the weights after S - 1 updates (checkpoint-<S-1>): they are already collapsed."""
+    for step in (2, 4, 6):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+    assert checkpoint_before(str(tmp_path), 7) == str(tmp_path / "checkpoint-4")
+    assert checkpoint_before(str(tmp_path), 8) == str(tmp_path / "checkpoint-6")
+    assert checkpoint_before(str(tmp_path), 3) is None
+
+
+def spread_of(model, rows):
+    with torch.no_grad():
+        return embedding_spread(model.encode([r["short_caption"] for r in rows] + [r["long_caption"] for r in rows])
+                                ).item()
+
+
+def test_a_collapse_stops_by_default_and_saves_the_last_good_weights_as_a_model(tiny_llm_dir, tmp_path):
+    """Default settings: the run stops; the saved last-good model equals a run of exactly that many steps (constant
+    lr, so the first N steps of both runs are the same computation), and its embeddings are spread where the
+    collapsed ones are not."""
+    constant = dict(lr_scheduler_type="constant", save_strategy="steps", save_steps=2)
+    trainer = stage1(tiny_llm_dir, tmp_path / "run", 0.5, **constant)
+    with pytest.raises(EmbeddingCollapseError) as error:
         trainer.train()
-    start = trainer.health.collapse.streak_start
-    kept = max(step for step in range(2, start, 2))
-    assert f"checkpoint-{kept}" in str(error.value) and f"since step {start}" in str(error.value)
-    assert (tmp_path / f"checkpoint-{kept}").is_dir()
-    assert not (tmp_path / "model.safetensors").exists()  # nothing from the collapsed steps became the model
+    start, good = trainer.health.collapse.streak_start, trainer.health.snapshot.step
+    assert good <= start - 2  # at the latest, the weights that embedded step start - 1, the last step not collapsed
+    saved = tmp_path / "run" / f"last-good-step-{good}"
+    message = str(error.value)
+    assert error.value.last_good_model == str(saved) and str(saved) in message
+    assert "learning_rate=0.5" in message and "stop_on_collapse=False" in message
+    assert f"checkpoint-{max(s for s in range(2, start - 1, 2))}" in message
+    assert not (tmp_path / "run" / "model.safetensors").exists()  # nothing from the collapsed steps became the model
+    last_good = LLM2CLIPTextModel.from_pretrained(saved)
+
+    reference = stage1(tiny_llm_dir, tmp_path / "reference", 0.5, **{**constant, "max_steps": good,
+                                                                    "save_strategy": "no"})
+    reference.train()
+    reference.save_model()
+    expected = LLM2CLIPTextModel.from_pretrained(tmp_path / "reference")
+    for (name, value), (_, other) in zip(last_good.state_dict().items(), expected.state_dict().items()):
+        torch.testing.assert_close(value, other, msg=name)
+    rows = tiny_caption_pair_rows()
+    raw = LLM2CLIPTextModel.from_llm(tiny_llm_dir)
+    assert spread_of(last_good, rows) > 0.02 * spread_of(raw, rows)  # above the collapse threshold
+
+
+def test_stage1_keeps_the_best_checkpoint_by_held_out_cra(tiny_llm_dir, tmp_path):
+    """load_best_model_at_end with metric_for_best_model="cra": the model at the end is the checkpoint with the best
+    held-out CRA, recomputed here from each checkpoint's saved CRA in the log."""
+    rows = tiny_caption_pair_rows()
+    torch.manual_seed(0)
+    args = LLM2CLIPTrainingArguments(
+        output_dir=str(tmp_path), stage="caption", max_steps=8, learning_rate=1e-3, warmup_steps=0,
+        per_device_train_batch_size=8, use_cpu=True, logging_steps=1, disable_tqdm=True, report_to="none",
+        eval_strategy="steps", eval_steps=2, save_strategy="steps", save_steps=2, load_best_model_at_end=True,
+        metric_for_best_model="cra")
+    trainer = LLM2CLIPTrainer(model=LLM2CLIPTextModel.from_llm(tiny_llm_dir), args=args,
+                              train_dataset=Dataset.from_list(rows[:24]), eval_dataset=Dataset.from_list(rows[24:]))
+    trainer.train()
+    evaluations = [(entry["step"], entry["eval_cra"]) for entry in trainer.state.log_history if "eval_cra" in entry
+                   and entry["step"] > 0]
+    best_step = max(evaluations, key=lambda entry: entry[1])[0]  # the Trainer keeps the first of equal scores
+    assert trainer.state.best_model_checkpoint == str(tmp_path / f"checkpoint-{best_step}")
+    from llm2clip_hf.evaluation import evaluate_caption_retrieval
+    now = evaluate_caption_retrieval(trainer.accelerator.unwrap_model(trainer.model), Dataset.from_list(rows[24:]),
+                                     ["short_caption", "long_caption"])["cra"]
+    assert now == pytest.approx(max(cra for _, cra in evaluations))
 
 
 @pytest.mark.parametrize("learning_rate, collapses", [(1.0, True), (1e-3, False)])
-def test_stage2_collapse_is_warned(text_model, tmp_path, caplog, learning_rate, collapses):
+def test_stage2_collapse_stops_by_default(text_model, tmp_path, caplog, learning_rate, collapses):
     data = precompute_text_embeddings(Dataset.from_list(tiny_image_caption_rows()), text_model,
                                       ["short_caption", "long_caption"])
     torch.manual_seed(0)
@@ -86,6 +151,32 @@ def test_stage2_collapse_is_warned(text_model, tmp_path, caplog, learning_rate, 
         output_dir=str(tmp_path), stage="clip", max_steps=12, learning_rate=learning_rate, warmup_steps=0,
         per_device_train_batch_size=8, use_cpu=True, save_strategy="no", logging_steps=1, disable_tqdm=True,
         report_to="none")
-    with caplog.at_level(logging.WARNING):
-        LLM2CLIPTrainer(model=model, args=args, train_dataset=data).train()
-    assert len(collapse_warnings(caplog)) == (1 if collapses else 0)
+    trainer = LLM2CLIPTrainer(model=model, args=args, train_dataset=data)
+    if not collapses:
+        with caplog.at_level(logging.WARNING):
+            trainer.train()
+        assert not collapse_warnings(caplog)
+        return
+    with pytest.raises(EmbeddingCollapseError) as error:  # stopped by default; the last good tower saved
+        trainer.train()
+    reloaded = LLM2CLIPModel.from_pretrained(error.value.last_good_model)
+    assert reloaded.config.vision_config.hidden_size == model.config.vision_config.hidden_size
+
+
+def test_cli_stage1_that_collapses_exits_non_zero_with_the_last_good_model_saved(tiny_llm_dir, tmp_path, capsys):
+    import json
+
+    from llm2clip_hf.cli.commands import main
+
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in tiny_caption_pair_rows()))
+    out = tmp_path / "s1"
+    code = main(["train", "--stage", "caption", "--text-model", str(tiny_llm_dir), "--dataset", str(pairs),
+                 "--output-dir", str(out), "--max-steps", "12", "--learning-rate", "0.5", "--warmup-steps", "0",
+                 "--per-device-train-batch-size", "8", "--use-cpu", "--save-strategy", "no"])
+    error = capsys.readouterr().err
+    assert code == 1 and "collapsed to nearly one point" in error and "--stop-on-collapse false" in error
+    saved = [p for p in out.iterdir() if p.name.startswith("last-good-step-")]
+    assert len(saved) == 1 and str(saved[0]) in error
+    LLM2CLIPTextModel.from_pretrained(saved[0])  # a loadable encoder
+    assert not (out / "model.safetensors").exists() and not (out / "metrics.json").exists()

@@ -6,8 +6,10 @@ that is all-reduced, so every process takes the same decision on the same number
 - a non-finite loss on any process stops every process, after all of them saved the last good state together
   (the step's update has not been applied), naming the processes, losses and rows;
 - a collapse of the embeddings (every row of a batch mapped to nearly one point: a contrastive loss then sits at
-  ln(candidates) and learns nothing more) is logged as a warning naming the likely cause, or, with
-  ``stop_on_collapse``, stops the run naming the last checkpoint saved before the collapse began.
+  ln(candidates) and learns nothing more) stops the run (``stop_on_collapse``, the default): the trainable weights
+  of the last step whose embeddings were still spread (kept in memory, one copy on their device) are saved as a loadable
+  model in ``<output_dir>/last-good-step-<N>``, and :class:`EmbeddingCollapseError` names it, the best checkpoint by
+  the evaluation metric where there is one, and what to change. With ``stop_on_collapse=False`` it is a warning.
 """
 
 from __future__ import annotations
@@ -31,7 +33,11 @@ COLLAPSED_LOSS_SHARE = 0.95
 
 
 class EmbeddingCollapseError(RuntimeError):
-    """The training embeddings collapsed to (nearly) one point and ``stop_on_collapse`` is set."""
+    """The training embeddings collapsed to (nearly) one point and ``stop_on_collapse`` is set (the default)."""
+
+    def __init__(self, message: str, last_good_model: str | None = None) -> None:
+        super().__init__(message)
+        self.last_good_model = last_good_model
 
 
 def embedding_spread(*embeddings: torch.Tensor) -> torch.Tensor | None:
@@ -63,6 +69,7 @@ class CollapseMonitor:
         self.streak_start: int | None = None  # first step of the current run of collapsed-looking steps
         self.streak = 0
         self.reported = False
+        self.low_spread = False  # whether the last step checked had a low spread (collapsing, or collapsed)
 
     def update(self, step: int, health: StepHealth) -> bool:
         """Record ``step``; True exactly when the current streak reaches ``patience`` steps (reported once)."""
@@ -70,7 +77,7 @@ class CollapseMonitor:
             return False
         if self.initial_spread is None:
             self.initial_spread = health.spread
-        low_spread = health.spread < self.spread_ratio * self.initial_spread
+        low_spread = self.low_spread = health.spread < self.spread_ratio * self.initial_spread
         uninformative = health.log_candidates is None or health.loss is None or \
             health.loss >= COLLAPSED_LOSS_SHARE * health.log_candidates
         if not (low_spread and uninformative):
@@ -91,19 +98,48 @@ class CollapseMonitor:
                 f"spread is {health.spread:.2e}, {health.spread / self.initial_spread:.1%} of the "
                 f"{self.initial_spread:.2e} of the first step{loss}, for {self.streak} optimizer steps. The usual "
                 f"cause is a learning rate too high for this model (learning_rate={learning_rate:g}) or too short a "
-                f"warmup (warmup_steps={warmup_steps}): lower the one or lengthen the other. Set "
-                "stop_on_collapse=True to stop at the collapse with the last good checkpoint kept.")
+                f"warmup (warmup_steps={warmup_steps}): lower the one or lengthen the other.")
 
 
 def checkpoint_before(output_dir: str, step: int) -> str | None:
-    """The newest ``checkpoint-N`` in ``output_dir`` with ``N < step``, or ``None``."""
+    """The newest ``checkpoint-N`` in ``output_dir`` whose weights come before optimizer step ``step`` looked
+    collapsed, or ``None``. Step ``step`` embeds with the weights after ``step - 1`` updates (``checkpoint-<step-1>``),
+    so the last good weights are those of ``checkpoint-N`` with ``N <= step - 2``."""
     steps = []
     if os.path.isdir(output_dir):
         for name in os.listdir(output_dir):
             match = re.fullmatch(r"checkpoint-(\d+)", name)
-            if match and int(match.group(1)) < step:
+            if match and int(match.group(1)) <= step - 2:
                 steps.append(int(match.group(1)))
     return os.path.join(output_dir, f"checkpoint-{max(steps)}") if steps else None
+
+
+class TrainableSnapshot:
+    """A copy of a model's trainable parameters, on their own devices (for stage 1 the LoRA weights only; for stage
+    2 the tower and adapter: one more copy of the trained weights in device memory). ``take`` refreshes it in place,
+    ``restore`` writes it back."""
+
+    def __init__(self) -> None:
+        self.tensors: dict[str, torch.Tensor] = {}
+        self.step: int | None = None
+
+    def take(self, model: nn.Module, step: int) -> None:
+        with torch.no_grad():
+            for name, parameter in model.named_parameters():
+                if not parameter.requires_grad:
+                    continue
+                kept = self.tensors.get(name)
+                if kept is None or kept.shape != parameter.shape:
+                    self.tensors[name] = parameter.detach().clone()
+                else:
+                    kept.copy_(parameter.detach())
+        self.step = step
+
+    def restore(self, model: nn.Module) -> None:
+        with torch.no_grad():
+            for name, parameter in model.named_parameters():
+                if name in self.tensors:
+                    parameter.copy_(self.tensors[name])
 
 
 class TrainingHealthCallback(TrainerCallback):
@@ -121,6 +157,14 @@ class TrainingHealthCallback(TrainerCallback):
         self.records: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, float | None]] = []
         self.batch_spread: torch.Tensor | None = None
         self.collapse = CollapseMonitor(args.collapse_spread_ratio, args.collapse_patience)
+        self.snapshot = TrainableSnapshot()
+
+    def keeps_snapshot(self) -> bool:
+        """A last-good copy of the weights is kept when a collapse stops the run and the model is not sharded (under
+        FSDP / DeepSpeed the weights and their optimizer masters are partitioned: the checkpoints serve instead)."""
+        trainer = self.trainer
+        return trainer.args.stop_on_collapse and trainer.args.collapse_spread_ratio > 0 and \
+            not (trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled)
 
     def observe(self, model: nn.Module, *embeddings: torch.Tensor) -> None:
         """Keep the spread of a training batch's embeddings for the step's collapse check."""
@@ -167,19 +211,43 @@ class TrainingHealthCallback(TrainerCallback):
             log_candidates=candidates_sum / candidates_count if candidates_count else None,
         )
         step = trainer.state.global_step + 1
-        if not self.collapse.update(step, health):
+        collapsed = self.collapse.update(step, health)
+        if not self.collapse.low_spread and self.keeps_snapshot():
+            # this step's embeddings come from the weights after step - 1 updates, and they were spread
+            self.snapshot.take(trainer.accelerator.unwrap_model(trainer.model), step - 1)
+        if not collapsed:
             return
         message = self.collapse.describe(health, trainer.args.learning_rate,
                                          trainer.args.get_warmup_steps(trainer.state.max_steps))
         if not trainer.args.stop_on_collapse:
-            logger.warning(message)
+            logger.warning(message + " Training goes on (stop_on_collapse=False).")
             return
-        last_good = checkpoint_before(trainer.args.output_dir, self.collapse.streak_start)
-        kept = (f"The last checkpoint saved before the collapse is {last_good}; resume from it with a lower "
-                "learning rate or a longer warmup." if last_good else
-                "No checkpoint was saved before the collapse began (save_steps).")
-        raise EmbeddingCollapseError(f"Stopped at step {step} (stop_on_collapse=True). {message} {kept} Nothing "
-                                     "was saved from the collapsed steps.")
+        self._stop_on_collapse(step, message)
+
+    def _stop_on_collapse(self, step: int, message: str) -> None:
+        """Save the last good weights as a model, name them and the best / last good checkpoint, and stop."""
+        trainer = self.trainer
+        kept, last_good_model = [], None
+        if self.snapshot.step is not None:
+            model = trainer.accelerator.unwrap_model(trainer.model)
+            self.snapshot.restore(model)
+            last_good_model = os.path.join(trainer.args.output_dir, f"last-good-step-{self.snapshot.step}")
+            trainer.save_model(last_good_model)
+            kept.append(f"The weights after step {self.snapshot.step}, the last whose embeddings were still "
+                        f"spread, are saved as a model in {last_good_model}.")
+        best = trainer.state.best_model_checkpoint
+        if best and os.path.isdir(best):
+            kept.append(f"The best checkpoint by {trainer.args.metric_for_best_model} "
+                        f"({trainer.state.best_metric:.4g}) is {best}.")
+        checkpoint = checkpoint_before(trainer.args.output_dir, self.collapse.streak_start)
+        if checkpoint:
+            kept.append(f"The last checkpoint from before the collapse is {checkpoint} (resume_from_checkpoint).")
+        if not kept:
+            kept.append("No weights from before the collapse were kept (no checkpoint was saved before it).")
+        raise EmbeddingCollapseError(
+            f"Stopped at step {step}: {message} {' '.join(kept)} Nothing from the collapsed steps was saved as the "
+            "model. To train on through a collapse anyway, set stop_on_collapse=False (CLI: --stop-on-collapse false).",
+            last_good_model)
 
     def _stop_on_non_finite_loss(self, failures: list[tuple[int, float, list[int] | None]]) -> None:
         """Every process saves the last good state together (this step's update has not been applied), then every
