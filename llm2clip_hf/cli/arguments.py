@@ -110,7 +110,11 @@ class ColumnArguments:
 
 @dataclass
 class EvaluateArguments:
-    task: str = field(default="retrieval", metadata={"help": "retrieval | zeroshot | caption-retrieval"})
+    task: str = field(default="retrieval", metadata={
+        "help": "retrieval | zeroshot | caption-retrieval | teacher (with --text-model and --caption-columns: spread "
+                "and effective rank of its caption embeddings raw and centered, the verdict healthy / dominated / "
+                "degenerate, and CRA raw and centered with two caption columns)"})
+    max_rows: int = field(default=2048, metadata={"help": "teacher: rows sampled from the dataset."})
     model: str | None = field(default=None, metadata={"help": "Saved LLM2CLIPModel (retrieval, zeroshot)."})
     label_column: str = field(default="label", metadata={"help": "Class column (zeroshot)."})
     class_names: list[str] | None = field(default=None, metadata={"help": "Class names (zeroshot; default: the "
@@ -139,6 +143,9 @@ class EmbedArguments:
     key_column: str | None = field(default=None, metadata={
         "help": "Copy this column (e.g. webdataset's __key__) into the cache, so that `train --streaming` can join "
                 "the embeddings to streamed rows by key."})
+    allow_degenerate_teacher: bool = field(default=False, metadata={
+        "help": "Exit 0 even when the cached embeddings have no spread left after centering (the teacher check; the "
+                "cache is kept either way)."})
     cpu_threads: int | None = field(default=None, metadata={
         "help": "Threads per process when embedding on the CPU. Default: the cores this process may use divided by "
                 "the processes on this machine. (`accelerate launch --cpu --num_processes N` starts ONE process with "
@@ -195,9 +202,10 @@ class ClipModelArguments:
     projection_dim: int | None = field(default=None, metadata={
         "help": "Joint-space width of a new model (default 1280), or of a new image projection for --vision-model "
                 "(default: the source's)."})
-    adapter_input_normalization: str | None = field(default=None, metadata={
-        "help": "A new text adapter's input normalisation: center | standardize (fitted on the training cache's "
-                "embeddings; see README, 'The demo'). Default: none, as the official adapter."})
+    adapter_input_normalization: str = field(default="auto", metadata={
+        "help": "A new text adapter's input normalisation: none (the official adapter) | center | standardize "
+                "(fitted on the training cache's embeddings) | auto: center when the teacher check finds the cached "
+                "embeddings dominated by one common component (mean pairwise cosine >= 0.9), else none."})
     embed_text_model: bool = field(default=True, metadata={
         "help": "Save the frozen text model inside the CLIP model (reads raw text, zero-shot pipeline)."})
 

@@ -96,9 +96,28 @@ def run_embed(text: TextModelArguments, data: DatasetArguments, columns: ColumnA
                                    rows_per_shard=args.rows_per_shard, key_column=args.key_column)
     if not state.is_main_process:
         return None
-    return {"output_dir": args.output_dir, "rows": len(cached), "processes": state.num_processes,
-            "device": str(text_model.device), "cpu_threads": torch.get_num_threads(),
-            **(read_cache_metadata(cached) or {})}
+    result = {"output_dir": args.output_dir, "rows": len(cached), "processes": state.num_processes,
+              "device": str(text_model.device), "cpu_threads": torch.get_num_threads(),
+              **(read_cache_metadata(cached) or {})}
+    # The cache is complete and stays: a degenerate teacher is named before stage 2 spends time on it.
+    result["teacher"] = cache_teacher_check(cached, columns.caption_columns, args.allow_degenerate_teacher)
+    return result
+
+
+def cache_teacher_check(cached: Any, caption_columns: Sequence[str], allow_degenerate: bool) -> dict[str, Any]:
+    """Teacher statistics of a cache (a sample of rows); a degenerate teacher is refused unless allowed, a dominated
+    one is warned about. The cache itself is never touched."""
+    from transformers.utils import logging as hf_logging
+
+    from ..evaluation.teacher_quality import DOMINATED, check_cached_teacher
+
+    statistics = check_cached_teacher(cached, caption_columns, allow_degenerate,
+                                      "--allow-degenerate-teacher true (the cache is kept)")
+    if statistics.verdict == DOMINATED:
+        hf_logging.get_logger(__name__).warning(
+            f"The teacher's caption embeddings are dominated by one common component ({statistics.describe()}): "
+            "`train --stage clip` will center a new adapter's input (--adapter-input-normalization auto).")
+    return statistics.as_dict()
 
 
 def run_evaluate(text: TextModelArguments, data: DatasetArguments, columns: ColumnArguments,
@@ -106,7 +125,7 @@ def run_evaluate(text: TextModelArguments, data: DatasetArguments, columns: Colu
     from .. import evaluation
     from ..conversion.model_loading import load_clip_model
 
-    tasks = ("retrieval", "zeroshot", "caption-retrieval")
+    tasks = ("retrieval", "zeroshot", "caption-retrieval", "teacher")
     if args.task not in tasks:
         raise ValueError(f"Unknown --task {args.task!r}; choose one of {list(tasks)}.")
     if not process_state().is_main_process:
@@ -115,6 +134,9 @@ def run_evaluate(text: TextModelArguments, data: DatasetArguments, columns: Colu
     if args.task == "caption-retrieval":
         metrics = evaluation.evaluate_caption_retrieval(
             text.load(precision).to(device), data.load(), columns.caption_columns, args.query_instruction, args.batch_size)
+    elif args.task == "teacher":
+        metrics = evaluation.evaluate_teacher(text.load(precision).to(device), data.load(), columns.caption_columns,
+                                              args.max_rows, args.batch_size)
     else:
         if args.model is None:
             raise ValueError(f"--task {args.task} needs --model (a saved LLM2CLIPModel).")
@@ -178,7 +200,8 @@ COMMANDS: dict[str, Command] = {
     "embed": Command("Precompute LLM caption embeddings as dataset columns (the stage-2 cache).",
                      (TextModelArguments, DatasetArguments, ColumnArguments, EmbedArguments, PrecisionArguments),
                      run_embed),
-    "evaluate": Command("Retrieval R@1/5/10, zero-shot accuracy, or caption retrieval accuracy (CRA).",
+    "evaluate": Command("Retrieval R@1/5/10, zero-shot accuracy, caption retrieval accuracy (CRA), or the teacher "
+                        "check (is a text model's embedding usable for stage 2).",
                         (TextModelArguments, DatasetArguments, ColumnArguments, EvaluateArguments,
                          PrecisionArguments), run_evaluate),
     "convert": Command("Convert an official LLM2CLIP checkpoint (eva_clip .pt with an EVA02, OpenAI-CLIP or SigLIP2 "
@@ -250,6 +273,14 @@ def _read_config_file(path: str) -> dict[str, Any]:
 # The package's errors about the user's inputs: one line says what is wrong and how to fix it. Anything else (a
 # TypeError, another OSError, a RuntimeError) may be a bug and keeps its traceback.
 USER_ERRORS = (ValueError, FileNotFoundError)
+
+
+def reported_errors() -> tuple[type[BaseException], ...]:
+    """Errors printed as one line (exit 1): bad inputs, and a training run stopped on collapsed embeddings (its
+    message names the kept weights and what to change)."""
+    from ..trainers.training_health import EmbeddingCollapseError
+
+    return (*USER_ERRORS, EmbeddingCollapseError)
 DEBUG_FLAG = "--debug"
 
 
@@ -268,8 +299,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = COMMANDS[argv[0]]
     try:
         result = command.run(*parse_command_arguments(command, argv[1:], prog=f"llm2clip-hf {argv[0]}"))
-    except USER_ERRORS as error:
-        if debug:
+    except Exception as error:
+        if debug or not isinstance(error, reported_errors()):
             raise
         print(f"llm2clip-hf {argv[0]}: error: {error} (run with {DEBUG_FLAG} for the traceback)", file=sys.stderr)
         return 1

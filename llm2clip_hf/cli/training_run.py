@@ -9,6 +9,7 @@ from typing import Any
 
 from accelerate import PartialState
 from datasets import Dataset, load_from_disk
+from transformers.utils import logging as hf_logging
 
 from ..data import (
     drop_bad_caption_rows,
@@ -27,6 +28,8 @@ from ..trainers import LLM2CLIPTrainer, LLM2CLIPTrainingArguments
 from ..trainers.deepspeed_settings import models_built_whole
 from ..trainers.training_args import CAPTION_STAGE, MNTP_STAGE, TEXT_STAGES
 from ..conversion.pretrained_vision import llm2clip_from_pretrained_vision
+
+logger = hf_logging.get_logger(__name__)
 
 
 def has_cache(dataset: Dataset, caption_columns: list[str]) -> bool:
@@ -66,6 +69,31 @@ def load_stream_cache(data: Any) -> Dataset:
         raise ValueError(f"The embedding cache {folder} has no key column to join a stream by; remake it with "
                          f"`llm2clip-hf embed --key-column {data.key_column}`.")
     return cache
+
+
+def new_adapter_input_normalization(clip: Any, cached: Any, args: LLM2CLIPTrainingArguments) -> str | None:
+    """The input normalisation of the run's adapter: ``--adapter-input-normalization`` as given, ``None`` for
+    ``none``; ``auto`` runs the teacher check on the cached training embeddings (map-style data or the stream's
+    cache; refusing a degenerate teacher unless ``--allow-degenerate-teacher``) and centers a new model's adapter
+    when they are dominated by one common component. A saved (``--model``) or pretrained (``--vision-model``, whose
+    adapter may be kept) image side is never changed by ``auto``; the trainer warns there instead."""
+    from ..evaluation.teacher_quality import DOMINATED, check_cached_teacher
+
+    choice = clip.adapter_input_normalization
+    if choice not in ("auto", "none", "center", "standardize"):
+        raise ValueError(f"--adapter-input-normalization must be auto, none, center or standardize, got {choice!r}.")
+    if choice != "auto":
+        return None if choice == "none" else choice
+    if cached is None or clip.model is not None or clip.vision_model is not None:
+        return None
+    statistics = check_cached_teacher(cached, args.caption_columns, args.allow_degenerate_teacher,
+                                      "--allow-degenerate-teacher true", args.seed)
+    if statistics.verdict != DOMINATED:
+        return None
+    logger.warning(f"Teacher check: the cached caption embeddings are dominated by one common component "
+                   f"({statistics.describe()}); the new adapter centers its input (--adapter-input-normalization "
+                   "auto; give none to keep the official adapter).")
+    return "center"
 
 
 def check_pair_options(data: Any, args: LLM2CLIPTrainingArguments) -> None:
@@ -145,23 +173,6 @@ def train_from_cli(text: Any, data: Any, clip: Any, args: LLM2CLIPTrainingArgume
             # there, by the saving process only), so no process holds a second copy of it while training.
             embed = not cached
             attach_on_save = cached and clip.embed_text_model and text_model is not None
-            adapter_settings = ({"adapter_input_normalization": clip.adapter_input_normalization}
-                                if clip.adapter_input_normalization else {})
-            if clip.model is not None:
-                model = load_clip_model(clip.model)
-            elif clip.vision_model is not None:
-                # A pretrained image side (CLIP, SigLIP, EVA-CLIP, or an LLM2CLIP model): kept exactly; the adapter is
-                # new unless the source has one for this LLM's width.
-                model = llm2clip_from_pretrained_vision(clip.vision_model, text_model, embed_text_model=embed,
-                                                        projection_dim=clip.projection_dim, **adapter_settings)
-            else:
-                # A new tower; with --loss-type siglip it gets SigLIP's learnable bias and temperature at SigLIP's init.
-                siglip = dict(logit_bias_init_value=-10.0, logit_scale_init_value=math.log(10.0)) \
-                    if args.loss_type == "siglip" else {}
-                model = LLM2CLIPModel.from_text_model(
-                    text_model, clip.vision_config(), embed_text_model=embed,
-                    projection_dim=1280 if clip.projection_dim is None else clip.projection_dim, **siglip,
-                    **adapter_settings)
             if cached and data.streaming:
                 cache = load_stream_cache(data)
                 train = join_stream_embeddings(train, cache, key_column=data.key_column,
@@ -183,6 +194,24 @@ def train_from_cli(text: Any, data: Any, clip: Any, args: LLM2CLIPTrainingArgume
                     evaluation = precompute_text_embeddings(
                         evaluation, text_model, args.caption_columns, cache_dir.with_name(cache_dir.name + "_eval"),
                         batch_size=args.per_device_eval_batch_size)
+            normalization = new_adapter_input_normalization(
+                clip, cache if cached and data.streaming else train if cached else None, args)
+            adapter_settings = {"adapter_input_normalization": normalization} if normalization else {}
+            if clip.model is not None:
+                model = load_clip_model(clip.model)
+            elif clip.vision_model is not None:
+                # A pretrained image side (CLIP, SigLIP, EVA-CLIP, or an LLM2CLIP model): kept exactly; the adapter is
+                # new unless the source has one for this LLM's width.
+                model = llm2clip_from_pretrained_vision(clip.vision_model, text_model, embed_text_model=embed,
+                                                        projection_dim=clip.projection_dim, **adapter_settings)
+            else:
+                # A new tower; with --loss-type siglip it gets SigLIP's learnable bias and temperature at SigLIP's init.
+                siglip = dict(logit_bias_init_value=-10.0, logit_scale_init_value=math.log(10.0)) \
+                    if args.loss_type == "siglip" else {}
+                model = LLM2CLIPModel.from_text_model(
+                    text_model, clip.vision_config(), embed_text_model=embed,
+                    projection_dim=1280 if clip.projection_dim is None else clip.projection_dim, **siglip,
+                    **adapter_settings)
             if cached and text_model is not None:
                 # The trainer checks the cache against this fingerprint (that of a cache just made is the LLM's); the
                 # LLM itself is not kept for training.

@@ -218,6 +218,13 @@ def embeddings_as_float32(values: Any) -> np.ndarray:
     return array.astype(np.float32, copy=False)
 
 
+def _cell_vectors(cells: np.ndarray) -> np.ndarray:
+    """A batch of one embedding column as ``[captions, dim]`` float32: cells of ``[dim]``, ``[captions, dim]`` or an
+    object array of ``[captions, dim]`` cells (each caption of a list cell counts once)."""
+    stacked = np.concatenate([np.asarray(cell) for cell in cells]) if cells.dtype == object else cells
+    return embeddings_as_float32(stacked).reshape(-1, stacked.shape[-1])
+
+
 def embedding_statistics(dataset: Dataset, caption_columns: Sequence[str], batch_size: int = 8192
                          ) -> tuple[np.ndarray, np.ndarray, int]:
     """Mean and per-dimension standard deviation (float32) of every cached embedding of ``caption_columns`` (each
@@ -227,9 +234,7 @@ def embedding_statistics(dataset: Dataset, caption_columns: Sequence[str], batch
     count = 0
     for batch in dataset.select_columns(columns).with_format("numpy").iter(batch_size=batch_size):
         for column in columns:
-            cells = batch[column]  # [rows, dim], [rows, captions, dim], or an object array of [captions, dim] cells
-            stacked = np.concatenate([np.asarray(cell) for cell in cells]) if cells.dtype == object else cells
-            vectors = embeddings_as_float32(stacked).reshape(-1, stacked.shape[-1]).astype(np.float64)
+            vectors = _cell_vectors(batch[column]).astype(np.float64)
             total = vectors.sum(0) if total is None else total + vectors.sum(0)
             squares = (vectors ** 2).sum(0) if squares is None else squares + (vectors ** 2).sum(0)
             count += len(vectors)
@@ -237,6 +242,21 @@ def embedding_statistics(dataset: Dataset, caption_columns: Sequence[str], batch
         raise ValueError("No cached embeddings to take statistics of: the dataset is empty.")
     mean = total / count
     return mean.astype(np.float32), np.sqrt(np.maximum(squares / count - mean ** 2, 0.0)).astype(np.float32), count
+
+
+def cached_embedding_sample(dataset: Dataset, caption_columns: Sequence[str], max_rows: int = 2048,
+                            seed: int = 0) -> tuple[torch.Tensor, float]:
+    """The cached embeddings of ``caption_columns`` of up to ``max_rows`` random rows (``seed``), as one float32
+    ``[captions, dim]`` tensor, and the relative precision they were stored with (the cache's ``storage_dtype``)."""
+    if len(dataset) == 0:
+        raise ValueError("No cached embeddings to sample: the dataset is empty.")
+    rows = np.random.default_rng(seed).permutation(len(dataset))[:max_rows] if len(dataset) > max_rows else None
+    part = dataset.select(np.sort(rows)) if rows is not None else dataset
+    columns = [embedding_column(c) for c in caption_columns]
+    cells = part.select_columns(columns).with_format("numpy")[:]
+    vectors = np.concatenate([_cell_vectors(cells[column]) for column in columns])
+    storage = (read_cache_metadata(dataset) or {}).get("storage_dtype", "float32")
+    return torch.from_numpy(vectors), torch.finfo(getattr(torch, storage)).eps
 
 
 __getattr__ = moved_names(__name__)  # old names, warned (llm2clip_hf/_moved.py)

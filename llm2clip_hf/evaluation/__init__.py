@@ -1,5 +1,6 @@
 """Metrics of the evaluation suite: retrieval recall, zero-shot classification and caption retrieval accuracy,
-all computed from embeddings in chunks, plus a local ``evaluate`` metric wrapping :func:`retrieval_recall`."""
+all computed from embeddings in chunks, a local ``evaluate`` metric wrapping :func:`retrieval_recall`, and the
+teacher check (is a text model's embedding usable for stage 2)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from .model_evaluation import (
 from .caption_retrieval import caption_retrieval_accuracy, caption_retrieval_metrics
 from .ranking import RankCounts, hit_probability, rank_counts, recall_at_k
 from .retrieval import retrieval_recall
+from .teacher_quality import TeacherStatistics, check_teacher, evaluate_teacher, teacher_statistics
 from .zero_shot import DEFAULT_TEMPLATES, build_classifier, zero_shot_accuracy
 
 _METRIC_DIR = Path(__file__).with_name("metric")
@@ -31,5 +33,6 @@ def metric_path(name: str = "llm2clip_retrieval") -> str:
 __all__ = [
     "DEFAULT_TEMPLATES", "RankCounts", "build_classifier", "caption_retrieval_accuracy", "caption_retrieval_metrics",
     "embed_images", "evaluate_caption_retrieval", "evaluate_retrieval", "evaluate_zero_shot", "hit_probability",
-    "metric_path", "rank_counts", "recall_at_k", "retrieval_recall", "zero_shot_accuracy",
+    "metric_path", "rank_counts", "recall_at_k", "retrieval_recall", "zero_shot_accuracy", "TeacherStatistics",
+    "check_teacher", "evaluate_teacher", "teacher_statistics",
 ]

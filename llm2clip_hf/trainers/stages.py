@@ -38,6 +38,7 @@ from ..data import (
     with_row_index,
 )
 from ..data.masked_next_token import LABELS, TEXT
+from ..evaluation.teacher_quality import DOMINATED, TeacherStatistics, check_cached_teacher
 from ..data.text_pairs import POSITIVE, QUERY, QUERY_INSTRUCTION, ROLES, TEXTS, check_negatives_agree, split_roles
 from ..modeling import LLM2CLIPModel, LLM2CLIPOutput, LLM2CLIPTextModel
 from .losses import (
@@ -299,6 +300,24 @@ class ClipStage(TrainingStage):
             check_cache_rows(data)
         config.text_model_fingerprint = metadata["fingerprint"]
         config.text_model_name_or_path = metadata.get("text_model") or config.text_model_name_or_path
+
+    def check_teacher(self, dataset: Any) -> TeacherStatistics | None:
+        """The teacher check on the training cache (map-style, cached embeddings; a sample of rows): a degenerate
+        teacher is refused unless ``allow_degenerate_teacher``; one dominated by a common component, for an adapter
+        that does not center its input, is warned about. Returns the statistics (``None`` when not checked)."""
+        if self.llm_in_loop or not isinstance(dataset, Dataset) or len(dataset) < 2:
+            return None
+        statistics = check_cached_teacher(dataset, self.args.caption_columns, self.args.allow_degenerate_teacher,
+                                          seed=self.args.seed)
+        logger.info(f"Teacher check on the training cache: {statistics.describe()} ({statistics.verdict}).")
+        if statistics.verdict == DOMINATED and self.model.config.adapter_input_normalization is None:
+            logger.warning(
+                f"The teacher's caption embeddings are dominated by one common component ({statistics.describe()}): "
+                "after the adapter's L2 normalisation every caption looks nearly the same. Build the model with "
+                "adapter_input_normalization='center' (CLI: the default for a new adapter) so the adapter reads the "
+                "residual that tells captions apart."
+            )
+        return statistics
 
     def fit_adapter_input_statistics(self, dataset: Any) -> None:
         """An adapter with input normalisation (``adapter_input_normalization``) that was never fitted gets the mean

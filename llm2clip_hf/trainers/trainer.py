@@ -109,6 +109,7 @@ class LLM2CLIPTrainer(Trainer):
         train_dataset = self.stage.prepare_dataset(train_dataset, args.skip_bad_rows) if train_dataset is not None \
             else None
         if args.stage == CLIP_STAGE:
+            self.teacher_statistics = self.stage.check_teacher(train_dataset)
             self.stage.fit_adapter_input_statistics(train_dataset)
         eval_dataset = self.stage.prepare_dataset(eval_dataset, False) if eval_dataset is not None else None
         # Named stage-1 sources train as one dataset whose batch sampler keeps every batch to one source; evaluation

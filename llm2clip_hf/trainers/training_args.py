@@ -104,6 +104,10 @@ class LLM2CLIPTrainingArguments(TrainingArguments):
                           "logit_bias; the model needs a logit_bias (build it with logit_bias_init_value=-10.0 and "
                           "logit_scale_init_value=log(10), SigLIP's init)."},
     )
+    allow_degenerate_teacher: bool = field(
+        default=False, metadata={"help": "Train stage 2 even on cached embeddings that have no spread left after "
+                                         "centering (the teacher check refuses them by default)."}
+    )
     layer_decay: float = field(default=0.85, metadata={"help": "Layer-wise lr decay of the vision tower (1 = off)."})
     logit_scale_max: float = field(default=math.log(100.0), metadata={"help": "Clamp of logit_scale after each step."})
     image_augmentation: bool = field(
@@ -125,9 +129,10 @@ class LLM2CLIPTrainingArguments(TrainingArguments):
                                         "better and holds more decoded rows in memory)."}
     )
     stop_on_collapse: bool = field(
-        default=False, metadata={"help": "Stop (EmbeddingCollapseError, naming the last checkpoint saved before the "
-                                         "collapse) when the training embeddings collapse to one point; by default "
-                                         "a collapse is logged as a warning and training goes on."}
+        default=True, metadata={"help": "Stop when the training embeddings collapse to one point: the weights of the "
+                                        "last step that did not look collapsed are saved as a model in "
+                                        "OUTPUT_DIR/last-good-step-N and EmbeddingCollapseError names them (the CLI "
+                                        "exits non-zero). False: a warning, and training goes on."}
     )
     collapse_spread_ratio: float = field(
         default=0.02, metadata={"help": "Collapse check: the embeddings of a batch count as collapsed when their "

@@ -1,0 +1,153 @@
+"""The teacher check: statistics that tell a usable stage-2 teacher from one dominated by a common component and from
+a degenerate one, checked against direct computations and on degenerate inputs; the trainer and the CLI act on it."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from datasets import Dataset
+
+from llm2clip_hf import LLM2CLIPModel
+from llm2clip_hf.data import cached_embedding_sample, embedding_column, precompute_text_embeddings
+from llm2clip_hf.evaluation import caption_retrieval_metrics, evaluate_teacher, teacher_statistics
+from llm2clip_hf.evaluation.teacher_quality import DEGENERATE, DOMINATED, HEALTHY, effective_rank
+from llm2clip_hf.testing import tiny_caption_pair_rows, tiny_image_caption_rows, tiny_vision_config
+from llm2clip_hf.trainers import LLM2CLIPTrainer, LLM2CLIPTrainingArguments
+
+DIM = 32
+
+
+def common_plus_residual(rows: int, residual: float, seed: int = 0) -> torch.Tensor:
+    """One shared direction of norm 1 plus isotropic residuals of RMS norm ``residual``."""
+    generator = torch.Generator().manual_seed(seed)
+    common = torch.zeros(DIM)
+    common[0] = 1.0
+    return common + residual * torch.randn(rows, DIM, generator=generator) / math.sqrt(DIM)
+
+
+def test_statistics_equal_a_direct_computation():
+    x = common_plus_residual(50, 0.8)
+    stats = teacher_statistics(x)
+    unit = x.double().numpy() / np.linalg.norm(x.double().numpy(), axis=1, keepdims=True)
+    pairs = [unit[i] @ unit[j] for i in range(50) for j in range(50) if i != j]
+    assert stats.mean_cosine == pytest.approx(np.mean(pairs), abs=1e-9)
+    assert stats.std_cosine == pytest.approx(np.std(pairs, ddof=1), abs=1e-9)
+    centered = x.double().numpy() - x.double().numpy().mean(0)
+    assert stats.residual_share == pytest.approx(
+        math.sqrt((centered ** 2).sum(1).mean() / (x.double().numpy() ** 2).sum(1).mean()), rel=1e-9)
+    assert effective_rank(torch.eye(5)) == pytest.approx(5.0)  # five orthonormal directions
+    assert effective_rank(torch.ones(7, 3)) == pytest.approx(1.0)  # one direction
+
+
+def test_verdicts_on_spread_dominated_and_degenerate_embeddings():
+    spread = torch.randn(200, DIM, generator=torch.Generator().manual_seed(0))
+    assert teacher_statistics(spread).verdict == HEALTHY
+    dominated = teacher_statistics(common_plus_residual(200, 0.05))  # mean cosine ~0.997, residual informative
+    assert dominated.mean_cosine > 0.99 and dominated.centered_effective_rank > 10
+    assert dominated.verdict == DOMINATED
+    for name, degenerate in {
+        "constant": torch.full((100, DIM), 0.3),
+        "zero": torch.zeros(100, DIM),
+        "two duplicated vectors": torch.cat([torch.randn(1, DIM).repeat(50, 1), torch.randn(1, DIM).repeat(50, 1)]),
+    }.items():
+        assert teacher_statistics(degenerate).verdict == DEGENERATE, name
+    # a residual of 1e-4 carries information in float32, none once stored in bfloat16 (eps 7.8e-3)
+    tiny = common_plus_residual(200, 1e-4)
+    assert teacher_statistics(tiny).verdict == DOMINATED
+    assert teacher_statistics(tiny, precision=torch.finfo(torch.bfloat16).eps).verdict == DEGENERATE
+
+
+def test_statistics_refuse_non_finite_and_too_few_rows():
+    with pytest.raises(ValueError, match="NaN"):
+        teacher_statistics(torch.tensor([[1.0, float("nan")], [0.0, 1.0]]))
+    with pytest.raises(ValueError, match="N >= 2"):
+        teacher_statistics(torch.ones(1, 4))
+
+
+def test_evaluate_teacher_reports_cra_raw_and_centered(text_model):
+    rows = tiny_caption_pair_rows()
+    data = Dataset.from_list(rows)
+    report = evaluate_teacher(text_model, data, ["short_caption", "long_caption"])
+    short = text_model.encode([r["short_caption"] for r in rows]).float()
+    long = text_model.encode([r["long_caption"] for r in rows]).float()
+    assert report["cra"] == pytest.approx(caption_retrieval_metrics(short, long)["cra"])
+    mean = torch.cat([short, long]).mean(0)
+    assert report["centered_cra"] == pytest.approx(caption_retrieval_metrics(short - mean, long - mean)["cra"])
+    assert report["verdict"] in (HEALTHY, DOMINATED) and report["rows"] == 2 * len(rows)
+
+
+def cache_with(text_model, replace):
+    """A real cache of the tiny image rows whose embedding vectors are replaced by ``replace(rows) -> [rows, dim]``
+    (the rows' caption hashes and the cache metadata stay, so every other check passes)."""
+    columns = ["short_caption", "long_caption"]
+    data = precompute_text_embeddings(Dataset.from_list(tiny_image_caption_rows()), text_model, columns)
+    for column in columns:
+        values = replace(len(data), text_model.config.llm_config.hidden_size).numpy()
+        data = data.remove_columns(embedding_column(column)).add_column(embedding_column(column), list(values))
+    return data
+
+
+def stage2(text_model, data, tmp_path, **settings):
+    model = LLM2CLIPModel.from_text_model(text_model, tiny_vision_config(), embed_text_model=False, projection_dim=32)
+    args = LLM2CLIPTrainingArguments(output_dir=str(tmp_path), stage="clip", max_steps=1, per_device_train_batch_size=8,
+                                     use_cpu=True, save_strategy="no", report_to="none", disable_tqdm=True, **settings)
+    return LLM2CLIPTrainer(model=model, args=args, train_dataset=data, text_model=text_model)
+
+
+def test_trainer_refuses_a_degenerate_teacher_unless_allowed(text_model, tmp_path):
+    data = cache_with(text_model, lambda rows, dim: torch.full((rows, dim), 0.5))
+    embeddings, _ = cached_embedding_sample(data, ["short_caption", "long_caption"])
+    assert torch.equal(embeddings, torch.full_like(embeddings, 0.5))
+    with pytest.raises(ValueError, match="no spread left, even after centering.*allow_degenerate_teacher=True"):
+        stage2(text_model, data, tmp_path)
+    trainer = stage2(text_model, data, tmp_path, allow_degenerate_teacher=True)
+    assert trainer.teacher_statistics.verdict == DEGENERATE
+
+
+def test_cli_auto_centers_a_new_adapter_for_a_dominated_teacher_only(text_model, tmp_path):
+    from llm2clip_hf.cli.arguments import ClipModelArguments
+    from llm2clip_hf.cli.training_run import new_adapter_input_normalization
+
+    args = LLM2CLIPTrainingArguments(output_dir=str(tmp_path), stage="clip", use_cpu=True, report_to="none")
+    dominated = cache_with(text_model, lambda rows, dim: torch.cat([common_plus_residual(rows, 0.05),
+                                                                    torch.zeros(rows, dim - DIM)], 1))
+    healthy = cache_with(text_model, lambda rows, dim: torch.randn(rows, dim, generator=torch.Generator().manual_seed(1)))
+    degenerate = cache_with(text_model, lambda rows, dim: torch.zeros(rows, dim))
+    new = ClipModelArguments()
+    assert new.adapter_input_normalization == "auto"
+    assert new_adapter_input_normalization(new, dominated, args) == "center"
+    assert new_adapter_input_normalization(new, healthy, args) is None
+    with pytest.raises(ValueError, match="--allow-degenerate-teacher true"):
+        new_adapter_input_normalization(new, degenerate, args)
+    assert new_adapter_input_normalization(ClipModelArguments(adapter_input_normalization="none"), dominated,
+                                           args) is None
+    kept = ClipModelArguments(vision_model="some/clip")  # a pretrained image side is never changed by auto
+    assert new_adapter_input_normalization(kept, dominated, args) is None
+
+
+def test_cli_teacher_task_and_embed_report_the_same_statistics(tiny_llm_dir, tmp_path, capsys):
+    import json
+
+    from llm2clip_hf import LLM2CLIPTextModel
+    from llm2clip_hf.cli.commands import main
+
+    rows = tiny_caption_pair_rows()
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    common = ["--text-model", str(tiny_llm_dir), "--dataset", str(pairs), "--caption-columns", "short_caption",
+              "long_caption"]
+    assert main(["evaluate", "--task", "teacher", *common, "--output-dir", str(tmp_path / "eval")]) == 0
+    report = json.loads((tmp_path / "eval" / "metrics_teacher.json").read_text())
+    capsys.readouterr()
+    assert main(["embed", *common, "--output-dir", str(tmp_path / "cache")]) == 0
+    out = capsys.readouterr().out
+    embedded = json.loads(out[out.index("{\n"):])["teacher"]
+    expected = teacher_statistics(torch.cat([
+        LLM2CLIPTextModel.from_llm(tiny_llm_dir).encode([r[c] for r in rows]).float()
+        for c in ("short_caption", "long_caption")]))
+    for result in (report, embedded):
+        assert result["verdict"] == expected.verdict
+        assert result["mean_cosine"] == pytest.approx(expected.mean_cosine, abs=1e-4)
+        assert result["centered_effective_rank"] == pytest.approx(expected.centered_effective_rank, rel=1e-3)
+    assert "cra" in report and "centered_cra" in report
