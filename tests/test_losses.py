@@ -76,6 +76,46 @@ def test_caption_loss_matches_naive_formula(with_negatives):
     assert abs(loss.item() - expected) < 1e-4 * max(1.0, expected)
 
 
+@pytest.mark.parametrize("with_negatives", [True, False])
+def test_centered_caption_loss_is_the_naive_formula_on_centered_embeddings_and_blind_to_a_shared_component(
+        with_negatives):
+    torch.manual_seed(3)
+    q, p, n = torch.randn(6, 16), torch.randn(6, 16), torch.randn(6, 16)
+    parts = [q, p] + ([n] if with_negatives else [])
+    mean = torch.cat(parts).mean(0)
+    loss = CaptionContrastiveLoss(scale=50.0, center=True)(q, p, n if with_negatives else None)
+    expected = naive_caption_loss(q - mean, p - mean, (n - mean) if with_negatives else None, 50.0)
+    assert abs(loss.item() - expected) < 1e-4 * max(1.0, expected)
+    shared = 1e3 * torch.randn(16)  # swamps every embedding: the plain loss sits near ln(candidates)
+    shifted = CaptionContrastiveLoss(scale=50.0, center=True)(q + shared, p + shared,
+                                                               (n + shared) if with_negatives else None)
+    assert shifted.item() == pytest.approx(loss.item(), rel=1e-3)
+    plain = CaptionContrastiveLoss(scale=50.0)(q + shared, p + shared, (n + shared) if with_negatives else None)
+    candidates = 12 if with_negatives else 6
+    assert plain.item() == pytest.approx(math.log(candidates), rel=0.05)
+
+
+@pytest.mark.parametrize("sizes", [(4, 4), (3, 5)])
+def test_centered_caption_loss_over_simulated_ranks_averages_to_global_loss(sizes):
+    """The mean subtracted is the global batch's: each rank gathers every rank's embeddings for it."""
+    torch.manual_seed(4)
+    total = sum(sizes)
+    q, p, n = torch.randn(total, 8) + 2.0, torch.randn(total, 8) + 2.0, torch.randn(total, 8) + 2.0
+    global_loss = CaptionContrastiveLoss(world_size=1, center=True)(q, p, n)
+    mean = torch.cat([q, p, n]).mean(0)
+    bounds = [0, *torch.tensor(sizes).cumsum(0).tolist()]
+    local_chunks = [torch.cat([q[a:b], p[a:b], n[a:b]]) for a, b in zip(bounds, bounds[1:])]
+    p_chunks = [_unit(p[a:b] - mean) for a, b in zip(bounds, bounds[1:])]
+    n_chunks = [_unit(n[a:b] - mean) for a, b in zip(bounds, bounds[1:])]
+    weighted = 0.0
+    for rank, (a, b) in enumerate(zip(bounds, bounds[1:])):
+        gathers = iter([split_gather(local_chunks, rank), split_gather(p_chunks, rank), split_gather(n_chunks, rank)])
+        loss = CaptionContrastiveLoss(world_size=len(sizes), rank=rank, gather=lambda t: next(gathers)(t),
+                                      center=True)
+        weighted += loss(q[a:b], p[a:b], n[a:b]).item() * (b - a) / total
+    assert abs(weighted - global_loss.item()) < 1e-5
+
+
 def test_clip_loss_matches_naive_formula():
     torch.manual_seed(1)
     images, texts = torch.randn(5, 12), torch.randn(5, 12)

@@ -59,6 +59,24 @@ def test_small_llm_caption_queries_carry_no_instruction_unless_one_is_given(tmp_
     assert given.short_query_instruction == "Find the caption" and given.long_query_instruction == ""
 
 
+def test_small_llm_caption_loss_is_centered_unless_set(tiny_llm_dir, tmp_path):
+    """The trainer's default loss follows the resolved loss_centering: on for the tiny (small) LLM, off when set."""
+    from datasets import Dataset
+
+    from llm2clip_hf import LLM2CLIPTextModel
+    from llm2clip_hf.testing import tiny_caption_pair_rows
+    from llm2clip_hf.trainers import LLM2CLIPTrainer
+
+    assert STAGE_DEFAULTS["caption"]["loss_centering"] is False and SMALL_LLM_DEFAULTS["caption"]["loss_centering"]
+    data = Dataset.from_list(tiny_caption_pair_rows())
+    for settings, centered in (({}, True), ({"loss_centering": False}, False)):
+        trainer = LLM2CLIPTrainer(model=LLM2CLIPTextModel.from_llm(tiny_llm_dir), train_dataset=data,
+                                  args=args_for(tmp_path, max_steps=1, **settings))
+        assert trainer.loss.center is centered and trainer.args.loss_centering is centered
+    large, _ = args_for(tmp_path).resolved(8_000_000_000)
+    assert large.loss_centering is False  # official for 1B+ LLMs
+
+
 @pytest.mark.parametrize("order", [("small", "large"), ("large", "small")])
 def test_reused_arguments_follow_each_trainers_llm_in_either_order(tiny_llm_dir, tmp_path, order):
     """One LLM2CLIPTrainingArguments reused for a small and a large LLM: each trainer gets its own LLM's defaults

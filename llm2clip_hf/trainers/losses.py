@@ -32,13 +32,24 @@ class CaptionContrastiveLoss(_GatheringLoss):
     matches gathered positive ``offset + i``. The mean over local queries is returned, so averaging the processes'
     losses (as DDP averages their gradients) gives the loss of the global batch when every process holds the same
     number of rows (accelerate's even batches); with uneven shares each process's queries weigh 1 / its row count.
+
+    ``center``: subtract the mean of every embedding of the global batch (queries, positives and negatives of all
+    processes, gathered with gradient) before the cosines. The loss is then blind to a component all embeddings
+    share, so mapping every caption to nearly one point no longer lowers it: the collapse a raw LLM falls into at
+    scale 50 (README, "Stage 1 on small LLMs") is not a way down.
     """
 
-    def __init__(self, scale: float = 50.0, world_size: int = 1, rank: int = 0, gather: Gather | None = None) -> None:
+    def __init__(self, scale: float = 50.0, world_size: int = 1, rank: int = 0, gather: Gather | None = None,
+                 center: bool = False) -> None:
         super().__init__(world_size, rank, gather)
-        self.scale = scale
+        self.scale, self.center = scale, center
 
     def forward(self, query: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor | None = None) -> torch.Tensor:
+        if self.center:
+            local = torch.cat([query, positive] + ([negative] if negative is not None else []))
+            mean = self.gather(local)[0].mean(dim=0, keepdim=True)
+            query, positive = query - mean, positive - mean
+            negative = negative - mean if negative is not None else None
         positives, offset = self.gather(F.normalize(positive, dim=-1))
         candidates = [positives]
         if negative is not None:

@@ -207,7 +207,7 @@ class CaptionStage(TrainingStage):
 
     def default_loss(self):
         return CaptionContrastiveLoss(self.args.loss_scale, world_size=self.args.world_size,
-                                      rank=self.args.process_index)
+                                      rank=self.args.process_index, center=self.args.loss_centering)
 
     def compute_loss(self, model, inputs, loss):  # query, positive and negative in one forward
         embeddings = {TEXTS: model(**inputs[TEXTS]).text_embeds}
@@ -219,7 +219,9 @@ class CaptionStage(TrainingStage):
                 lambda embeddings: self._loss_on(model, inputs, loss, embeddings)[0], ())
 
     def _loss_on(self, model, inputs, loss, embeddings):
-        self.observe(model, embeddings[TEXTS])
+        texts = embeddings[TEXTS]
+        # the health check watches what the loss compares: centered embeddings under a centering loss
+        self.observe(model, texts - texts.mean(dim=0, keepdim=True) if getattr(loss, "center", False) else texts)
         roles = split_roles(embeddings[TEXTS], inputs[ROLES])
         return loss(roles["query"], roles["positive"], roles.get("negative")), roles
 

@@ -24,7 +24,7 @@ STAGE_DEFAULTS = {
                      lr_scheduler_type="linear"),
     CAPTION_STAGE: dict(learning_rate=2e-4, warmup_steps=300, weight_decay=0.0, max_grad_norm=1.0,
                         lr_scheduler_type="linear", short_query_instruction=OFFICIAL_SHORT_QUERY_INSTRUCTION,
-                        long_query_instruction=OFFICIAL_LONG_QUERY_INSTRUCTION),
+                        long_query_instruction=OFFICIAL_LONG_QUERY_INSTRUCTION, loss_centering=False),
     CLIP_STAGE: dict(learning_rate=1e-5, warmup_steps=0, weight_decay=0.05, max_grad_norm=5.0,
                      lr_scheduler_type="cosine"),
 }
@@ -38,7 +38,8 @@ MAX_DEFAULT_WARMUP_SHARE = 0.25
 SMALL_LLM_PARAMETERS = 1_000_000_000
 SMALL_LLM_DEFAULTS = {
     MNTP_STAGE: dict(learning_rate=1e-3),
-    CAPTION_STAGE: dict(learning_rate=2e-3, short_query_instruction="", long_query_instruction=""),
+    CAPTION_STAGE: dict(learning_rate=2e-3, short_query_instruction="", long_query_instruction="",
+                        loss_centering=True),
 }
 
 
@@ -60,6 +61,10 @@ class LLM2CLIPTrainingArguments(TrainingArguments):
         "help": "MNTP: mask token for a tokenizer that has none (llm2vec's 'blank' choice)."})
     # ---- stage 1: caption contrastive fine-tuning
     loss_scale: float = field(default=50.0, metadata={"help": "Cosine-similarity scale (1 / temperature)."})
+    loss_centering: bool | None = field(default=None, metadata={
+        "help": "Subtract the global batch's mean embedding before the cosines (the loss is then blind to a "
+                "component every caption shares, so collapsing to one point does not lower it). Default: on for "
+                "LLMs under 1B parameters (a raw SmolLM2 collapsed at scale 50 without it), off (official) above."})
     short_query_instruction: str | None = field(
         default=None,
         metadata={"help": "Instruction on a short-caption query (excluded from pooling; '' for none). Default: the "
