@@ -49,7 +49,7 @@ def stage1(tiny_llm_dir, tmp_path, learning_rate, **settings):
     args = LLM2CLIPTrainingArguments(
         output_dir=str(tmp_path), stage="caption", learning_rate=learning_rate, warmup_steps=0,
         per_device_train_batch_size=8, use_cpu=True, logging_steps=1, disable_tqdm=True, report_to="none",
-        **{"save_strategy": "no", "max_steps": 12, **settings})
+        **{"save_strategy": "no", "max_steps": 12, "loss_centering": False, **settings})  # the plain loss collapses
     return LLM2CLIPTrainer(model=LLM2CLIPTextModel.from_llm(tiny_llm_dir), args=args,
                            train_dataset=Dataset.from_list(tiny_caption_pair_rows()))
 
@@ -101,6 +101,7 @@ def test_a_collapse_stops_by_default_and_saves_the_last_good_weights_as_a_model(
     message = str(error.value)
     assert error.value.last_good_model == str(saved) and str(saved) in message
     assert "learning_rate=0.5" in message and "stop_on_collapse=False" in message
+    assert "loss_centering=True" in message  # this run set the plain loss
     assert f"checkpoint-{max(s for s in range(2, start - 1, 2))}" in message
     assert not (tmp_path / "run" / "model.safetensors").exists()  # nothing from the collapsed steps became the model
     last_good = LLM2CLIPTextModel.from_pretrained(saved)
@@ -173,7 +174,7 @@ def test_cli_stage1_that_collapses_exits_non_zero_with_the_last_good_model_saved
     out = tmp_path / "s1"
     code = main(["train", "--stage", "caption", "--text-model", str(tiny_llm_dir), "--dataset", str(pairs),
                  "--output-dir", str(out), "--max-steps", "12", "--learning-rate", "0.5", "--warmup-steps", "0",
-                 "--per-device-train-batch-size", "8", "--use-cpu", "--save-strategy", "no"])
+                 "--per-device-train-batch-size", "8", "--use-cpu", "--save-strategy", "no", "--loss-centering", "false"])
     error = capsys.readouterr().err
     assert code == 1 and "collapsed to nearly one point" in error and "--stop-on-collapse false" in error
     saved = [p for p in out.iterdir() if p.name.startswith("last-good-step-")]

@@ -219,6 +219,9 @@ class TrainingHealthCallback(TrainerCallback):
             return
         message = self.collapse.describe(health, trainer.args.learning_rate,
                                          trainer.args.get_warmup_steps(trainer.state.max_steps))
+        if trainer.args.stage == "caption" and not trainer.args.loss_centering:
+            message += (" In stage 1 from a raw LLM, loss_centering=True (CLI --loss-centering true) removes the "
+                        "collapse's cause: a loss blind to the component every caption shares.")
         if not trainer.args.stop_on_collapse:
             logger.warning(message + " Training goes on (stop_on_collapse=False).")
             return
