@@ -151,3 +151,10 @@ def test_cli_teacher_task_and_embed_report_the_same_statistics(tiny_llm_dir, tmp
         assert result["mean_cosine"] == pytest.approx(expected.mean_cosine, abs=1e-4)
         assert result["centered_effective_rank"] == pytest.approx(expected.centered_effective_rank, rel=1e-3)
     assert "cra" in report and "centered_cra" in report
+
+
+def test_a_spread_teacher_stored_in_bfloat16_is_not_degenerate():
+    """bfloat16 rounds each value by ~0.4 %: a residual of 65 % of the norm (the tiny LLM's) is far above it."""
+    x = common_plus_residual(200, 0.8)
+    stats = teacher_statistics(x.bfloat16().float(), precision=torch.finfo(torch.bfloat16).eps)
+    assert stats.residual_share > 0.5 and stats.verdict != DEGENERATE

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 DOMINATED_MEAN_COSINE = 0.9
 MIN_CENTERED_EFFECTIVE_RANK = 2.0
 # The residual around the mean must exceed the storage rounding by this factor to count as signal.
-PRECISION_MARGIN = 100.0
+PRECISION_MARGIN = 10.0
 HEALTHY, DOMINATED, DEGENERATE = "healthy", "dominated", "degenerate"
 
 
