@@ -1,0 +1,90 @@
+#!/usr/bin/env python
+"""One stage-1 run of the README's collapse grid: SmolLM2-135M on a caption-pair DatasetDict (train / test, columns
+short_caption / long_caption, e.g. from scripts/build_caption_pairs.py), every trainer default unless given; logs
+the loss and gradient norm per step, held-out CRA raw and on centered embeddings, the mean pairwise cosine after
+training, minutes and peak RSS to OUT.json, and saves the encoder in OUT/final (a stopped, collapsed run: its
+last-good weights, kept by the trainer).
+
+    python scripts/experiments/stage1_run.py --data wordnet/ --steps 40 --out runs/wordnet_centered
+    python scripts/experiments/stage1_run.py --data wordnet/ --steps 40 --set loss_centering=false --out runs/plain
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import time
+
+import torch
+import torch.nn.functional as F
+from datasets import load_from_disk
+
+from llm2clip_hf import load_text_model
+from llm2clip_hf.evaluation import caption_retrieval_metrics
+from llm2clip_hf.trainers import LLM2CLIPTrainer, LLM2CLIPTrainingArguments
+
+
+def held_out(model, test) -> dict[str, float]:
+    """CRA raw and centered, and the spread of the embeddings (mean / std of the pairwise cosines)."""
+    model.eval()
+    with torch.no_grad():
+        short = model.encode(test["short_caption"], batch_size=64, show_progress_bar=False).float()
+        long = model.encode(test["long_caption"], batch_size=64, show_progress_bar=False).float()
+    mean = torch.cat([short, long]).mean(0)
+    unit = F.normalize(torch.cat([short, long]), dim=-1)
+    cosines = (unit @ unit.T)[~torch.eye(len(unit), dtype=torch.bool)]
+    return {"cra": caption_retrieval_metrics(short, long)["cra"],
+            "cra_centered": caption_retrieval_metrics(short - mean, long - mean)["cra"],
+            "mean_cos": cosines.mean().item(), "std_cos": cosines.std().item()}
+
+
+def setting(text: str) -> tuple[str, object]:
+    name, value = text.split("=", 1)
+    return name, json.loads(value)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--steps", type=int, required=True)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--test-rows", type=int, default=500)
+    parser.add_argument("--max-length", type=int, default=128)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--set", type=setting, action="append", default=[],
+                        help="NAME=JSON_VALUE, an LLM2CLIPTrainingArguments setting (e.g. loss_scale=20).")
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    torch.manual_seed(args.seed)
+    data = load_from_disk(args.data)
+    test = data["test"].select(range(min(args.test_rows, len(data["test"]))))
+    model = load_text_model(None, max_length=args.max_length)
+    result = {"args": {**vars(args), "set": dict(args.set)}, "raw": held_out(model, test)}
+    training_args = LLM2CLIPTrainingArguments(
+        output_dir=args.out, stage="caption", caption_columns=["short_caption", "long_caption"],
+        max_steps=args.steps, per_device_train_batch_size=args.batch, logging_steps=1, save_strategy="no",
+        report_to="none", seed=args.seed, dataloader_drop_last=True, gradient_checkpointing=True, **dict(args.set))
+    started = time.time()
+    trainer = LLM2CLIPTrainer(model=model, args=training_args, train_dataset=data["train"])
+    try:
+        trainer.train()
+        result["status"] = "ok"
+    except Exception as error:  # a collapse stops the run; its last good weights are what the trainer holds
+        result["status"] = f"{type(error).__name__}: {str(error)[:400]}"
+    result["minutes"] = round((time.time() - started) / 60, 2)
+    history = [entry for entry in trainer.state.log_history if "loss" in entry]
+    result["loss"] = [round(entry["loss"], 3) for entry in history]
+    result["grad_norm"] = [round(entry.get("grad_norm", float("nan")), 3) for entry in history]
+    result["resolved"] = {"learning_rate": trainer.args.learning_rate, "loss_centering": trainer.args.loss_centering,
+                          "warmup_steps": trainer.args.get_warmup_steps(args.steps)}
+    result["after"] = held_out(trainer.model, test)
+    trainer.save_model(args.out + "/final")
+    result["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    with open(args.out + ".json", "w") as handle:
+        json.dump(result, handle, indent=1)
+    print(json.dumps({k: result[k] for k in ("status", "minutes", "raw", "after")}))
+
+
+if __name__ == "__main__":
+    main()
