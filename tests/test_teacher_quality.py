@@ -112,7 +112,8 @@ def test_cli_auto_centers_a_new_adapter_for_a_dominated_teacher_only(text_model,
     args = LLM2CLIPTrainingArguments(output_dir=str(tmp_path), stage="clip", use_cpu=True, report_to="none")
     dominated = cache_with(text_model, lambda rows, dim: torch.cat([common_plus_residual(rows, 0.05),
                                                                     torch.zeros(rows, dim - DIM)], 1))
-    healthy = cache_with(text_model, lambda rows, dim: torch.randn(rows, dim, generator=torch.Generator().manual_seed(1)))
+    healthy = cache_with(text_model,
+                         lambda rows, dim: torch.randn(rows, dim, generator=torch.Generator().manual_seed(1)))
     degenerate = cache_with(text_model, lambda rows, dim: torch.zeros(rows, dim))
     new = ClipModelArguments()
     assert new.adapter_input_normalization == "auto"

@@ -174,7 +174,8 @@ def test_cli_stage1_that_collapses_exits_non_zero_with_the_last_good_model_saved
     out = tmp_path / "s1"
     code = main(["train", "--stage", "caption", "--text-model", str(tiny_llm_dir), "--dataset", str(pairs),
                  "--output-dir", str(out), "--max-steps", "12", "--learning-rate", "0.5", "--warmup-steps", "0",
-                 "--per-device-train-batch-size", "8", "--use-cpu", "--save-strategy", "no", "--loss-centering", "false"])
+                 "--per-device-train-batch-size", "8", "--use-cpu", "--save-strategy", "no",
+                 "--loss-centering", "false"])
     error = capsys.readouterr().err
     assert code == 1 and "collapsed to nearly one point" in error and "--stop-on-collapse false" in error
     saved = [p for p in out.iterdir() if p.name.startswith("last-good-step-")]

@@ -23,7 +23,8 @@ from datasets import load_dataset
 
 from llm2clip_hf import load_text_model
 from llm2clip_hf.data import cached_embedding_sample, precompute_text_embeddings
-from llm2clip_hf.demo.recipe import DENSE, LANGUAGES, LONG, SHORT, DemoArguments, _train_clip, clip_metrics, emoji_splits
+from llm2clip_hf.demo.recipe import (DENSE, LANGUAGES, LONG, SHORT, DemoArguments, _train_clip, clip_metrics,
+                                    emoji_splits)
 from llm2clip_hf.evaluation import evaluate_retrieval, teacher_statistics
 
 
