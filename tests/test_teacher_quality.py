@@ -88,11 +88,12 @@ def cache_with(text_model, replace):
     return data
 
 
-def stage2(text_model, data, tmp_path, **settings):
+def stage2(text_model, data, tmp_path, teacher_statistics=None, **settings):
     model = LLM2CLIPModel.from_text_model(text_model, tiny_vision_config(), embed_text_model=False, projection_dim=32)
     args = LLM2CLIPTrainingArguments(output_dir=str(tmp_path), stage="clip", max_steps=1, per_device_train_batch_size=8,
                                      use_cpu=True, save_strategy="no", report_to="none", disable_tqdm=True, **settings)
-    return LLM2CLIPTrainer(model=model, args=args, train_dataset=data, text_model=text_model)
+    return LLM2CLIPTrainer(model=model, args=args, train_dataset=data, text_model=text_model,
+                           teacher_statistics=teacher_statistics)
 
 
 def test_trainer_refuses_a_degenerate_teacher_unless_allowed(text_model, tmp_path):
@@ -117,14 +118,33 @@ def test_cli_auto_centers_a_new_adapter_for_a_dominated_teacher_only(text_model,
     degenerate = cache_with(text_model, lambda rows, dim: torch.zeros(rows, dim))
     new = ClipModelArguments()
     assert new.adapter_input_normalization == "auto"
-    assert new_adapter_input_normalization(new, dominated, args) == "center"
-    assert new_adapter_input_normalization(new, healthy, args) is None
+    choice, statistics = new_adapter_input_normalization(new, dominated, args)
+    assert choice == "center" and statistics.verdict == DOMINATED
+    assert new_adapter_input_normalization(new, healthy, args)[0] is None
     with pytest.raises(ValueError, match="--allow-degenerate-teacher true"):
         new_adapter_input_normalization(new, degenerate, args)
     assert new_adapter_input_normalization(ClipModelArguments(adapter_input_normalization="none"), dominated,
-                                           args) is None
+                                           args) == (None, None)
     kept = ClipModelArguments(vision_model="some/clip")  # a pretrained image side is never changed by auto
-    assert new_adapter_input_normalization(kept, dominated, args) is None
+    assert new_adapter_input_normalization(kept, dominated, args) == (None, None)
+
+
+def test_trainer_uses_given_teacher_statistics_instead_of_measuring_again(text_model, tmp_path, monkeypatch):
+    """The CLI measures the cache once to choose the adapter; the trainer reuses those numbers (and still refuses
+    a degenerate teacher on them)."""
+    import llm2clip_hf.trainers.stages as stages
+
+    data = cache_with(text_model, lambda rows, dim: torch.randn(rows, dim, generator=torch.Generator().manual_seed(2)))
+    measured = teacher_statistics(cached_embedding_sample(data, ["short_caption", "long_caption"])[0])
+
+    def measuring_again(*args, **kwargs):
+        raise AssertionError("the teacher was measured twice")
+
+    monkeypatch.setattr(stages, "check_cached_teacher", measuring_again)
+    assert stage2(text_model, data, tmp_path, teacher_statistics=measured).teacher_statistics is measured
+    degenerate = teacher_statistics(torch.zeros(10, 4))
+    with pytest.raises(ValueError, match="no spread left"):
+        stage2(text_model, data, tmp_path, teacher_statistics=degenerate)
 
 
 def test_cli_teacher_task_and_embed_report_the_same_statistics(tiny_llm_dir, tmp_path, capsys):

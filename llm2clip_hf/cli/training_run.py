@@ -28,6 +28,7 @@ from ..trainers import LLM2CLIPTrainer, LLM2CLIPTrainingArguments
 from ..trainers.deepspeed_settings import models_built_whole
 from ..trainers.training_args import CAPTION_STAGE, MNTP_STAGE, TEXT_STAGES
 from ..conversion.pretrained_vision import llm2clip_from_pretrained_vision
+from ..evaluation.teacher_quality import TeacherStatistics
 
 logger = hf_logging.get_logger(__name__)
 
@@ -71,9 +72,10 @@ def load_stream_cache(data: Any) -> Dataset:
     return cache
 
 
-def new_adapter_input_normalization(clip: Any, cached: Any, args: LLM2CLIPTrainingArguments) -> str | None:
-    """The input normalisation of the run's adapter: ``--adapter-input-normalization`` as given, ``None`` for
-    ``none``; ``auto`` runs the teacher check on the cached training embeddings (map-style data or the stream's
+def new_adapter_input_normalization(clip: Any, cached: Any, args: LLM2CLIPTrainingArguments
+                                    ) -> tuple[str | None, TeacherStatistics | None]:
+    """The input normalisation of the run's adapter, and the teacher statistics when they were measured (the trainer
+    reuses them): ``--adapter-input-normalization`` as given, ``None`` for ``none``; ``auto`` runs the teacher check on the cached training embeddings (map-style data or the stream's
     cache; refusing a degenerate teacher unless ``--allow-degenerate-teacher``) and centers a new model's adapter
     when they are dominated by one common component. A saved (``--model``) or pretrained (``--vision-model``, whose
     adapter may be kept) image side is never changed by ``auto``; the trainer warns there instead."""
@@ -83,17 +85,17 @@ def new_adapter_input_normalization(clip: Any, cached: Any, args: LLM2CLIPTraini
     if choice not in ("auto", "none", "center", "standardize"):
         raise ValueError(f"--adapter-input-normalization must be auto, none, center or standardize, got {choice!r}.")
     if choice != "auto":
-        return None if choice == "none" else choice
+        return (None if choice == "none" else choice), None
     if cached is None or clip.model is not None or clip.vision_model is not None:
-        return None
+        return None, None
     statistics = check_cached_teacher(cached, args.caption_columns, args.allow_degenerate_teacher,
                                       "--allow-degenerate-teacher true", args.seed)
     if statistics.verdict != DOMINATED:
-        return None
+        return None, statistics
     logger.warning(f"Teacher check: the cached caption embeddings are dominated by one common component "
                    f"({statistics.describe()}); the new adapter centers its input (--adapter-input-normalization "
                    "auto; give none to keep the official adapter).")
-    return "center"
+    return "center", statistics
 
 
 def check_pair_options(data: Any, args: LLM2CLIPTrainingArguments) -> None:
@@ -156,7 +158,7 @@ def train_from_cli(text: Any, data: Any, clip: Any, args: LLM2CLIPTrainingArgume
                                             image_column)
     with models_built_whole():  # under ZeRO-3, the Trainer partitions them
         output_dir = Path(args.output_dir)
-        text_model = lm_head = None
+        text_model = lm_head = teacher_statistics = None
         attach_on_save = False
         if args.stage in TEXT_STAGES:
             model = text_model = text.load(precision)
@@ -194,7 +196,7 @@ def train_from_cli(text: Any, data: Any, clip: Any, args: LLM2CLIPTrainingArgume
                     evaluation = precompute_text_embeddings(
                         evaluation, text_model, args.caption_columns, cache_dir.with_name(cache_dir.name + "_eval"),
                         batch_size=args.per_device_eval_batch_size)
-            normalization = new_adapter_input_normalization(
+            normalization, teacher_statistics = new_adapter_input_normalization(
                 clip, cache if cached and data.streaming else train if cached else None, args)
             adapter_settings = {"adapter_input_normalization": normalization} if normalization else {}
             if clip.model is not None:
@@ -225,7 +227,8 @@ def train_from_cli(text: Any, data: Any, clip: Any, args: LLM2CLIPTrainingArgume
         train = {data.dataset: train, **pair_sources}
     trainer = LLM2CLIPTrainer(model=model, args=args, train_dataset=train, eval_dataset=evaluation,
                               text_model=text_model if args.stage not in TEXT_STAGES else None, lm_head=lm_head,
-                              text_model_on_save=(lambda: text.load(precision)) if attach_on_save else None)
+                              text_model_on_save=(lambda: text.load(precision)) if attach_on_save else None,
+                              teacher_statistics=teacher_statistics)
     resume = args.resume_from_checkpoint
     result = trainer.train(resume_from_checkpoint=True if resume in ("true", "True") else resume)
     trainer.save_model()

@@ -38,7 +38,7 @@ from ..data import (
     with_row_index,
 )
 from ..data.masked_next_token import LABELS, TEXT
-from ..evaluation.teacher_quality import DOMINATED, TeacherStatistics, check_cached_teacher
+from ..evaluation.teacher_quality import DOMINATED, TeacherStatistics, check_cached_teacher, check_teacher
 from ..data.text_pairs import POSITIVE, QUERY, QUERY_INSTRUCTION, ROLES, TEXTS, check_negatives_agree, split_roles
 from ..modeling import LLM2CLIPModel, LLM2CLIPOutput, LLM2CLIPTextModel
 from .losses import (
@@ -303,14 +303,19 @@ class ClipStage(TrainingStage):
         config.text_model_fingerprint = metadata["fingerprint"]
         config.text_model_name_or_path = metadata.get("text_model") or config.text_model_name_or_path
 
-    def check_teacher(self, dataset: Any) -> TeacherStatistics | None:
+    def check_teacher(self, dataset: Any, statistics: TeacherStatistics | None = None) -> TeacherStatistics | None:
         """The teacher check on the training cache (map-style, cached embeddings; a sample of rows): a degenerate
         teacher is refused unless ``allow_degenerate_teacher``; one dominated by a common component, for an adapter
-        that does not center its input, is warned about. Returns the statistics (``None`` when not checked)."""
-        if self.llm_in_loop or not isinstance(dataset, Dataset) or len(dataset) < 2:
+        that does not center its input, is warned about. ``statistics`` already measured on this cache (the CLI's,
+        which chose the adapter with them) are used instead of measuring again. Returns the statistics (``None``
+        when not checked)."""
+        if statistics is not None:
+            check_teacher(statistics, self.args.allow_degenerate_teacher)
+        elif self.llm_in_loop or not isinstance(dataset, Dataset) or len(dataset) < 2:
             return None
-        statistics = check_cached_teacher(dataset, self.args.caption_columns, self.args.allow_degenerate_teacher,
-                                          seed=self.args.seed)
+        else:
+            statistics = check_cached_teacher(dataset, self.args.caption_columns, self.args.allow_degenerate_teacher,
+                                              seed=self.args.seed)
         logger.info(f"Teacher check on the training cache: {statistics.describe()} ({statistics.verdict}).")
         if statistics.verdict == DOMINATED and self.model.config.adapter_input_normalization is None:
             logger.warning(

@@ -29,7 +29,7 @@ from ..data import (
 )
 from ..data.loaders import training_data_loader
 from ..data.text_pairs import concatenate_sources
-from ..evaluation import evaluate_caption_retrieval, evaluate_retrieval
+from ..evaluation import TeacherStatistics, evaluate_caption_retrieval, evaluate_retrieval
 from ..modeling import LLM2CLIPModel, LLM2CLIPTextModel
 from .callbacks import EpochCallback, LogitScaleClampCallback
 from .distributed import average_gradients
@@ -62,6 +62,8 @@ class LLM2CLIPTrainer(Trainer):
     images and, for ``text_source="cached"``, the embeddings written by ``precompute_text_embeddings``; pass the
     ``text_model`` that made them to have the cache checked against it, and ``text_model_on_save`` (the text model,
     or a function loading it) to have the saved model embed it, frozen, without holding the LLM while training.
+    Stage 2 runs the teacher check on a cached training set (``teacher_statistics`` already measured on it are used
+    instead of measuring again).
     What differs between the stages is a :class:`~.stages.TrainingStage`; ``gradcache_chunk_size`` makes the loss a
     :class:`~.grad_cache.GradCacheLoss`. ``args`` are copied, never changed
     (:meth:`LLM2CLIPTrainingArguments.resolved`). ``trainer.save_model()`` and ``push_to_hub()`` write a loadable
@@ -81,6 +83,7 @@ class LLM2CLIPTrainer(Trainer):
         lm_head: nn.Module | None = None,
         callbacks: list[TrainerCallback] | None = None,
         text_model_on_save: LLM2CLIPTextModel | Callable[[], LLM2CLIPTextModel] | None = None,
+        teacher_statistics: TeacherStatistics | None = None,
         **kwargs: Any,
     ) -> None:
         if not isinstance(args, LLM2CLIPTrainingArguments):
@@ -109,7 +112,7 @@ class LLM2CLIPTrainer(Trainer):
         train_dataset = self.stage.prepare_dataset(train_dataset, args.skip_bad_rows) if train_dataset is not None \
             else None
         if args.stage == CLIP_STAGE:
-            self.teacher_statistics = self.stage.check_teacher(train_dataset)
+            self.teacher_statistics = self.stage.check_teacher(train_dataset, teacher_statistics)
             self.stage.fit_adapter_input_statistics(train_dataset)
         eval_dataset = self.stage.prepare_dataset(eval_dataset, False) if eval_dataset is not None else None
         # Named stage-1 sources train as one dataset whose batch sampler keeps every batch to one source; evaluation
