@@ -182,3 +182,19 @@ def test_cli_stage1_that_collapses_exits_non_zero_with_the_last_good_model_saved
     assert len(saved) == 1 and str(saved[0]) in error
     LLM2CLIPTextModel.from_pretrained(saved[0])  # a loadable encoder
     assert not (out / "model.safetensors").exists() and not (out / "metrics.json").exists()
+
+
+def test_the_collapse_check_watches_the_raw_embeddings_under_the_centered_loss(tmp_path):
+    """Centered rows are spread by construction (their mean is zero), so watching them would hide a collapse to one
+    point; with the loss near ln(candidates) the check must see the raw rows' (near-zero) spread."""
+    from llm2clip_hf.data.text_pairs import ROLES, TEXTS
+    from llm2clip_hf.trainers.losses import CaptionContrastiveLoss
+    from llm2clip_hf.trainers.stages import STAGES
+
+    seen = []
+    args = LLM2CLIPTrainingArguments(output_dir=str(tmp_path), stage="caption", use_cpu=True, report_to="none")
+    stage = STAGES["caption"](args, observe=lambda model, *embeddings: seen.append(embedding_spread(*embeddings)))
+    collapsed = torch.ones(12, 16) + 1e-4 * torch.randn(12, 16, generator=torch.Generator().manual_seed(0))
+    stage._loss_on(None, {ROLES: ["query", "positive", "negative"]}, CaptionContrastiveLoss(center=True),
+                   {TEXTS: collapsed})
+    assert seen[0].item() < 1e-6

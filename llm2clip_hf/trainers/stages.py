@@ -219,9 +219,7 @@ class CaptionStage(TrainingStage):
                 lambda embeddings: self._loss_on(model, inputs, loss, embeddings)[0], ())
 
     def _loss_on(self, model, inputs, loss, embeddings):
-        texts = embeddings[TEXTS]
-        # the health check watches what the loss compares: centered embeddings under a centering loss
-        self.observe(model, texts - texts.mean(dim=0, keepdim=True) if getattr(loss, "center", False) else texts)
+        self.observe(model, embeddings[TEXTS])
         roles = split_roles(embeddings[TEXTS], inputs[ROLES])
         return loss(roles["query"], roles["positive"], roles.get("negative")), roles
 
