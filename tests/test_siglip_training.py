@@ -96,14 +96,34 @@ def test_siglip_stage_learns_logit_bias_and_saves_it(text_model, cached, tmp_pat
     assert torch.equal(reloaded.logit_scale, model.logit_scale.detach())
 
 
-def test_clamp_acts_on_logit_scale_only(text_model, cached, tmp_path):
+def test_clamp_acts_on_logit_scale_only(text_model, cached, tmp_path, caplog):
     model = siglip_model(text_model)
     with torch.no_grad():
         model.logit_scale.fill_(5.0)  # above ln(100)
-    trainer = LLM2CLIPTrainer(model=model, args=siglip_args(tmp_path, max_steps=1), train_dataset=cached)
+    args = siglip_args(tmp_path, max_steps=1, logit_scale_max=math.log(100.0))  # an explicit bound below it
+    with caplog.at_level("WARNING"):
+        trainer = LLM2CLIPTrainer(model=model, args=args, train_dataset=cached)
+    assert "lowers its temperature from 148.41 to 100.00" in caplog.text
     trainer.train()
     assert model.logit_scale.item() == pytest.approx(math.log(100.0))
     assert -10.01 < model.logit_bias.item() < -9.99  # negative: not clamped into [0, logit_scale_max]
+
+
+@pytest.mark.parametrize("tower", ["eva02", "siglip"])
+def test_a_pretrained_temperature_above_the_official_clamp_is_kept(text_model, cached, tmp_path, tower):
+    """A pretrained SigLIP's pair (logit_scale ~ln 112, logit_bias ~-16.5) survives post-training at a tiny lr: the
+    default bound is the starting value, not ln 100 (which cut the scale to 100 at the first step)."""
+    model = siglip_model(text_model, tower, logit_scale_init_value=math.log(112.0), logit_bias_init_value=-16.5)
+    trainer = LLM2CLIPTrainer(model=model, args=siglip_args(tmp_path, max_steps=1, learning_rate=1e-12),
+                              train_dataset=cached)
+    assert trainer.args.logit_scale_max == pytest.approx(math.log(112.0))
+    trainer.train()
+    assert math.exp(model.logit_scale.item()) == pytest.approx(112.0, abs=1e-4)
+    assert model.logit_bias.item() == pytest.approx(-16.5, abs=1e-6)
+    # a starting value under ln 100 keeps the official bound
+    trainer = LLM2CLIPTrainer(model=siglip_model(text_model, tower), args=siglip_args(tmp_path, max_steps=1),
+                              train_dataset=cached)
+    assert trainer.args.logit_scale_max == pytest.approx(math.log(100.0))
 
 
 def test_siglip_needs_a_model_with_logit_bias(text_model, cached, tmp_path):

@@ -83,8 +83,8 @@ def llm2clip_from_pretrained_vision(
       ``logit_scale`` is kept when it has one (it is the temperature its image features were trained with), and a
       SigLIP source's ``logit_bias`` too; a SigLIP source without them gets SigLIP's sigmoid-loss initialisation
       (``logit_scale`` ln 10, ``logit_bias`` -10). Pass ``logit_scale_init_value=`` / ``logit_bias_init_value=`` to
-      start them fresh instead. Training clamps ``logit_scale`` to ``logit_scale_max`` (ln 100) after every step:
-      a source trained to a larger value (some SigLIP checkpoints) is lowered to it unless you raise that limit.
+      start them fresh instead. Training clamps ``logit_scale`` after every step to ``logit_scale_max``: by default
+      ln 100, or the source's own value where that is larger (SigLIP checkpoints: ~ln 112), so the pair is kept.
       A ``projection_dim`` other than the source projection's width (or a source without projection:
       ``CLIPVisionModel``, whose projection width defaults to its config's ``projection_dim``) gives a new,
       randomly initialised projection (logged). SigLIP towers have no projection: the MAP head's output is the

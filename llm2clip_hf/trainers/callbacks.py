@@ -1,4 +1,5 @@
-"""Callbacks the trainer adds to every run: ``logit_scale`` clamping after each optimizer step (stage 2), and the
+"""Callbacks the trainer adds to every run: ``logit_scale`` clamping after each optimizer step (stage 2; its bound
+is at least the model's starting value unless set, see ``LLM2CLIPTrainingArguments.logit_scale_max``), and the
 epoch reaching the training sampler. The health checks are :class:`~.training_health.TrainingHealthCallback`."""
 
 from __future__ import annotations
@@ -9,6 +10,15 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 from transformers import Trainer, TrainerCallback
+
+
+def initial_logit_scale(model: nn.Module) -> float | None:
+    """``model.logit_scale`` before training, or None where it has none or holds no value yet (DeepSpeed ZeRO-3
+    partitions, a model on the meta device)."""
+    parameter = getattr(model, "logit_scale", None)
+    if not isinstance(parameter, torch.Tensor) or parameter.numel() != 1 or parameter.is_meta:
+        return None
+    return float(parameter.detach().float())
 
 
 class LogitScaleClampCallback(TrainerCallback):

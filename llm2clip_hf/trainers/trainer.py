@@ -31,7 +31,7 @@ from ..data.loaders import training_data_loader
 from ..data.text_pairs import concatenate_sources
 from ..evaluation import TeacherStatistics, evaluate_caption_retrieval, evaluate_retrieval
 from ..modeling import LLM2CLIPModel, LLM2CLIPTextModel
-from .callbacks import EpochCallback, LogitScaleClampCallback
+from .callbacks import EpochCallback, LogitScaleClampCallback, initial_logit_scale
 from .distributed import average_gradients
 from .grad_cache import GradCacheLoss
 from .deepspeed_settings import check_deepspeed_config, models_built_whole
@@ -99,7 +99,8 @@ class LLM2CLIPTrainer(Trainer):
         check_sources(args, train_dataset, eval_dataset)
         num_parameters = require_text_model(model, args.stage).llm.num_parameters() \
             if args.stage in TEXT_STAGES else None
-        args = args.resolved_for_run(num_parameters, eval_dataset is not None and args.retrieval_metrics)
+        args = args.resolved_for_run(num_parameters, eval_dataset is not None and args.retrieval_metrics,
+                                     initial_logit_scale(model) if args.stage == CLIP_STAGE else None)
         self.args = args  # the health callback reads the settings before the Trainer sets them
         self.health = TrainingHealthCallback(self)
         stage_options = {MNTP_STAGE: {"lm_head": lm_head}, CLIP_STAGE: {"text_model": text_model}}.get(args.stage, {})

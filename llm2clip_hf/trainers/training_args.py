@@ -26,7 +26,7 @@ STAGE_DEFAULTS = {
                         lr_scheduler_type="linear", short_query_instruction=OFFICIAL_SHORT_QUERY_INSTRUCTION,
                         long_query_instruction=OFFICIAL_LONG_QUERY_INSTRUCTION, loss_centering=False),
     CLIP_STAGE: dict(learning_rate=1e-5, warmup_steps=0, weight_decay=0.05, max_grad_norm=5.0,
-                     lr_scheduler_type="cosine"),
+                     lr_scheduler_type="cosine", logit_scale_max=math.log(100.0)),
 }
 # A default warmup never takes more than this share of the run (the official 300 steps are ~5 % of its one epoch;
 # a 150-step run would otherwise never reach its learning rate). A quarter, not less: 2 warmup steps of a 20-step
@@ -114,7 +114,11 @@ class LLM2CLIPTrainingArguments(TrainingArguments):
                                          "centering (the teacher check refuses them by default)."}
     )
     layer_decay: float = field(default=0.85, metadata={"help": "Layer-wise lr decay of the vision tower (1 = off)."})
-    logit_scale_max: float = field(default=math.log(100.0), metadata={"help": "Clamp of logit_scale after each step."})
+    logit_scale_max: float | None = field(
+        default=None, metadata={"help": "Upper bound logit_scale is clamped to after each step (stage 2). Default: "
+                                        "ln 100 (the official clamp), or the model's starting logit_scale where that "
+                                        "is larger (a pretrained SigLIP's ~ln 112 is kept with its logit_bias)."}
+    )
     image_augmentation: bool = field(
         default=True, metadata={"help": "RandomResizedCrop(scale 0.9-1, bicubic) when training; else center crop."}
     )
@@ -228,11 +232,15 @@ class LLM2CLIPTrainingArguments(TrainingArguments):
             resolved.fill_deepspeed_config()
         return resolved, changed
 
-    def resolved_for_run(self, num_parameters: int | None, evaluates: bool) -> "LLM2CLIPTrainingArguments":
+    def resolved_for_run(self, num_parameters: int | None, evaluates: bool,
+                         initial_logit_scale: float | None = None) -> "LLM2CLIPTrainingArguments":
         """:meth:`resolved` for a trainer: the small-LLM defaults (logged) for a text stage on an LLM of
-        ``num_parameters``, and ``eval_on_start`` for stage 1 with held-out data (``evaluates``: the CRA before
-        training, for the log and the card's model-index) unless it was set."""
+        ``num_parameters``, ``eval_on_start`` for stage 1 with held-out data (``evaluates``: the CRA before
+        training, for the log and the card's model-index) unless it was set, and for stage 2 a ``logit_scale_max``
+        of at least the model's ``initial_logit_scale`` unless it was set."""
         defaults = {"eval_on_start": True} if self.stage == CAPTION_STAGE and evaluates else {}
+        if self.stage == CLIP_STAGE and initial_logit_scale is not None:
+            defaults.update(self._logit_scale_bound(initial_logit_scale))
         resolved, changed = self.resolved(num_parameters, **defaults)
         small = {name: value for name, value in changed.items() if name not in defaults}
         if small:
@@ -242,6 +250,24 @@ class LLM2CLIPTrainingArguments(TrainingArguments):
                 "on small LLMs'); set them explicitly to override."
             )
         return resolved
+
+    def _logit_scale_bound(self, initial: float) -> dict[str, float]:
+        """The clamp bound for a model whose ``logit_scale`` starts at ``initial``: a default bound below it is
+        raised to it (logged), so the first step does not change a pretrained model's temperature while its
+        ``logit_bias`` stays; an explicit bound below it is kept, with a warning."""
+        if initial <= self.logit_scale_max:
+            return {}
+        if "logit_scale_max" not in self.defaulted_settings:
+            logger.warning(
+                f"logit_scale_max={self.logit_scale_max:.4f} is below the model's logit_scale {initial:.4f}: the "
+                f"first step lowers its temperature from {math.exp(initial):.2f} to "
+                f"{math.exp(self.logit_scale_max):.2f} (a logit_bias is not adjusted). Leave logit_scale_max unset "
+                "to keep the model's value as the bound."
+            )
+            return {}
+        logger.info(f"logit_scale starts at {initial:.4f} (temperature {math.exp(initial):.2f}), above the official "
+                    f"clamp ln 100: training clamps it to {initial:.4f} instead, so the model keeps its temperature.")
+        return {"logit_scale_max": initial}
 
     def fill_deepspeed_config(self) -> None:
         """Build the DeepSpeed configuration from ``self.deepspeed`` again (transformers fills its ``"auto"`` values

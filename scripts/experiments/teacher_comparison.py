@@ -2,7 +2,7 @@
 """Raw vs stage-1 teacher, side by side: each teacher's cached caption embeddings train the demo's stage 2 (a new
 small EVA02, same seeds: same tower init, batches and crops) on an image-caption set, with and without adapter input
 centering, and every run is evaluated on the held-out images. Writes OUT/results.json (per teacher: its teacher
-statistics, and per adapter input and seed the retrieval metrics).
+report (statistics, CRA raw and centered between the two train captions), and per adapter input and seed the retrieval metrics).
 
 Data: ``emoji`` (the demo's set: English, dense and CLDR-translated captions, zero-shot by category) or an
 imagefolder with short_caption / long_caption / split columns (scripts/build_icon_dataset.py).
@@ -25,7 +25,7 @@ from llm2clip_hf import load_text_model
 from llm2clip_hf.data import cached_embedding_sample, precompute_text_embeddings
 from llm2clip_hf.demo.recipe import (DENSE, LANGUAGES, LONG, SHORT, DemoArguments, _train_clip, clip_metrics,
                                     emoji_splits)
-from llm2clip_hf.evaluation import evaluate_retrieval, teacher_statistics
+from llm2clip_hf.evaluation import caption_retrieval_metrics, evaluate_retrieval, teacher_report, teacher_statistics
 
 
 def main() -> None:
@@ -55,7 +55,11 @@ def main() -> None:
         started = time.time()
         cached_train = precompute_text_embeddings(train, teacher, [SHORT, LONG], out / "cache" / name / "train")
         cached_test = precompute_text_embeddings(test, teacher, test_columns, out / "cache" / name / "test")
-        results[name] = {"teacher": teacher_statistics(*cached_embedding_sample(cached_train, [SHORT, LONG])).as_dict(),
+        sample, precision = cached_embedding_sample(cached_train, [SHORT, LONG])  # short captions, then long ones
+        short, long, mean = *sample.chunk(2), sample.mean(dim=0)
+        results[name] = {"teacher": teacher_report(teacher_statistics(sample, precision),
+                                                   caption_retrieval_metrics(short, long),
+                                                   caption_retrieval_metrics(short - mean, long - mean)),
                          "cache_minutes": round((time.time() - started) / 60, 2)}
         for normalization in args.normalization:
             runs = []
