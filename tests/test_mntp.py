@@ -12,7 +12,8 @@ from llm2clip_hf import LLM2CLIPTextModel, load_lm_head
 from llm2clip_hf.testing import make_tiny_llm, tiny_caption_pair_rows
 from llm2clip_hf.data import MaskedTextCollator
 from llm2clip_hf.trainers import LLM2CLIPTrainer, LLM2CLIPTrainingArguments
-from llm2clip_hf.data.masked_next_token import LABELS, TEXT
+from llm2clip_hf.data.masked_next_token import LABELS, TEXT, scorable_caption_tokens
+from llm2clip_hf.modeling.caption_tokenization import collate_left_padded
 
 TEXTS = ["a red bicycle leaning on a brick wall", "two dogs running across a snowy field at dusk",
          "a bowl of ramen with an egg", "the lighthouse on a cliff above a stormy sea"]
@@ -69,6 +70,33 @@ def test_the_collator_masks_a_fifth_of_the_text_tokens_only(tied_llm_dir):
     replaced = (batch["input_ids"][chosen] == blank).float().mean()
     assert 0.72 < replaced < 0.88  # 80 % mask token, 10 % random, 10 % kept
     assert torch.equal(batch["input_ids"][~chosen], original["input_ids"][~chosen])
+
+
+def test_labels_are_caption_tokens_with_a_real_previous_position(tied_llm_dir):
+    """No BOS token (as SmolLM2): a left-padded row's first token would be predicted from padding, and the longest
+    row's from nothing; a template's tokens (here the suffix " [END]") are no caption. Checked against the caption
+    tokenized alone, and over masked batches: no label ever sits after padding, at position 0, or on the template."""
+    tokenizer = LLM2CLIPTextModel.from_llm(tied_llm_dir).tokenizer
+    assert tokenizer.bos_token_id is None or tokenizer("a")["input_ids"][0] != tokenizer.bos_token_id
+    for template, first_scored in ((None, 1), ("Caption: {text} [END]", 0)):
+        text_model = LLM2CLIPTextModel.from_llm(tied_llm_dir, text_template=template)
+        items = text_model.tokenize_items(TEXTS, caption_spans=True)
+        batch = collate_left_padded(items, tokenizer.pad_token_id)
+        scorable = scorable_caption_tokens(items, batch["attention_mask"])
+        for row, text in enumerate(TEXTS):
+            alone = tokenizer(text, add_special_tokens=False)["input_ids"]
+            scored = tokenizer.decode(batch["input_ids"][row][scorable[row]])
+            assert scored.strip() == tokenizer.decode(alone[first_scored:]).strip(), (template, scored)
+        collator = MaskedTextCollator(text_model, mlm_probability=0.5)
+        torch.manual_seed(0)
+        for _ in range(20):
+            batch = collator([{TEXT: t} for t in TEXTS])
+            chosen = batch[LABELS] != -100
+            assert not chosen[:, 0].any()
+            assert not (chosen[:, 1:] & (batch["attention_mask"][:, :-1] == 0)).any()
+            if template:
+                end = tokenizer(" [END]", add_special_tokens=False)["input_ids"]
+                assert not chosen[:, -len(end):].any()
 
 
 def test_a_mask_token_outside_the_vocabulary_is_refused(tied_llm_dir):

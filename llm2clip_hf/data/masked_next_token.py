@@ -13,7 +13,7 @@ from transformers import DataCollatorForLanguageModeling
 from .captions import flatten_captions
 from .loading import ROW_INDEX, require_columns
 from ..modeling import LLM2CLIPTextModel
-from ..modeling.caption_tokenization import collate_left_padded
+from ..modeling.caption_tokenization import TokenizedText, collate_left_padded
 from .data_statistics import BATCH_STATISTICS, batch_statistics
 
 TEXT, LABELS = "text", "labels"
@@ -38,12 +38,27 @@ def build_mntp_texts(dataset: Dataset, text_columns: Sequence[str]) -> Dataset:
     return dataset.map(flatten, batched=True, remove_columns=dataset.column_names, desc="Collecting MNTP texts")
 
 
+def scorable_caption_tokens(items: Sequence[TokenizedText], attention_mask: torch.Tensor) -> torch.Tensor:
+    """``[batch, width]`` bool, True at the caption's own tokens (not template, instruction, special or padding) of
+    a left-padded batch whose previous position holds a real token: MNTP predicts the token at ``i`` from the output
+    at ``i - 1``, so a row's first token (no BOS) has nothing real to be predicted from."""
+    width = attention_mask.shape[1]
+    caption = torch.zeros(attention_mask.shape, dtype=torch.bool)
+    for row, item in enumerate(items):
+        start, end = item.caption_span
+        offset = width - len(item.input_ids)
+        caption[row, offset + start:offset + end] = True
+    previous_is_real = torch.zeros_like(caption)
+    previous_is_real[:, 1:] = attention_mask[:, :-1].bool()
+    return caption & previous_is_real
+
+
 class MaskedTextCollator:
     """Tokenizes texts with the encoder's template and length, left-padded, and masks them as llm2vec's MNTP does:
-    a ``mlm_probability`` share of the text's tokens (never the template, special or padding tokens) is chosen by
-    transformers' ``DataCollatorForLanguageModeling`` (80 % replaced by the mask token, 10 % by a random token, 10 %
-    kept) and becomes a label; every other label is -100. A tokenizer without a mask token uses ``mask_token``
-    (llm2vec's "blank" choice, ``_``)."""
+    a ``mlm_probability`` share of the caption's own tokens (``scorable_caption_tokens``: never template, special or
+    padding tokens, nor a token right after padding) is chosen by transformers' ``DataCollatorForLanguageModeling``
+    (80 % replaced by the mask token, 10 % by a random token, 10 % kept) and becomes a label; every other label is
+    -100. A tokenizer without a mask token uses ``mask_token`` (llm2vec's "blank" choice, ``_``)."""
 
     def __init__(self, text_model: LLM2CLIPTextModel, mlm_probability: float = 0.2, mask_token: str = "_") -> None:
         if not 0 < mlm_probability < 1:
@@ -61,10 +76,10 @@ class MaskedTextCollator:
         self.masker = DataCollatorForLanguageModeling(tokenizer, mlm=True, mlm_probability=mlm_probability)
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
-        items = self.text_model.tokenize_items([row[TEXT] for row in rows])
+        items = self.text_model.tokenize_items([row[TEXT] for row in rows], caption_spans=True)
         batch = collate_left_padded(items, self.text_model.require_tokenizer().pad_token_id)
-        input_ids, labels = self.masker.torch_mask_tokens(batch["input_ids"].clone(),
-                                                          special_tokens_mask=batch["pooling_mask"] == 0)
+        scorable = scorable_caption_tokens(items, batch["attention_mask"])
+        input_ids, labels = self.masker.torch_mask_tokens(batch["input_ids"].clone(), special_tokens_mask=~scorable)
         collated: dict[str, Any] = {**batch, "input_ids": input_ids, LABELS: labels}
         if ROW_INDEX in rows[0]:
             collated[ROW_INDEX] = torch.tensor([int(row[ROW_INDEX]) for row in rows])

@@ -43,11 +43,13 @@ def resolve_text_template(template: str | None) -> str | None:
 
 @dataclass(frozen=True)
 class TokenizedText:
-    """Token ids of one model input and how many of its last tokens are pooled."""
+    """Token ids of one model input, how many of its last tokens are pooled, and (when asked for) the positions
+    ``[start, end)`` of the caption's own tokens: no template, instruction or appended eos token."""
 
     input_ids: list[int]
     num_pooled: int
     truncated: bool = False
+    caption_span: tuple[int, int] | None = None
 
 
 def tokenize_texts(
@@ -59,6 +61,7 @@ def tokenize_texts(
     instruction_separator: str = " ",
     append_eos: bool = False,
     doc_max_length: int | None = None,
+    caption_spans: bool = False,
 ) -> list[TokenizedText]:
     """Tokenize captions (with one instruction for all, one per text, or none) exactly as llm2vec's ``encode`` does.
 
@@ -67,7 +70,12 @@ def tokenize_texts(
     before wrapping, as llm2vec does. ``append_eos`` adds the tokenizer's end-of-sequence id (``eos_token``
     pooling). ``doc_max_length`` (``None``: off, LLM2CLIP's behaviour) first cuts each caption to fewer words
     until it has at most that many tokens, as upstream llm2vec does; see :func:`shorten_to_doc_max_length`.
+    ``caption_spans`` also finds each caption's own tokens (from the fast tokenizer's character offsets: the tokens
+    that overlap the caption's characters).
     """
+    if caption_spans and not getattr(tokenizer, "is_fast", False):
+        raise ValueError("Finding the caption's tokens needs a fast tokenizer (character offsets); load the "
+                         "tokenizer with use_fast=True.")
     template = resolve_text_template(text_template)
     prefix, suffix = template.split(TEXT_PLACEHOLDER) if template else ("", "")
     if instructions is None or isinstance(instructions, str):
@@ -77,7 +85,7 @@ def tokenize_texts(
     validate_texts(texts)
     texts = shorten_to_doc_max_length(tokenizer, texts, doc_max_length, max_length)
 
-    full_texts, tails = [], []
+    full_texts, tails, caption_chars = [], [], []
     for text, instruction in zip(texts, instructions):
         head = f"{instruction.strip()}{instruction_separator}" if instruction else ""
         body = text
@@ -86,9 +94,11 @@ def tokenize_texts(
             head, body = head.lstrip(), body.rstrip()
         full_texts.append(prefix + head + body + suffix)
         tails.append(body + suffix)
+        caption_chars.append((len(prefix + head), len(prefix + head + body)))
 
     limit = max_length - 1 if append_eos else max_length
-    full = tokenizer(full_texts, truncation=True, max_length=limit)["input_ids"]
+    tokenized = tokenizer(full_texts, truncation=True, max_length=limit, return_offsets_mapping=caption_spans)
+    full = tokenized["input_ids"]
     pooled = tokenizer(tails, truncation=True, max_length=limit, add_special_tokens=False)["input_ids"]
     # Only inputs that reach the limit can have been cut; tokenize those again without truncation to know.
     at_limit = [i for i, ids in enumerate(full) if len(ids) >= limit]
@@ -104,8 +114,15 @@ def tokenize_texts(
             raise ValueError(
                 f"Text at index {index} ({texts[index]!r}) has no tokens to pool; remove empty captions first."
             )
-        encoded.append(TokenizedText(list(ids), min(len(tail) + int(append_eos), len(ids)), index in cut))
+        span = _caption_span(tokenized["offset_mapping"][index], *caption_chars[index]) if caption_spans else None
+        encoded.append(TokenizedText(list(ids), min(len(tail) + int(append_eos), len(ids)), index in cut, span))
     return encoded
+
+
+def _caption_span(offsets: Sequence[tuple[int, int]], start: int, end: int) -> tuple[int, int]:
+    """Token positions ``[first, last + 1)`` whose characters overlap ``[start, end)`` (special tokens have none)."""
+    inside = [i for i, (a, b) in enumerate(offsets) if b > a and a < end and b > start]
+    return (inside[0], inside[-1] + 1) if inside else (0, 0)
 
 
 def check_doc_max_length(doc_max_length: int | None) -> int | None:

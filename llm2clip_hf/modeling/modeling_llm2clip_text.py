@@ -183,16 +183,18 @@ class LLM2CLIPTextModel(PreTrainedModel):
         texts: Sequence[str],
         instruction: str | Sequence[str | None] | None = None,
         instruction_separator: str = " ",
+        caption_spans: bool = False,
     ) -> list[TokenizedText]:
         """Per-text token ids and pooled-token counts under this model's template, length and pooling mode.
 
         Inputs longer than ``max_seq_length`` tokens are truncated; their items say so (``truncated``).
+        ``caption_spans`` also locates each caption's own tokens (``TokenizedText.caption_span``).
         """
         items = tokenize_texts(
             self.require_tokenizer(), texts, instruction, text_template=self.config.text_template,
             max_length=self.config.max_seq_length, instruction_separator=instruction_separator,
             append_eos=self.config.pooling_mode == "eos_token",
-            doc_max_length=self.config.doc_max_length,
+            doc_max_length=self.config.doc_max_length, caption_spans=caption_spans,
         )
         return items
 
