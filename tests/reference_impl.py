@@ -502,6 +502,23 @@ def llm2vec_cut_text(tokenizer, text, max_length=512, doc_max_length=400):
     return text
 
 
+def llm2vec_prepare_for_tokenization(text, pooling_mode, config, name_or_path=None):
+    """``LLM2Vec.prepare_for_tokenization``: chat wrappers chosen by checkpoint name, then under ``eos_token``
+    pooling ``"<|end_of_text|>"`` for Meta-Llama-3-8B or the text ``" </s>"`` for any Llama / Mistral config."""
+    from transformers import LlamaConfig, MistralConfig
+
+    if name_or_path == "meta-llama/Meta-Llama-3-8B-Instruct":
+        return "<|start_header_id|>user<|end_header_id|>\n\n" + text.strip() + "<|eot_id|>"
+    if name_or_path in ("mistralai/Mistral-7B-Instruct-v0.2", "meta-llama/Llama-2-7b-chat-hf"):
+        text = "[INST] " + text.strip() + " [/INST]"
+    if pooling_mode == "eos_token":
+        if name_or_path == "meta-llama/Meta-Llama-3-8B":
+            text = text.strip() + "<|end_of_text|>"
+        elif isinstance(config, (LlamaConfig, MistralConfig)):
+            text = text.strip() + " </s>"
+    return text
+
+
 def llm2vec_encode(llm, tokenizer, texts, instruction=None, pooling_mode="mean", max_length=512,
                    template=None, batch_size=4, doc_max_length=512) -> torch.Tensor:
     """llm2vec ``LLM2Vec.encode`` semantics: cut each text to ``doc_max_length`` tokens by words
@@ -517,6 +534,7 @@ def llm2vec_encode(llm, tokenizer, texts, instruction=None, pooling_mode="mean",
     if template is not None:
         prefix, suffix = template.split("{text}")
         joined = [prefix + s.strip() + suffix for s in joined]
+    joined = [llm2vec_prepare_for_tokenization(s, pooling_mode, llm.config) for s in joined]
     outputs = []
     for start in range(0, len(joined), batch_size):
         chunk = joined[start:start + batch_size]

@@ -1,12 +1,12 @@
 import pytest
 import torch
-from transformers import AutoModel, AutoTokenizer
+from transformers import AutoModel, AutoTokenizer, GemmaConfig, LlamaConfig, MistralConfig, Qwen2Config
 
 from llm2clip_hf import TEXT_TEMPLATES, LLM2CLIPModel, LLM2CLIPProcessor, LLM2CLIPTextConfig, LLM2CLIPTextModel
-from llm2clip_hf.modeling.caption_tokenization import tokenize_texts
+from llm2clip_hf.modeling.caption_tokenization import llm2vec_eos_text, tokenize_texts
 from llm2clip_hf.modeling.processing_llm2clip import clip_image_processor
 from llm2clip_hf.testing import _CORPUS, tiny_vision_config
-from reference_impl import llm2vec_cut_text, llm2vec_encode
+from reference_impl import llm2vec_cut_text, llm2vec_encode, llm2vec_prepare_for_tokenization
 
 INSTRUCTION = "Given a sentence, retrieve a detailed relevant sentence"
 
@@ -97,6 +97,33 @@ def test_last_token_and_eos_pooling(tiny_llm_dir):
     eos = LLM2CLIPTextModel.from_llm(tiny_llm_dir, pooling_mode="eos_token")
     batch = eos.tokenize(["a dog", "a photo of a cat"])
     assert (batch["input_ids"][:, -1] == eos.tokenizer.eos_token_id).all()
+
+
+@pytest.mark.parametrize("instruction", [None, INSTRUCTION])
+@pytest.mark.parametrize("bos", [True, False])
+def test_eos_pooling_equals_llm2vec(tiny_llm_dir, tiny_llm_nobos_dir, captions, instruction, bos):
+    """llm2vec appends the *text* " </s>" for Llama configs (not the eos id): the pooled last token and the
+    truncation follow from that string."""
+    path = tiny_llm_dir if bos else tiny_llm_nobos_dir
+    model = LLM2CLIPTextModel.from_llm(path, pooling_mode="eos_token")
+    assert model.config.eos_text == " </s>"
+    texts = captions + [" trailing spaces  "]
+    got = model.encode(texts, instruction=instruction, batch_size=2)
+    expected = llm2vec_encode(_reference_llm(path), AutoTokenizer.from_pretrained(path), texts,
+                              instruction=instruction, pooling_mode="eos_token")
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("config_class", [LlamaConfig, MistralConfig, Qwen2Config, GemmaConfig])
+@pytest.mark.parametrize("name", [None, "meta-llama/Meta-Llama-3-8B", "meta-llama/Meta-Llama-3-8B-Instruct"])
+def test_eos_text_follows_llm2vec_for_each_architecture(config_class, name):
+    config = config_class()
+    prepared = llm2vec_prepare_for_tokenization("a dog ", "eos_token", config, name)
+    if name == "meta-llama/Meta-Llama-3-8B-Instruct":  # its chat wrapper, which our text_template preset gives
+        assert llm2vec_eos_text(config.model_type, name) == "" and prepared.endswith("a dog<|eot_id|>")
+    else:
+        eos_text = llm2vec_eos_text(config.model_type, name)
+        assert prepared == ("a dog" + eos_text if eos_text else "a dog ")  # stripped only where text is appended
 
 
 def test_encode_keeps_input_order_and_returns_fp32_cpu(text_model, captions):

@@ -28,6 +28,19 @@ TEXT_TEMPLATES: dict[str, str] = {
 }
 
 
+def llm2vec_eos_text(model_type: str | None, name_or_path: str | None) -> str:
+    """The text llm2vec's ``LLM2Vec.prepare_for_tokenization`` appends to each stripped input under ``eos_token``
+    pooling: ``"<|end_of_text|>"`` for ``meta-llama/Meta-Llama-3-8B``, nothing for
+    ``meta-llama/Meta-Llama-3-8B-Instruct`` (its chat wrapper returns first), the *text* ``" </s>"`` for any other
+    Llama or Mistral config (also where the tokenizer's eos token is another string), and nothing for other
+    architectures, whose ``eos_token`` pooling is then the last token of the text."""
+    if name_or_path == "meta-llama/Meta-Llama-3-8B":
+        return "<|end_of_text|>"
+    if name_or_path == "meta-llama/Meta-Llama-3-8B-Instruct":
+        return ""
+    return " </s>" if model_type in ("llama", "mistral") else ""
+
+
 def resolve_text_template(template: str | None) -> str | None:
     """Return the template string for a preset name or a literal template; validate its placeholder."""
     if template is None:
@@ -59,7 +72,7 @@ def tokenize_texts(
     text_template: str | None = None,
     max_length: int = 512,
     instruction_separator: str = " ",
-    append_eos: bool = False,
+    eos_text: str = "",
     doc_max_length: int | None = None,
     caption_spans: bool = False,
 ) -> list[TokenizedText]:
@@ -67,8 +80,8 @@ def tokenize_texts(
 
     ``instruction_separator`` joins the stripped instruction and the caption (llm2vec ``encode`` uses a space,
     the official stage-1 training data ``"; "``). With a template, the joined text is stripped at both ends
-    before wrapping, as llm2vec does. ``append_eos`` adds the tokenizer's end-of-sequence id (``eos_token``
-    pooling). ``doc_max_length`` (``None``: off, LLM2CLIP's behaviour) first cuts each caption to fewer words
+    before wrapping, as llm2vec does. ``eos_text`` (``eos_token`` pooling, see :func:`llm2vec_eos_text`) is
+    appended to the right-stripped input as llm2vec appends it: a part of the pooled tail, truncated with the rest. ``doc_max_length`` (``None``: off, LLM2CLIP's behaviour) first cuts each caption to fewer words
     until it has at most that many tokens, as upstream llm2vec does; see :func:`shorten_to_doc_max_length`.
     ``caption_spans`` also finds each caption's own tokens (from the fast tokenizer's character offsets: the tokens
     that overlap the caption's characters).
@@ -92,30 +105,29 @@ def tokenize_texts(
         if template:
             # llm2vec strips "instruction + separator + caption" before wrapping it in the template.
             head, body = head.lstrip(), body.rstrip()
-        full_texts.append(prefix + head + body + suffix)
-        tails.append(body + suffix)
+        if eos_text:
+            full_texts.append((prefix + head + body + suffix).rstrip() + eos_text)
+            tails.append((body + suffix).rstrip() + eos_text)
+        else:
+            full_texts.append(prefix + head + body + suffix)
+            tails.append(body + suffix)
         caption_chars.append((len(prefix + head), len(prefix + head + body)))
 
-    limit = max_length - 1 if append_eos else max_length
-    tokenized = tokenizer(full_texts, truncation=True, max_length=limit, return_offsets_mapping=caption_spans)
+    tokenized = tokenizer(full_texts, truncation=True, max_length=max_length, return_offsets_mapping=caption_spans)
     full = tokenized["input_ids"]
-    pooled = tokenizer(tails, truncation=True, max_length=limit, add_special_tokens=False)["input_ids"]
+    pooled = tokenizer(tails, truncation=True, max_length=max_length, add_special_tokens=False)["input_ids"]
     # Only inputs that reach the limit can have been cut; tokenize those again without truncation to know.
-    at_limit = [i for i, ids in enumerate(full) if len(ids) >= limit]
+    at_limit = [i for i, ids in enumerate(full) if len(ids) >= max_length]
     untruncated = tokenizer([full_texts[i] for i in at_limit])["input_ids"] if at_limit else []
-    cut = {i for i, ids in zip(at_limit, untruncated) if len(ids) > limit}
+    cut = {i for i, ids in zip(at_limit, untruncated) if len(ids) > max_length}
     encoded = []
     for index, (ids, tail) in enumerate(zip(full, pooled)):
-        if append_eos:
-            if tokenizer.eos_token_id is None:
-                raise ValueError("eos_token pooling needs a tokenizer with an eos_token; set tokenizer.eos_token.")
-            ids = list(ids) + [tokenizer.eos_token_id]
         if not tail:
             raise ValueError(
                 f"Text at index {index} ({texts[index]!r}) has no tokens to pool; remove empty captions first."
             )
         span = _caption_span(tokenized["offset_mapping"][index], *caption_chars[index]) if caption_spans else None
-        encoded.append(TokenizedText(list(ids), min(len(tail) + int(append_eos), len(ids)), index in cut, span))
+        encoded.append(TokenizedText(list(ids), min(len(tail), len(ids)), index in cut, span))
     return encoded
 
 

@@ -7,7 +7,7 @@ from typing import Any
 from transformers import AutoConfig, PretrainedConfig
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-from .caption_tokenization import check_doc_max_length, resolve_text_template
+from .caption_tokenization import check_doc_max_length, llm2vec_eos_text, resolve_text_template
 from .pooling import check_pooling_mode
 
 
@@ -29,6 +29,9 @@ class LLM2CLIPTextConfig(PretrainedConfig):
             fewer words, ``int(len(words) * doc_max_length / count)``, until it fits, as upstream llm2vec's
             ``LLM2Vec(doc_max_length=400)`` does. LLM2CLIP passes ``doc_max_length=512 = max_length``, where the
             rule never triggers, which is what ``None`` reproduces.
+        eos_text: under ``eos_token`` pooling, the text appended to every input (after the template), pooled as
+            the last token(s). ``None``: llm2vec's choice for the LLM (:func:`llm2vec_eos_text`: the text
+            ``" </s>"`` for Llama and Mistral configs, nothing for others); ``from_llm`` stores it resolved.
     """
 
     model_type = "llm2clip_text"
@@ -43,6 +46,7 @@ class LLM2CLIPTextConfig(PretrainedConfig):
         max_length: int = 512,
         bidirectional: bool = True,
         doc_max_length: int | None = None,
+        eos_text: str | None = None,
         **kwargs: Any,
     ) -> None:
         max_length = kwargs.pop("max_seq_length", max_length)
@@ -63,9 +67,20 @@ class LLM2CLIPTextConfig(PretrainedConfig):
         self.max_seq_length = max_length
         self.bidirectional = bidirectional
         self.doc_max_length = check_doc_max_length(doc_max_length)
+        self.eos_text = eos_text
         if llm_config is not None:
             llm_config.is_causal = not bidirectional
         super().__init__(**kwargs)
+
+    @property
+    def appended_eos_text(self) -> str:
+        """What tokenization appends to each input: ``eos_text`` (resolved) under ``eos_token`` pooling, else ``""``."""
+        if self.pooling_mode != "eos_token":
+            return ""
+        if self.eos_text is not None:
+            return self.eos_text
+        llm = self.llm_config
+        return llm2vec_eos_text(getattr(llm, "model_type", None), getattr(llm, "_name_or_path", None))
 
     @property
     def hidden_size(self) -> int:

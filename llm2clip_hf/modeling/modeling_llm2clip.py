@@ -280,7 +280,7 @@ class LLM2CLIPModel(LLM2CLIPPreTrainedModel):
         return LLM2CLIPProcessor(
             image_processor=image_processor_for(self.config.vision_config), tokenizer=tokenizer,
             text_template=text.text_template, max_length=text.max_seq_length, pooling_mode=text.pooling_mode,
-            doc_max_length=text.doc_max_length,
+            doc_max_length=text.doc_max_length, eos_text=text.appended_eos_text,
         )
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> None:

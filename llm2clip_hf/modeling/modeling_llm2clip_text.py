@@ -15,7 +15,9 @@ from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedModel
 from transformers.utils import ModelOutput, cached_file
 from transformers.utils import logging as hf_logging
 
-from .caption_tokenization import TokenizedText, collate_left_padded, prepare_tokenizer, tokenize_texts
+from .caption_tokenization import (
+    TokenizedText, collate_left_padded, llm2vec_eos_text, prepare_tokenizer, tokenize_texts,
+)
 from .configuration_llm2clip_text import LLM2CLIPTextConfig
 from .pooling import pool
 
@@ -76,6 +78,7 @@ class LLM2CLIPTextModel(PreTrainedModel):
         max_length: int = 512,
         bidirectional: bool = True,
         doc_max_length: int | None = None,
+        eos_text: str | None = None,
         **from_pretrained_kwargs: Any,
     ) -> "LLM2CLIPTextModel":
         """Wrap a plain LLM checkpoint (a Hub id or a directory, e.g. an official LLM2CLIP ``*-CC-Finetuned``).
@@ -84,7 +87,7 @@ class LLM2CLIPTextModel(PreTrainedModel):
         ``LlamaBiModel`` checkpoint); no remote code of the checkpoint runs. ``from_pretrained_kwargs`` go to
         ``AutoModel.from_pretrained`` (``dtype``, ``attn_implementation``, ``gguf_file``, ``revision``, ...).
         ``doc_max_length`` (``None``: LLM2CLIP's behaviour; upstream llm2vec uses 400) cuts long captions to fewer
-        words first; see :class:`LLM2CLIPTextConfig`.
+        words first; ``eos_text`` (``eos_token`` pooling; default: llm2vec's choice for this checkpoint) too.
         """
         hub_kwargs = {k: from_pretrained_kwargs[k] for k in _HUB_KWARGS if k in from_pretrained_kwargs}
         llm_config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=False, **hub_kwargs)
@@ -96,6 +99,8 @@ class LLM2CLIPTextModel(PreTrainedModel):
         config = cls.config_class(
             llm_config=llm_config, pooling_mode=pooling_mode, text_template=text_template,
             max_length=max_length, bidirectional=bidirectional, doc_max_length=doc_max_length,
+            eos_text=eos_text if eos_text is not None or pooling_mode != "eos_token"
+            else llm2vec_eos_text(llm_config.model_type, str(name_or_path)),
         )
         llm = AutoModel.from_pretrained(name_or_path, config=config.llm_config, trust_remote_code=False,
                                         **from_pretrained_kwargs)
@@ -193,7 +198,7 @@ class LLM2CLIPTextModel(PreTrainedModel):
         items = tokenize_texts(
             self.require_tokenizer(), texts, instruction, text_template=self.config.text_template,
             max_length=self.config.max_seq_length, instruction_separator=instruction_separator,
-            append_eos=self.config.pooling_mode == "eos_token",
+            eos_text=self.config.appended_eos_text,
             doc_max_length=self.config.doc_max_length, caption_spans=caption_spans,
         )
         return items

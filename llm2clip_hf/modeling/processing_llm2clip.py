@@ -48,7 +48,8 @@ class LLM2CLIPProcessor(ProcessorMixin):
     ``processor(text=..., images=..., instruction=None)`` returns ``input_ids``, ``attention_mask`` and
     ``pooling_mask`` (left-padded, template applied, instruction excluded from pooling) and ``pixel_values``.
     ``doc_max_length`` (``None``: off) cuts long captions to fewer words first, as the text model's setting of
-    the same name does; it is saved with the processor.
+    the same name does; ``eos_text`` is what the text model appends under ``eos_token`` pooling
+    (``LLM2CLIPTextConfig.appended_eos_text``). Both are saved with the processor.
     """
 
     def __init__(
@@ -59,12 +60,14 @@ class LLM2CLIPProcessor(ProcessorMixin):
         max_length: int = 512,
         pooling_mode: str = "mean",
         doc_max_length: int | None = None,
+        eos_text: str = "",
         **kwargs: Any,
     ) -> None:
         self.text_template = resolve_text_template(text_template)
         self.max_length = max_length
         self.pooling_mode = check_pooling_mode(pooling_mode)
         self.doc_max_length = check_doc_max_length(doc_max_length)
+        self.eos_text = eos_text
         if tokenizer is not None:
             prepare_tokenizer(tokenizer)
         super().__init__(image_processor, tokenizer, **kwargs)
@@ -84,7 +87,7 @@ class LLM2CLIPProcessor(ProcessorMixin):
             texts = [text] if isinstance(text, str) else list(text)
             items = tokenize_texts(
                 self.tokenizer, texts, instruction, text_template=self.text_template, max_length=self.max_length,
-                append_eos=self.pooling_mode == "eos_token", doc_max_length=self.doc_max_length,
+                eos_text=self.eos_text, doc_max_length=self.doc_max_length,
             )
             data.update(collate_left_padded(items, self.tokenizer.pad_token_id))
         if images is not None:
