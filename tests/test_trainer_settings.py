@@ -157,3 +157,38 @@ def test_stage1_with_gradient_checkpointing_gives_the_same_gradients(tiny_llm_di
     assert gradients[0].keys() == gradients[1].keys() and any(g.abs().sum() > 0 for g in gradients[0].values())
     for name, gradient in gradients[0].items():
         torch.testing.assert_close(gradients[1][name], gradient, rtol=1e-5, atol=1e-7)
+
+
+def in_batch_repeats(rows, per_device, processes):
+    """Rows that appear twice in one step's global batch when accelerate shards a plain batch sampler over
+    ``processes`` (its ``BatchSamplerShard``, even batches as the Trainer prepares it), per step."""
+    from accelerate.data_loader import BatchSamplerShard
+    from torch.utils.data import BatchSampler, SequentialSampler
+
+    shards = [list(BatchSamplerShard(BatchSampler(SequentialSampler(range(rows)), per_device, False), processes,
+                                     rank, even_batches=True)) for rank in range(processes)]
+    return [sum(len(batch) for batch in step) - len({row for batch in step for row in batch})
+            for step in zip(*shards)]
+
+
+def test_global_batch_check_refuses_exactly_where_accelerate_repeats_rows_in_a_batch():
+    from llm2clip_hf.trainers.stages import check_global_batch
+
+    assert in_batch_repeats(20, 16, 2) == [12]
+    with pytest.raises(ValueError, match=r"20 rows, fewer than one global batch of 32 .* 12 repeated rows.*<= 10"):
+        check_global_batch(20, 16, 2)
+    for rows, per_device, processes in ((32, 16, 2), (40, 16, 2), (33, 4, 4)):
+        assert max(in_batch_repeats(rows, per_device, processes)) == 0
+        check_global_batch(rows, per_device, processes)  # no error
+    check_global_batch(5, 16, 1)  # one process: accelerate does not shard, the batch is just smaller
+    assert max(in_batch_repeats(31, 16, 2)) > 0
+    with pytest.raises(ValueError):
+        check_global_batch(31, 16, 2)
+
+
+def test_the_trainer_refuses_fewer_rows_than_one_global_batch(tiny_llm_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(LLM2CLIPTrainingArguments, "world_size", property(lambda self: 2))
+    with pytest.raises(ValueError, match="fewer than one global batch"):
+        LLM2CLIPTrainer(model=LLM2CLIPTextModel.from_llm(tiny_llm_dir),
+                        args=arguments(tmp_path, "caption", per_device_train_batch_size=16, max_steps=1),
+                        train_dataset=Dataset.from_list(tiny_caption_pair_rows()[:20]))

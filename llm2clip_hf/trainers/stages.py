@@ -80,6 +80,24 @@ def check_sources(args: LLM2CLIPTrainingArguments, train_dataset: Any, eval_data
                          "'caption'); pass a DatasetDict (CLI: --pair-dataset) or drop the weights.")
 
 
+def check_global_batch(rows: int, per_device: int, processes: int, split_batches: bool = False) -> None:
+    """Refuse contrastive training data with fewer rows than one global batch on several processes: accelerate
+    completes a short global batch with rows from the start of the epoch, and with fewer rows than the batch some
+    of those are already in it, each then a false negative of itself. (With at least a global batch of rows the
+    completing rows come from other batches: repeated in the epoch, never twice in one batch.)"""
+    global_batch = per_device if split_batches else per_device * processes
+    if processes < 2:
+        return  # one process: a short last batch is smaller, never padded with repeats
+    if rows < global_batch:
+        fitting = rows if split_batches else rows // processes
+        raise ValueError(
+            f"The training data has {rows} rows, fewer than one global batch of {global_batch} ({per_device} per "
+            f"process x {processes} processes): accelerate would fill the batch with {global_batch - rows} repeated "
+            f"rows, each then a false negative of itself. Use per_device_train_batch_size <= {fitting}, fewer "
+            "processes, or more data."
+        )
+
+
 def require_text_model(model: nn.Module, stage: str) -> LLM2CLIPTextModel:
     """The LLM2CLIPTextModel a text stage trains (under its PEFT wrapper, if any)."""
     base = unwrap_peft(model)

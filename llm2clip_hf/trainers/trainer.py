@@ -40,6 +40,7 @@ from .losses import check_loss_processes
 from .model_card import write_model_card
 from .stages import (
     STAGES,
+    check_global_batch,
     check_sources,
     make_logit_parameters_one_element,
     require_text_model,
@@ -112,6 +113,9 @@ class LLM2CLIPTrainer(Trainer):
         # Training applies the bad-row policy; evaluation never drops a row.
         train_dataset = self.stage.prepare_dataset(train_dataset, args.skip_bad_rows) if train_dataset is not None \
             else None
+        if args.stage != MNTP_STAGE and isinstance(train_dataset, Dataset):  # contrastive; streams have no length
+            check_global_batch(len(train_dataset), args.per_device_train_batch_size, args.world_size,
+                               args.accelerator_config.split_batches)
         if args.stage == CLIP_STAGE:
             self.teacher_statistics = self.stage.check_teacher(train_dataset, teacher_statistics)
             self.stage.fit_adapter_input_statistics(train_dataset)
