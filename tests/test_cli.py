@@ -479,3 +479,25 @@ def test_a_failed_command_leaves_the_process_group_to_the_other_processes(capsys
     failing_command(monkeypatch, ValueError("bad input"))
     assert main(["convert", "in.pt", "out"]) == 1
     assert one_process_group.is_initialized()
+
+
+@pytest.mark.parametrize("stage, workers", [("clip", 0), ("clip", 2), ("caption", 0)])
+def test_a_seeded_training_run_is_reproducible(capsys, data_dir, tiny_llm_dir, tmp_path, stage, workers):
+    """Two identical seeded runs in one process (the global RNG in another state at the second start) save equal
+    weights: a new tower and adapter (stage 2) and the LoRA weights (stage 1) are initialised from the seed, and the
+    augmentation (in DataLoader workers too) and data draws follow it. Before, 79 of 99 stage-2 tensors differed."""
+    dataset = data_dir / ("images" if stage == "clip" else "pairs.jsonl")
+    options = [*TINY_TOWER] if stage == "clip" else []
+    for run in ("a", "b"):
+        torch.rand(7)  # a different global RNG state at each start
+        code, _, _ = run_cli(capsys, "train", "--stage", stage, "--text-model", tiny_llm_dir, "--dataset", dataset,
+                             "--output-dir", tmp_path / run, "--max-steps", "3", "--seed", "5",
+                             "--caption-columns", *CAPTION_COLUMNS, "--dataloader-num-workers", workers, *options,
+                             *QUICK)
+        assert code == 0
+    from safetensors.torch import load_file
+
+    first, second = (load_file(tmp_path / run / "model.safetensors") for run in ("a", "b"))
+    assert first.keys() == second.keys()
+    differing = [name for name in first if not torch.equal(first[name], second[name])]
+    assert not differing, f"{len(differing)} of {len(first)} tensors differ, e.g. {differing[:3]}"

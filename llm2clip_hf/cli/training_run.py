@@ -199,6 +199,7 @@ def train_from_cli(text: Any, data: Any, clip: Any, args: LLM2CLIPTrainingArgume
             normalization, teacher_statistics = new_adapter_input_normalization(
                 clip, cache if cached and data.streaming else train if cached else None, args)
             adapter_settings = {"adapter_input_normalization": normalization} if normalization else {}
+            args.seed_random_generators()  # a new tower and adapter start from the seed
             if clip.model is not None:
                 model = load_clip_model(clip.model)
             elif clip.vision_model is not None:

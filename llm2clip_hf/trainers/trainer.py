@@ -106,6 +106,7 @@ class LLM2CLIPTrainer(Trainer):
         self.health = TrainingHealthCallback(self)
         stage_options = {MNTP_STAGE: {"lm_head": lm_head}, CLIP_STAGE: {"text_model": text_model}}.get(args.stage, {})
         self.stage = STAGES[args.stage](args, observe=self.health.observe, **stage_options)
+        args.seed_random_generators()  # the LoRA weights setup_model adds start from the seed
         model = self.stage.setup_model(model, peft_config)
         self.text_model = self.stage.text_model
         loss = loss or self.stage.default_loss()

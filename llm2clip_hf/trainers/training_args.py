@@ -269,6 +269,13 @@ class LLM2CLIPTrainingArguments(TrainingArguments):
                     f"clamp ln 100: training clamps it to {initial:.4f} instead, so the model keeps its temperature.")
         return {"logit_scale_max": initial}
 
+    def seed_random_generators(self) -> None:
+        """Seed Python, NumPy and torch from ``seed`` as the Trainer does (``full_determinism`` also makes the
+        kernels deterministic), so that what is built next (a new tower, adapter or LoRA weights) is reproducible."""
+        from transformers.trainer_utils import enable_full_determinism, set_seed
+
+        enable_full_determinism(self.seed) if self.full_determinism else set_seed(self.seed)
+
     def fill_deepspeed_config(self) -> None:
         """Build the DeepSpeed configuration from ``self.deepspeed`` again (transformers fills its ``"auto"`` values
         from these arguments once, when they are created), so resolved defaults reach DeepSpeed."""
