@@ -265,6 +265,34 @@ class PeakRSS:
         return max(self._peak, self.rss()) - self.baseline
 
 
+def second_step_memory():
+    """A callback measuring the peak RSS increase of the second training step (``peak``, bytes): the high-water mark
+    reset right before it (after its batch is collated) and read after it, as :class:`PeakRSS` measures; and the
+    process's peak RSS over both steps (``process_peak``, bytes; Linux)."""
+    from transformers import TrainerCallback
+
+    class SecondStepMemory(TrainerCallback):
+        def __init__(self) -> None:
+            self.meter = PeakRSS()
+            self.peak: int | None = None
+            self.process_peak: int | None = None
+            self.baseline = 0
+            self._peak_before = 0
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == 1:
+                self._peak_before = _status_kib("VmHWM") * 1024 if sys.platform.startswith("linux") else 0
+                self.meter.start()
+                self.baseline = self.meter.baseline
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 2:
+                self.peak = self.meter.stop()
+                self.process_peak = max(self._peak_before, self.baseline + self.peak)
+
+    return SecondStepMemory()
+
+
 def run_workers(script: str | Path, configs: Sequence[Any], parallel: int = 2,
                 timeout: float = 3600) -> list[dict[str, Any]]:
     """Run ``script --_worker CONFIG_JSON`` once per config, each in a fresh Python process started with

@@ -80,7 +80,8 @@ def stage1_trainer(text_model: LLM2CLIPTextModel, batch: int, tokens: int, steps
 
     args = LLM2CLIPTrainingArguments(
         output_dir=str(bench.scratch_dir()), stage="caption", per_device_train_batch_size=batch, max_steps=steps,
-        gradcache_chunk_size=chunk, use_cpu=True, save_strategy="no", disable_tqdm=True, report_to="none")
+        gradcache_chunk_size=chunk, use_cpu=True, save_strategy="no", disable_tqdm=True, report_to="none",
+        activation_checkpointing=False)  # the README's figures; text_checkpointing.py measures it on
     return LLM2CLIPTrainer(model=text_model, args=args, train_dataset=caption_rows(text_model, batch * steps, tokens))
 
 
@@ -90,28 +91,6 @@ def sequence_length(trainer: LLM2CLIPTrainer) -> int:
 
     batch = next(iter(trainer.get_train_dataloader()))
     return int(batch[TEXTS]["input_ids"].shape[1])
-
-
-def second_step_memory():
-    """A callback measuring the peak RSS increase of the second training step (see the module docstring)."""
-    from transformers import TrainerCallback
-
-    class SecondStepMemory(TrainerCallback):
-        def __init__(self) -> None:
-            self.meter = bench.PeakRSS()
-            self.peak: int | None = None
-            self.baseline = 0
-
-        def on_step_begin(self, args, state, control, **kwargs):
-            if state.global_step == 1:
-                self.meter.start()
-                self.baseline = self.meter.baseline
-
-        def on_step_end(self, args, state, control, **kwargs):
-            if state.global_step == 2:
-                self.peak = self.meter.stop()
-
-    return SecondStepMemory()
 
 
 def worker(configs: list[dict[str, Any]]) -> None:
@@ -127,7 +106,7 @@ def worker(configs: list[dict[str, Any]]) -> None:
         text_model = text_model_for(config["quick"])
         trainer = stage1_trainer(text_model, config["batch"], config["tokens"], steps=2, chunk=config["chunk"])
         trainer.remove_callback(PrinterCallback)
-        callback = second_step_memory()
+        callback = bench.second_step_memory()
         trainer.add_callback(callback)
         trainer.train()
         results.append({**config, "peak_increase_bytes": callback.peak, "rss_before_bytes": callback.baseline,

@@ -10,7 +10,7 @@ import pytest
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 SCRIPTS = ["stage2_throughput.py", "eva02_speed.py", "encode_speed.py", "trainer_overhead.py", "scaling.py",
-           "embedding_cache.py", "stream_vs_map.py", "caption_step.py"]
+           "embedding_cache.py", "stream_vs_map.py", "caption_step.py", "text_checkpointing.py"]
 
 
 def test_every_script_is_covered():

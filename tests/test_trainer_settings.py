@@ -192,3 +192,17 @@ def test_the_trainer_refuses_fewer_rows_than_one_global_batch(tiny_llm_dir, tmp_
         LLM2CLIPTrainer(model=LLM2CLIPTextModel.from_llm(tiny_llm_dir),
                         args=arguments(tmp_path, "caption", per_device_train_batch_size=16, max_steps=1),
                         train_dataset=Dataset.from_list(tiny_caption_pair_rows()[:20]))
+
+
+def test_text_stages_checkpoint_activations_unless_told_not_to(tiny_llm_dir, tmp_path):
+    assert arguments(tmp_path, "caption").activation_checkpointing is True
+    assert arguments(tmp_path, "mntp").activation_checkpointing is True
+    assert arguments(tmp_path, "clip").activation_checkpointing is False  # a tower trained whole: not the default
+    assert arguments(tmp_path, "caption", activation_checkpointing=False).activation_checkpointing is False
+    with pytest.warns(FutureWarning):  # transformers' deprecated alias still counts as the user's choice
+        assert arguments(tmp_path, "caption", gradient_checkpointing=False).activation_checkpointing is False
+    text_model = LLM2CLIPTextModel.from_llm(tiny_llm_dir)
+    trainer = LLM2CLIPTrainer(model=text_model, args=arguments(tmp_path, "caption", max_steps=1),
+                              train_dataset=Dataset.from_list(tiny_caption_pair_rows()[:8]))
+    trainer.train()
+    assert text_model.llm.is_activation_checkpointing

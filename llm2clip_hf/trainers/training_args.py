@@ -177,6 +177,11 @@ class LLM2CLIPTrainingArguments(TrainingArguments):
             raise ValueError(f"stage must be 'mntp', 'caption' or 'clip', got {self.stage!r}.")
         # The stage defaults the user left unset (a model-size default or the warmup cap may replace them).
         self.defaulted_settings = sorted(name for name in STAGE_DEFAULTS[self.stage] if getattr(self, name) is None)
+        if self.stage in TEXT_STAGES and self.activation_checkpointing is None and self.gradient_checkpointing is None:
+            # The official stage 1 and llm2vec's MNTP train with it: an LLM's activations are the step's largest
+            # memory (README "Performance"); transformers' deprecated alias gradient_checkpointing counts as set.
+            self.activation_checkpointing = True
+            self.defaulted_settings.append("activation_checkpointing")
         for name, value in STAGE_DEFAULTS[self.stage].items():
             if getattr(self, name) is None:
                 setattr(self, name, value)
