@@ -293,6 +293,28 @@ def second_step_memory():
     return SecondStepMemory()
 
 
+def report_step_memory(configs: Sequence[dict[str, Any]], build_trainer: Callable[[dict[str, Any]], Any]) -> None:
+    """A memory worker's body: for each config, the two-step trainer ``build_trainer(config)`` trains with
+    :func:`second_step_memory` attached, single-threaded; prints the configs with ``peak_increase_bytes`` (the
+    second step), ``rss_before_bytes``, ``process_peak_bytes`` and ``exact`` for :func:`run_workers`."""
+    import torch
+    from transformers import PrinterCallback
+
+    quiet()
+    torch.set_num_threads(1)
+    results = []
+    for config in configs:
+        trainer = build_trainer(config)
+        trainer.remove_callback(PrinterCallback)
+        callback = second_step_memory()
+        trainer.add_callback(callback)
+        trainer.train()
+        results.append({**config, "peak_increase_bytes": callback.peak, "rss_before_bytes": callback.baseline,
+                        "process_peak_bytes": callback.process_peak, "exact": callback.meter.exact})
+        del trainer
+    report_worker_result({"results": results})
+
+
 def run_workers(script: str | Path, configs: Sequence[Any], parallel: int = 2,
                 timeout: float = 3600) -> list[dict[str, Any]]:
     """Run ``script --_worker CONFIG_JSON`` once per config, each in a fresh Python process started with

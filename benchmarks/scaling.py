@@ -94,25 +94,10 @@ def sequence_length(trainer: LLM2CLIPTrainer) -> int:
 
 
 def worker(configs: list[dict[str, Any]]) -> None:
-    """Measure the step memory of each configuration in turn in this process and print the results for
-    :func:`bench.run_workers` (one configuration per fresh process, except in ``--quick`` runs)."""
-    import torch
-    from transformers import PrinterCallback
-
-    bench.quiet()
-    torch.set_num_threads(1)
-    results = []
-    for config in configs:
-        text_model = text_model_for(config["quick"])
-        trainer = stage1_trainer(text_model, config["batch"], config["tokens"], steps=2, chunk=config["chunk"])
-        trainer.remove_callback(PrinterCallback)
-        callback = bench.second_step_memory()
-        trainer.add_callback(callback)
-        trainer.train()
-        results.append({**config, "peak_increase_bytes": callback.peak, "rss_before_bytes": callback.baseline,
-                        "exact": callback.meter.exact})
-        del trainer, text_model
-    bench.report_worker_result({"results": results})
+    """Measure the step memory of each configuration in turn in this process (one configuration per fresh process,
+    except in ``--quick`` runs)."""
+    bench.report_step_memory(configs, lambda config: stage1_trainer(
+        text_model_for(config["quick"]), config["batch"], config["tokens"], steps=2, chunk=config["chunk"]))
 
 
 def main() -> None:

@@ -49,23 +49,8 @@ def caption_trainer(quick: bool, checkpointing: bool, steps: int):
 
 
 def worker(configs: list[dict[str, Any]]) -> None:
-    """Train two steps per configuration and print the second step's peak increase and the process peak."""
-    import torch
-    from transformers import PrinterCallback
-
-    bench.quiet()
-    torch.set_num_threads(1)
-    results = []
-    for config in configs:
-        trainer = caption_trainer(config["quick"], config["checkpointing"], steps=2)
-        trainer.remove_callback(PrinterCallback)
-        callback = bench.second_step_memory()
-        trainer.add_callback(callback)
-        trainer.train()
-        results.append({**config, "step_peak_increase_bytes": callback.peak,
-                        "process_peak_bytes": callback.process_peak, "exact": callback.meter.exact})
-        del trainer
-    bench.report_worker_result({"results": results})
+    """Train two steps per configuration, measuring the second step's peak increase and the process peak."""
+    bench.report_step_memory(configs, lambda config: caption_trainer(config["quick"], config["checkpointing"], 2))
 
 
 def main() -> None:
@@ -89,15 +74,15 @@ def main() -> None:
 
     mib = 2 ** 20
     rows = [[SETTINGS[on], f"{step[on]:.2f}", f"{step[on] / step[False]:.2f}x",
-             f"{by_setting[on]['step_peak_increase_bytes'] / mib:.0f}",
-             f"{by_setting[on]['step_peak_increase_bytes'] / by_setting[False]['step_peak_increase_bytes']:.2f}x",
+             f"{by_setting[on]['peak_increase_bytes'] / mib:.0f}",
+             f"{by_setting[on]['peak_increase_bytes'] / by_setting[False]['peak_increase_bytes']:.2f}x",
              f"{by_setting[on]['process_peak_bytes'] / mib:.0f}"] for on in SETTINGS]
     model = "tiny random Llama, batch 8" if quick else "SmolLM2-135M-Instruct, batch 32, max length 128"
     print(f"stage 1, {model}; time: torch threads {torch.get_num_threads()}, median of {len(intervals[False])} steps "
           f"each, blocks interleaved; memory: fresh single-threaded worker per setting")
     bench.print_table("activation checkpointing (ratios against off)",
                       ["checkpointing", "s/step", "step time", "step peak MiB", "step peak", "process peak MiB"], rows)
-    ratio = by_setting[True]["step_peak_increase_bytes"] / by_setting[False]["step_peak_increase_bytes"]
+    ratio = by_setting[True]["peak_increase_bytes"] / by_setting[False]["peak_increase_bytes"]
     bench.print_ratio(bench.ratio_text("checkpointing on/off step peak memory", ratio, 1.0, higher_is_better=False,
                                        quick=quick))
     bench.write_json(args.output, {
