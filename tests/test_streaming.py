@@ -188,6 +188,16 @@ def test_stage2_trains_on_a_stream_of_shards(kind, key_column, image_column, sha
     assert epoch_0 == ALL_ROWS and set(trainer.rows[4]) <= set(ALL_ROWS)
 
 
+def test_accumulation_over_a_stream_on_several_processes_is_refused(shards, cache, module_text_model, tmp_path,
+                                                                    monkeypatch):
+    stage2_trainer(module_text_model, joined_parquet(shards, cache), tmp_path, gradient_accumulation_steps=2)
+    monkeypatch.setattr(LLM2CLIPTrainingArguments, "world_size", property(lambda self: 2))
+    stage2_trainer(module_text_model, joined_parquet(shards, cache), tmp_path)  # accumulation 1: allowed
+    with pytest.raises(ValueError, match="gradient_accumulation_steps=2 over a stream on 2 processes.*"
+                                         "gradcache_chunk_size"):
+        stage2_trainer(module_text_model, joined_parquet(shards, cache), tmp_path, gradient_accumulation_steps=2)
+
+
 def test_a_stream_needs_max_steps(shards, cache, module_text_model, tmp_path):
     with pytest.raises(ValueError, match="max_steps"):
         stage2_trainer(module_text_model, joined_parquet(shards, cache), tmp_path, max_steps=-1)

@@ -98,6 +98,22 @@ def check_global_batch(rows: int, per_device: int, processes: int, split_batches
         )
 
 
+def check_stream_accumulation(processes: int, accumulation_steps: int) -> None:
+    """Refuse gradient accumulation over a stream on several processes. Each process reads its own part of the
+    stream and the parts differ in rows, so a process whose pass ends inside an accumulation group steps with fewer
+    micro-batches than the others and the processes' collectives stop lining up (2 processes, 11 rows in 2 shards,
+    batch 1, accumulation 2: a hang)."""
+    if processes > 1 and accumulation_steps > 1:
+        raise ValueError(
+            f"gradient_accumulation_steps={accumulation_steps} over a stream on {processes} processes is not "
+            "supported: the processes' parts of the stream differ in length, and one whose pass ends inside an "
+            "accumulation group would step with fewer micro-batches than the others (the run hangs). For a larger "
+            "contrastive batch set gradcache_chunk_size (GradCache: the whole global batch's negatives at the "
+            "memory of one chunk, which accumulation does not give), raise per_device_train_batch_size, or train "
+            "on map-style data (a Dataset on disk)."
+        )
+
+
 def require_text_model(model: nn.Module, stage: str) -> LLM2CLIPTextModel:
     """The LLM2CLIPTextModel a text stage trains (under its PEFT wrapper, if any)."""
     base = unwrap_peft(model)

@@ -42,6 +42,7 @@ from .stages import (
     STAGES,
     check_global_batch,
     check_sources,
+    check_stream_accumulation,
     make_logit_parameters_one_element,
     require_text_model,
     zero_dimensional_logit_parameters,
@@ -114,6 +115,8 @@ class LLM2CLIPTrainer(Trainer):
         # Training applies the bad-row policy; evaluation never drops a row.
         train_dataset = self.stage.prepare_dataset(train_dataset, args.skip_bad_rows) if train_dataset is not None \
             else None
+        if isinstance(train_dataset, hf_datasets.IterableDataset):
+            check_stream_accumulation(args.world_size, args.gradient_accumulation_steps)
         if args.stage != MNTP_STAGE and isinstance(train_dataset, Dataset):  # contrastive; streams have no length
             check_global_batch(len(train_dataset), args.per_device_train_batch_size, args.world_size,
                                args.accelerator_config.split_batches)
