@@ -6,7 +6,7 @@ Stage "clip" trains the tiny EVA02 tower, the adapter, ``logit_scale`` and a LoR
 from 24 shuffled rows (as tests/distributed_worker.py), with ``logit_scale_max`` below the value the first step
 reaches (2.443 from 2.659; then 2.412, 2.402 without the clamp), so the clamp changes the trajectory, then
 ``save_model()``. Every process writes ``run-<rank>.json`` (distributed type, FSDP or not, logit_scale as this
-process's optimizer holds it); the main process also writes ``losses.json`` and the final model in ``model/``.
+process's optimizer holds it, the retrieval metrics on ``EVAL_ROWS`` training rows right after training); the main process also writes ``losses.json`` and the final model in ``model/``.
 
 ``force_fsdp2`` runs FSDP2 where accelerate would not (on a CPU, over gloo; see :class:`ForcedFSDP2Trainer`).
 """
@@ -29,7 +29,7 @@ from llm2clip_hf.trainers import LLM2CLIPTrainer, LLM2CLIPTrainingArguments
 
 from launching import end_worker_process
 
-GLOBAL_BATCH, STEPS, ROWS = 8, 3, 24
+GLOBAL_BATCH, STEPS, ROWS, EVAL_ROWS = 8, 3, 24, 12
 LOGIT_SCALE_INIT = math.log(1 / 0.07)
 LOGIT_SCALE_MAX = 2.3
 
@@ -83,10 +83,14 @@ def run(stage: str, llm_dir: str, output_dir: str, world_size: int, force_fsdp2:
     if trainer.args.world_size != world_size:
         raise RuntimeError(f"expected {world_size} processes, the Trainer sees {trainer.args.world_size}")
     trainer.train()
+    # Retrieval metrics straight after training (no evaluation forward first): under FSDP2 the root module's own
+    # parameters (patch embedding, norms, projection, adapter; the LLM's embeddings) are still sharded here.
+    metrics = trainer.retrieval_metrics(trainer.stage.prepare_dataset(data.select(range(EVAL_ROWS)), False))
     trainer.save_model(str(Path(output_dir) / "model"))
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    report = {"distributed_type": str(trainer.accelerator.distributed_type), "fsdp": trainer.is_fsdp_enabled}
+    report = {"distributed_type": str(trainer.accelerator.distributed_type), "fsdp": trainer.is_fsdp_enabled,
+              "metrics": metrics}
     if stage == "clip":
         logit_scale = trainer.accelerator.unwrap_model(trainer.model_wrapped).logit_scale.detach()
         local = logit_scale.to_local() if isinstance(logit_scale, DTensor) else logit_scale

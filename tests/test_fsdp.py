@@ -290,6 +290,9 @@ def assert_two_processes_equal_one(stage, one, two, fsdp):
     model_class = LLM2CLIPModel if stage == "clip" else LLM2CLIPTextModel
     reloaded = model_class.from_pretrained(two / "model").state_dict()
     assert all(torch.equal(reloaded[k], saved[k]) for k in saved)
+    # every process computes the retrieval metrics of the full model, right after training
+    one_metrics = json.loads((one / "run-0.json").read_text())["metrics"]
+    assert one_metrics and all(report["metrics"] == pytest.approx(one_metrics) for report in reports)
     if stage == "clip":
         # The clamp acted at step 1 (unclamped the run ends at 2.40): every process's optimizer copy is clamped,
         # and the saved value is the one that went on training from the clamp.

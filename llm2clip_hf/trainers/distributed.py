@@ -1,8 +1,10 @@
-"""All-gather that keeps gradients, for contrastive losses whose negatives come from every process."""
+"""All-gather that keeps gradients, for contrastive losses whose negatives come from every process; and FSDP2's root
+parameters gathered for calls outside ``forward``."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -58,6 +60,25 @@ def local_gather(tensor: torch.Tensor) -> tuple[torch.Tensor, int]:
 def default_gather(world_size: int) -> Gather:
     """``all_gather_with_grad`` when several processes train, else the identity."""
     return all_gather_with_grad if world_size > 1 else local_gather
+
+
+@contextlib.contextmanager
+def root_parameters_gathered(model: torch.nn.Module) -> Iterator[None]:
+    """Under FSDP2 (``fully_shard``), the root module's own parameters (those of no nested sharded block: patch
+    embedding, norms, projection, adapter, the LLM's embeddings) are gathered only by the root's ``forward``; code
+    that embeds through other methods (``get_image_features``, ``encode``) would meet them sharded ("mixed
+    torch.Tensor and DTensor"). This gathers them for the block and shards them again after; nested blocks gather
+    their own in their ``forward``. Every process must enter it (a collective). Without FSDP2 it does nothing."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if not isinstance(model, FSDPModule):
+        yield
+        return
+    model.unshard()
+    try:
+        yield
+    finally:
+        model.reshard()
 
 
 def average_gradients(parameters, group=None) -> None:

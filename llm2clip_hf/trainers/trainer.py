@@ -32,7 +32,7 @@ from ..data.text_pairs import concatenate_sources
 from ..evaluation import TeacherStatistics, evaluate_caption_retrieval, evaluate_retrieval
 from ..modeling import LLM2CLIPModel, LLM2CLIPTextModel
 from .callbacks import EpochCallback, LogitScaleClampCallback, initial_logit_scale
-from .distributed import average_gradients
+from .distributed import average_gradients, root_parameters_gathered
 from .grad_cache import GradCacheLoss
 from .deepspeed_settings import check_deepspeed_config, models_built_whole
 from .layer_decay import layer_decay_parameter_groups
@@ -295,15 +295,18 @@ class LLM2CLIPTrainer(Trainer):
         return metrics
 
     def retrieval_metrics(self, dataset: Dataset) -> dict[str, float]:
-        """Stage metrics of the current model on ``dataset`` (see :meth:`evaluate`)."""
+        """Stage metrics of the current model on ``dataset`` (see :meth:`evaluate`), computed by every process on the
+        whole model (under FSDP2 its root parameters gathered for the duration)."""
         model, args = self._base_model(), self.args
-        if args.stage in TEXT_STAGES:
-            if len(args.caption_columns) != 2 or not set(args.caption_columns) <= set(dataset.column_names):
-                return {}  # an MNTP evaluation of other than two caption columns: the loss only
-            return evaluate_caption_retrieval(model, dataset, args.caption_columns,
-                                              batch_size=args.per_device_eval_batch_size, show_progress_bar=False)
-        return evaluate_retrieval(model, dataset, args.image_column, args.caption_columns,
-                                  batch_size=args.per_device_eval_batch_size, show_progress_bar=False)
+        if args.stage in TEXT_STAGES and (len(args.caption_columns) != 2
+                                          or not set(args.caption_columns) <= set(dataset.column_names)):
+            return {}  # an MNTP evaluation of other than two caption columns: the loss only
+        with root_parameters_gathered(self.accelerator.unwrap_model(self.model)):
+            if args.stage in TEXT_STAGES:
+                return evaluate_caption_retrieval(model, dataset, args.caption_columns,
+                                                  batch_size=args.per_device_eval_batch_size, show_progress_bar=False)
+            return evaluate_retrieval(model, dataset, args.image_column, args.caption_columns,
+                                      batch_size=args.per_device_eval_batch_size, show_progress_bar=False)
 
     # --------------------------------------------------------------------------------------------- saving
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
