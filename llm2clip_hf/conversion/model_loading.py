@@ -6,12 +6,14 @@ Loading errors say how to provide the model, and with ``HF_HUB_OFFLINE=1`` nothi
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from huggingface_hub import constants as hub_constants
 from transformers import AutoConfig
+from transformers.utils.peft_utils import find_adapter_config_file
 
 from .assets import SMOLLM2_HUB_ID, smollm2_gguf
 from ..modeling import LLM2CLIPConfig, LLM2CLIPModel, LLM2CLIPTextConfig, LLM2CLIPTextModel
@@ -42,9 +44,12 @@ def load_text_model(
     pooling_mode: str | None = None,
     text_template: str | None = None,
     max_length: int | None = None,
+    peft_model_name_or_path: str | Sequence[str] | None = None,
     **from_pretrained_kwargs: Any,
 ) -> LLM2CLIPTextModel:
-    """A text encoder from a saved :class:`LLM2CLIPTextModel` or from a plain LLM (made bidirectional).
+    """A text encoder from a saved :class:`LLM2CLIPTextModel`, from a plain LLM (made bidirectional), or from an
+    LLM published as PEFT adapters (llm2vec's encoders: an adapter folder, ``peft_model_name_or_path`` adapters
+    merged on top; see :meth:`LLM2CLIPTextModel.from_llm`).
 
     ``None`` / ``"smollm2"`` selects SmolLM2-135M-Instruct (the offline GGUF asset when installed). The pooling,
     template and length options apply when wrapping a plain LLM; a saved text encoder keeps its own, and giving a
@@ -61,6 +66,10 @@ def load_text_model(
     if gguf_file is not None:
         from_pretrained_kwargs["gguf_file"] = gguf_file
     hub_kwargs = {k: v for k, v in from_pretrained_kwargs.items() if k in ("gguf_file", "revision", "token")}
+    wrap = dict(pooling_mode=pooling_mode, text_template=text_template, max_length=max_length,
+                peft_model_name_or_path=peft_model_name_or_path)
+    if gguf_file is None and find_adapter_config_file(str(name_or_path), **hub_kwargs) is not None:
+        return LLM2CLIPTextModel.from_llm(name_or_path, **wrap, **from_pretrained_kwargs)  # an adapter folder
     try:
         config = AutoConfig.from_pretrained(name_or_path, **hub_kwargs)
     except (OSError, ValueError) as error:
@@ -68,6 +77,9 @@ def load_text_model(
     if isinstance(config, LLM2CLIPTextConfig):
         requested = {"pooling_mode": pooling_mode, "text_template": resolve_text_template(text_template),
                      "max_seq_length": max_length}  # a preset name is compared as the template it stands for
+        if peft_model_name_or_path:
+            raise ValueError(f"{name_or_path} is a saved LLM2CLIP text encoder, whose adapters (if any) are merged; "
+                             "PEFT adapters go on top of a plain LLM or of an llm2vec adapter folder.")
         conflicts = {k: (v, getattr(config, k)) for k, v in requested.items() if v is not None and v != getattr(config, k)}
         if conflicts:
             details = ", ".join(f"{k}={v[0]!r} (saved: {v[1]!r})" for k, v in conflicts.items())
@@ -79,10 +91,7 @@ def load_text_model(
     if isinstance(config, LLM2CLIPConfig):
         raise ValueError(f"{name_or_path} is a full LLM2CLIP model; pass it as --model, and its text model (if "
                          "any) as --text-model.")
-    return LLM2CLIPTextModel.from_llm(
-        name_or_path, pooling_mode=pooling_mode or "mean", text_template=text_template,
-        max_length=max_length or 512, **from_pretrained_kwargs,
-    )
+    return LLM2CLIPTextModel.from_llm(name_or_path, **wrap, **from_pretrained_kwargs)
 
 
 def load_clip_model(name_or_path: str, **from_pretrained_kwargs: Any) -> LLM2CLIPModel:

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedModel
 from transformers.utils import ModelOutput, cached_file
+from transformers.utils.peft_utils import find_adapter_config_file
 from transformers.utils import logging as hf_logging
 
 from .caption_tokenization import (
@@ -26,6 +27,9 @@ logger = hf_logging.get_logger(__name__)
 # Arguments of from_pretrained that also locate the tokenizer and the config.
 _HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder", "gguf_file")
 SENTENCE_TRANSFORMERS_FILE = "sentence_transformers_llm2clip.py"  # sentence-transformers' input module
+# Builds a text encoder from PEFT adapters (llm2vec's published encoders): llm2clip_hf.conversion registers it, so the
+# remote code itself never imports peft. Called as ADAPTER_LOADER(cls, name_or_path, adapters, settings, kwargs).
+ADAPTER_LOADER: Callable[..., Any] | None = None
 
 
 @dataclass
@@ -73,12 +77,13 @@ class LLM2CLIPTextModel(PreTrainedModel):
     def from_llm(
         cls,
         name_or_path: str | os.PathLike,
-        pooling_mode: str = "mean",
+        pooling_mode: str | None = None,
         text_template: str | None = None,
-        max_length: int = 512,
+        max_length: int | None = None,
         bidirectional: bool = True,
         doc_max_length: int | None = None,
         eos_text: str | None = None,
+        peft_model_name_or_path: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
         **from_pretrained_kwargs: Any,
     ) -> "LLM2CLIPTextModel":
         """Wrap a plain LLM checkpoint (a Hub id or a directory, e.g. an official LLM2CLIP ``*-CC-Finetuned``).
@@ -88,29 +93,56 @@ class LLM2CLIPTextModel(PreTrainedModel):
         ``AutoModel.from_pretrained`` (``dtype``, ``attn_implementation``, ``gguf_file``, ``revision``, ...).
         ``doc_max_length`` (``None``: LLM2CLIP's behaviour; upstream llm2vec uses 400) cuts long captions to fewer
         words first; ``eos_text`` (``eos_token`` pooling; default: llm2vec's choice for this checkpoint) too.
+        Defaults: mean pooling, ``max_length`` 512.
+
+        Text encoders published as PEFT adapters load as llm2vec's ``LLM2Vec.from_pretrained`` loads them (needs
+        the llm2clip-hf package, which brings peft): a folder or Hub id holding an adapter (``adapter_config.json``;
+        base weights from its ``base_model_name_or_path``), and ``peft_model_name_or_path``, one adapter or a list
+        (llm2vec's ``peft_model_name_or_path`` and LLM2CLIP's ``extra_model_name_or_path``), each merged in turn;
+        settings then come from ``llm2vec_config.json`` and llm2vec's defaults where not given here. See
+        :func:`llm2clip_hf.conversion.llm2vec_adapters.text_model_from_adapters`.
         """
         hub_kwargs = {k: from_pretrained_kwargs[k] for k in _HUB_KWARGS if k in from_pretrained_kwargs}
+        settings = dict(pooling_mode=pooling_mode, text_template=text_template, max_length=max_length,
+                        bidirectional=bidirectional, doc_max_length=doc_max_length, eos_text=eos_text)
+        adapters = [] if peft_model_name_or_path is None else [peft_model_name_or_path] \
+            if isinstance(peft_model_name_or_path, (str, os.PathLike)) else list(peft_model_name_or_path)
+        adapter_kwargs = {k: v for k, v in hub_kwargs.items() if k != "gguf_file"}
+        if adapters or ("gguf_file" not in hub_kwargs
+                        and find_adapter_config_file(str(name_or_path), **adapter_kwargs) is not None):
+            if ADAPTER_LOADER is None:
+                raise ImportError(f"{name_or_path} (or peft_model_name_or_path) is a PEFT adapter; loading adapters "
+                                  "needs the llm2clip-hf package (pip install llm2clip-hf), which brings peft.")
+            return ADAPTER_LOADER(cls, name_or_path, adapters, settings, from_pretrained_kwargs)
         llm_config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=False, **hub_kwargs)
         if getattr(llm_config, "model_type", None) == cls.config_class.model_type:
             raise ValueError(
                 f"{name_or_path} is a saved LLM2CLIPTextModel, not a plain LLM; load it with "
                 "LLM2CLIPTextModel.from_pretrained(...) instead of from_llm(...)."
             )
-        config = cls.config_class(
-            llm_config=llm_config, pooling_mode=pooling_mode, text_template=text_template,
-            max_length=max_length, bidirectional=bidirectional, doc_max_length=doc_max_length,
-            eos_text=eos_text if eos_text is not None or pooling_mode != "eos_token"
-            else llm2vec_eos_text(llm_config.model_type, str(name_or_path)),
-        )
-        llm = AutoModel.from_pretrained(name_or_path, config=config.llm_config, trust_remote_code=False,
+        llm_config.is_causal = not bidirectional
+        llm = AutoModel.from_pretrained(name_or_path, config=llm_config, trust_remote_code=False,
                                         **from_pretrained_kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, **hub_kwargs)
+        return cls.wrap_llm(llm, tokenizer, name_or_path, **{k: v for k, v in settings.items() if v is not None})
+
+    @classmethod
+    def wrap_llm(cls, llm: PreTrainedModel, tokenizer: Any, name_or_path: str | os.PathLike,
+                 **settings: Any) -> "LLM2CLIPTextModel":
+        """A text encoder around a loaded transformers base model (``AutoModel``) and its tokenizer. ``settings`` are
+        :class:`LLM2CLIPTextConfig`'s (pooling, template, length, ...); ``name_or_path`` names the source (it also
+        chooses llm2vec's ``eos_text`` under ``eos_token`` pooling)."""
+        bidirectional = settings.get("bidirectional", True)
         llm.config.is_causal = not bidirectional
+        if settings.get("pooling_mode") == "eos_token" and settings.get("eos_text") is None:
+            settings["eos_text"] = llm2vec_eos_text(llm.config.model_type, str(name_or_path))
+        config = cls.config_class(llm_config=llm.config, **settings)
         config.llm_config = llm.config
         config.name_or_path = str(name_or_path)
         with torch.device("meta"):
             model = cls(config)
         model.llm = llm
-        model.tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(name_or_path, **hub_kwargs))
+        model.tokenizer = prepare_tokenizer(tokenizer)
         return model
 
     @classmethod
