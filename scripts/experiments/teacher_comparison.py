@@ -25,7 +25,8 @@ from llm2clip_hf import load_text_model
 from llm2clip_hf.data import cached_embedding_sample, precompute_text_embeddings
 from llm2clip_hf.demo.recipe import (DENSE, LANGUAGES, LONG, SHORT, DemoArguments, _train_clip, clip_metrics,
                                     emoji_splits)
-from llm2clip_hf.evaluation import caption_retrieval_metrics, evaluate_retrieval, teacher_report, teacher_statistics
+from llm2clip_hf.evaluation import caption_retrieval_metrics, evaluate_retrieval, teacher_statistics
+from llm2clip_hf.evaluation.teacher_quality import teacher_report
 
 
 def main() -> None:
