@@ -247,6 +247,15 @@ class ClipModelArguments:
 
 
 @dataclass
+class ExportVisionArguments:
+    model: str = field(metadata={"help": "A saved LLM2CLIP model (folder or Hub id; `convert` makes one from an "
+                                         "official checkpoint)."})
+    output_dir: str = field(metadata={
+        "help": "Folder for the tower and its image processor: transformers' own CLIPVisionModel / SiglipVisionModel "
+                "(no remote code), or the EVA02 tower with its remote code."})
+
+
+@dataclass
 class AssembleArguments:
     model: str = field(metadata={
         "help": "The image side with its text adapter: a converted LLM2CLIP folder, an official LLM2CLIP .pt or Hub "

@@ -21,6 +21,7 @@ from .arguments import (
     DatasetArguments,
     EmbedArguments,
     EvaluateArguments,
+    ExportVisionArguments,
     PrecisionArguments,
     TextModelArguments,
     TrainDataArguments,
@@ -174,6 +175,12 @@ def run_assemble(text: TextModelArguments, args: AssembleArguments) -> dict[str,
     return assemble(args.model, text.load(), args.output_dir)
 
 
+def run_export_vision(args: ExportVisionArguments) -> dict[str, Any]:
+    from ..conversion.vision_export import export_vision_tower
+
+    return export_vision_tower(args.model, args.output_dir)
+
+
 def run_demo(args: Any) -> dict[str, Any] | None:
     from ..demo import run
 
@@ -210,6 +217,8 @@ COMMANDS: dict[str, Command] = {
                        (ConvertArguments,), run_convert, positionals=("checkpoint", "output_dir")),
     "assemble": Command("One model from two published parts: an LLM2CLIP image side + adapter and its text model.",
                         (TextModelArguments, AssembleArguments), run_assemble),
+    "export-vision": Command("The vision tower of an LLM2CLIP model, with its image processor, as a standalone model "
+                             "for a multimodal LLM (transformers' Llava).", (ExportVisionArguments,), run_export_vision),
     "demo": Command("End-to-end demo: SmolLM2 + emoji images, stage 1, cache, stage 2, evaluation, reload.",
                     (_demo_arguments,), run_demo),
 }
