@@ -410,8 +410,11 @@ def test_the_demo_holds_one_llm_at_a_time(tmp_path, monkeypatch):
     assert alive == [1, 1, 1], alive  # stage 2 on the raw LLM, stage 1, stage 2 on the stage-1 LLM
 
 
-@pytest.mark.parametrize("command", ["train", "embed", "evaluate", "convert", "assemble", "demo"])
+@pytest.mark.parametrize("command", ["train", "embed", "evaluate", "convert", "assemble", "export-vision", "demo"])
 def test_every_command_prints_its_help(command, capsys):
+    from llm2clip_hf.cli.commands import COMMANDS
+
+    assert command in COMMANDS and len(COMMANDS) == 7  # a new command joins this list
     # argparse %-formats help strings: a stray '%' in a field's help breaks --help for the whole command
     with pytest.raises(SystemExit) as stop:
         main([command, "--help"])
