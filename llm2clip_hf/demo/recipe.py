@@ -60,6 +60,13 @@ class DemoArguments:
         "help": "Seeds of the stage-2 runs: each trains one CLIP on the raw LLM's and one on the stage-1 LLM's "
                 "embeddings (same tower init, batches and crops), so the teachers are compared seed by seed."})
     max_length: int = field(default=192, metadata={"help": "Token budget per caption (the dense captions need ~150)."})
+    llava_alignment: bool = field(default=False, metadata={
+        "help": "Also run LLaVA's feature alignment (projector only, frozen tower and LLM) on every stage-2 tower and "
+                "an untrained one, seed by seed: held-out name perplexity and choice accuracy (README)."})
+    llava_steps: int = field(default=150, metadata={"help": "Feature-alignment steps per tower and seed."})
+    llava_batch_size: int = field(default=16, metadata={"help": "Images per feature-alignment step."})
+    llava_learning_rate: float = field(default=1e-3, metadata={"help": "Projector learning rate (LLaVA-1.5's)."})
+    llava_choices: int = field(default=8, metadata={"help": "Names ranked per held-out image (1 true)."})
     seed: int = field(default=0, metadata={"help": "Seed of stage 1 and of the data."})
 
 
@@ -131,6 +138,7 @@ def run(args: DemoArguments) -> dict[str, Any]:
     t = lap("load", t)
     categories = sorted(set(test["category"]))
     per_seed: dict[str, list[dict[str, float]]] = {}
+    towers: dict[str, list[dict[str, torch.Tensor]]] = {}  # each teacher's stage-2 towers, seed by seed
     losses: dict[str, list[tuple[int, float]]] = {}
     cra: dict[str, float] = {}
 
@@ -142,9 +150,10 @@ def run(args: DemoArguments) -> dict[str, Any]:
         cached_train = precompute_text_embeddings(train, teacher, [SHORT, LONG], cache / "train")
         cached_test = precompute_text_embeddings(test, teacher, [SHORT, LONG, DENSE, *LANGUAGES], cache / "test")
         t = lap("cache", t)
-        per_seed[name], first = [], None
+        per_seed[name], towers[name], first = [], [], None
         for seed in args.stage2_seeds:
             trainer = _train_clip(args, teacher, cached_train, seed, out / f"stage2_{name}_seed{seed}")
+            towers[name].append({k: v.detach().cpu().clone() for k, v in trainer.model.vision_model.state_dict().items()})
             per_seed[name].append({"cra": cra[name], **clip_metrics(trainer.model, cached_test, teacher, test,
                                                                      categories)})
             if seed == args.stage2_seeds[0]:
@@ -192,8 +201,11 @@ def run(args: DemoArguments) -> dict[str, Any]:
     query_row = test[0]
     candidates = sorted({query_row["name"], *test.select(range(1, min(len(test), 6)))["name"]})
     answer = classify(query_row["image"], candidate_labels=candidates)
-    lap("reload", t)
+    t = lap("reload", t)
     stage1_loss = losses.pop("stage1")
+    llava = llava_alignment(args, out, towers, train, test) if args.llava_alignment else None
+    if llava is not None:
+        lap("llava", t)
 
     metrics = {
         "text_model": text_model_name, "train_rows": len(train), "test_rows": len(test),
@@ -203,6 +215,7 @@ def run(args: DemoArguments) -> dict[str, Any]:
         "zero_shot_query": {"emoji": query_row["emoji"], "truth": query_row["name"], "answer": answer[0]["label"],
                             "scores": {a["label"]: round(a["score"], 4) for a in answer}},
         "reload_max_abs_difference": float(reload_difference),
+        **({"llava_alignment": llava} if llava is not None else {}),
         "stage1_loss": stage1_loss, "stage2_loss": losses, "seconds": timings,
         "total_seconds": round(time.perf_counter() - started, 1), "peak_rss_gib": round(peak_rss_gib(), 2),
         "peak_rss_gib_through_stage1": round(peak_through_stage1, 2),
@@ -211,6 +224,27 @@ def run(args: DemoArguments) -> dict[str, Any]:
     write_report_png(metrics, out / "report.png")
     print(results_table(metrics))
     return {"output_dir": str(out), "metrics": str(out / "metrics.json"), "report": str(out / "report.png")}
+
+
+def llava_alignment(args: DemoArguments, out: Path, towers: dict[str, list[dict[str, torch.Tensor]]], train: Dataset,
+                    test: Dataset) -> dict[str, Any]:
+    """LLaVA's feature alignment on an untrained tower and on each teacher's stage-2 tower, seed by seed (same
+    projector initialisation and batches per seed): per-seed metrics and their summary with paired differences."""
+    from .llava_alignment import LlavaAlignment, load_causal_lm, untrained_tower_state
+
+    vision_config = tiny_eva02(args.smoke)
+    alignment = LlavaAlignment(vision_config, *load_causal_lm(args.text_model, args.smoke, out))
+    steps = 2 if args.smoke else args.llava_steps
+    per_seed: dict[str, list[dict[str, float]]] = {"untrained": [], "raw": [], "tuned": []}
+    for index, seed in enumerate(args.stage2_seeds):
+        states = {"untrained": untrained_tower_state(vision_config, seed), "raw": towers["raw"][index],
+                  "tuned": towers["tuned"][index]}
+        for name, state in states.items():
+            loss = alignment.align(state, seed, train, steps, 8 if args.smoke else args.llava_batch_size,
+                                   args.llava_learning_rate, out / f"llava_{name}_seed{seed}")
+            per_seed[name].append({**alignment.evaluate(test, args.llava_choices, seed), "final_loss": loss[-1]})
+    return {"per_seed": per_seed, "summary": summarize(per_seed, (("tuned", "raw"), ("raw", "untrained"), ("tuned", "untrained"))), "choices": args.llava_choices,
+            "steps": steps}
 
 
 def _train_clip(args: DemoArguments, teacher: LLM2CLIPTextModel, cached_train: Dataset, seed: int,

@@ -26,14 +26,16 @@ def spread(values: Sequence[float]) -> dict[str, Any]:
             "min": min(values), "max": max(values), "values": values}
 
 
-def summarize(per_seed: dict[str, list[dict[str, float]]]) -> dict[str, dict[str, dict[str, Any]]]:
-    """``{teacher: {metric: spread over seeds}}`` and, under ``"tuned_minus_raw"``, the per-seed differences (the
-    seeds are paired: same tower init, batches and crops for both teachers)."""
+def summarize(per_seed: dict[str, list[dict[str, float]]],
+              differences: Sequence[tuple[str, str]] = (("tuned", "raw"),)) -> dict[str, dict[str, dict[str, Any]]]:
+    """``{teacher: {metric: spread over seeds}}`` and, under ``"A_minus_B"`` for each pair of ``differences``, the
+    per-seed differences (the seeds are paired: same tower init, batches and crops for both teachers)."""
     summary = {teacher: {key: spread([run[key] for run in runs]) for key in runs[0]}
                for teacher, runs in per_seed.items()}
-    summary["tuned_minus_raw"] = {key: spread([tuned[key] - raw[key] for raw, tuned in
-                                               zip(per_seed["raw"], per_seed["tuned"])])
-                                  for key in per_seed["tuned"][0]}
+    for first, second in differences:
+        summary[f"{first}_minus_{second}"] = {key: spread([a[key] - b[key] for a, b in
+                                                           zip(per_seed[first], per_seed[second])])
+                                              for key in per_seed[first][0]}
     return summary
 
 
@@ -74,6 +76,15 @@ def results_table(metrics: dict[str, Any]) -> str:
               f"reloaded vs in-memory image features, max |diff|: {metrics['reload_max_abs_difference']:.2e}",
               f"time (s): {metrics['seconds']}, total {metrics['total_seconds']}; peak RSS "
               f"{metrics['peak_rss_gib']} GiB"]
+    if "llava_alignment" in metrics:
+        llava = metrics["llava_alignment"]
+        lines += ["", f"LLaVA feature alignment ({llava['steps']} projector steps per tower and seed): held-out name "
+                      f"perplexity and choice accuracy among {llava['choices']} names (chance "
+                      f"{100 / llava['choices']:.1f} %)"]
+        for tower in ("untrained", "raw", "tuned", "tuned_minus_raw", "raw_minus_untrained"):
+            entry = llava["summary"][tower]
+            lines.append(f"  {tower:20s} perplexity {_cell(entry['name_perplexity'])}  choice "
+                         f"{_cell(entry['choice_accuracy'])}")
     return "\n".join(lines)
 
 

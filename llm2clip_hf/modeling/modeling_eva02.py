@@ -8,6 +8,8 @@ Parameter names follow eva_clip so official checkpoints map one to one.
 
 from __future__ import annotations
 
+from typing import Any
+
 import math
 
 import torch
@@ -193,7 +195,11 @@ class EVA02VisionModel(EVA02PreTrainedModel):
         output_hidden_states: bool = False,
         interpolate_pos_encoding: bool = False,
         return_dict: bool = True,
+        **kwargs: Any,
     ) -> BaseModelOutputWithPooling | tuple:
+        """Patch tokens after a class token through the blocks; ``pooler_output`` is the class token's final norm.
+        Other keyword arguments (what callers such as transformers' Llava pass every tower, e.g. the Trainer's
+        ``num_items_in_batch``) are accepted and unused."""
         if pixel_values.dim() != 4 or pixel_values.shape[1] != self.config.num_channels:
             raise ValueError(
                 f"EVA02VisionModel expects pixel_values of shape (batch, {self.config.num_channels}, height, width); "
