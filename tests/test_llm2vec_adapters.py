@@ -190,3 +190,36 @@ def test_the_siglip2_model_end_to_end_from_its_published_parts(llm2vec_layout, t
     probs = logits.softmax(-1)[0]
     for index, label in enumerate(labels):
         assert scores[label] == pytest.approx(probs[index].item(), abs=1e-5)
+
+
+@pytest.mark.parametrize("name", ["meta-llama/Meta-Llama-3-8B-Instruct", "mistralai/Mistral-7B-Instruct-v0.2",
+                                  "meta-llama/Llama-2-7b-chat-hf", "McGill-NLP/some-other-base"])
+def test_the_base_models_name_chooses_llm2vecs_chat_wrapper(name):
+    """llm2vec wraps inputs by the base model's name (config._name_or_path): the same wrapper is chosen here."""
+    from transformers import LlamaConfig
+
+    from llm2clip_hf.conversion.llm2vec_adapters import LLM2VEC_TEMPLATES
+    from llm2clip_hf.modeling.caption_tokenization import TEXT_TEMPLATES
+    from reference_impl import llm2vec_prepare_for_tokenization
+
+    expected = llm2vec_prepare_for_tokenization(" a dog ", "mean", LlamaConfig(), name)
+    template = TEXT_TEMPLATES.get(LLM2VEC_TEMPLATES.get(name), "{text}")
+    assert template.replace("{text}", "a dog" if name in LLM2VEC_TEMPLATES else " a dog ") == expected
+
+
+def test_a_base_named_for_a_chat_wrapper_gets_it_when_loading(llm2vec_layout, monkeypatch):
+    """(The tiny base cannot carry a Hub name: its folder stands for Meta-Llama-3-8B-Instruct here.)"""
+    from llm2clip_hf.conversion import llm2vec_adapters
+    from llm2clip_hf.modeling.caption_tokenization import TEXT_TEMPLATES
+
+    paths = llm2vec_layout
+    monkeypatch.setitem(llm2vec_adapters.LLM2VEC_TEMPLATES, str(paths["base"]), "llama-3-instruct")
+    model = LLM2CLIPTextModel.from_llm(paths["mntp"])
+    assert model.config.text_template == TEXT_TEMPLATES["llama-3-instruct"]
+    reference, tokenizer = llm2vec_load(paths["mntp"])
+    with torch.no_grad():
+        expected = llm2vec_encode(reference, tokenizer, CAPTIONS, instruction=INSTRUCTION, doc_max_length=400,
+                                  template=TEXT_TEMPLATES["llama-3-instruct"])
+    torch.testing.assert_close(model.encode(CAPTIONS, instruction=INSTRUCTION), expected, rtol=0, atol=1e-5)
+    explicit = LLM2CLIPTextModel.from_llm(paths["mntp"], text_template="mistral-instruct")
+    assert explicit.config.text_template == TEXT_TEMPLATES["mistral-instruct"]

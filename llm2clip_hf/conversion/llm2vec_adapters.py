@@ -23,10 +23,15 @@ from transformers.utils.peft_utils import find_adapter_config_file
 
 from ..modeling import LLM2CLIPTextModel
 from ..modeling import modeling_llm2clip_text
+from ..modeling.caption_tokenization import llm2vec_eos_text
 
 LLM2VEC_CONFIG = "llm2vec_config.json"
 # LLM2Vec.__init__'s defaults, which apply where neither the caller nor llm2vec_config.json set a value.
 LLM2VEC_DEFAULTS = {"pooling_mode": "mean", "max_length": 512, "doc_max_length": 400, "skip_instruction": True}
+# The chat wrappers LLM2Vec.prepare_for_tokenization applies by the base model's name (config._name_or_path).
+LLM2VEC_TEMPLATES = {"meta-llama/Meta-Llama-3-8B-Instruct": "llama-3-instruct",
+                     "mistralai/Mistral-7B-Instruct-v0.2": "mistral-instruct",
+                     "meta-llama/Llama-2-7b-chat-hf": "mistral-instruct"}
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                  "pytorch_model.bin.index.json")
 _HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision")
@@ -71,7 +76,8 @@ def text_model_from_adapters(cls: type[LLM2CLIPTextModel], name_or_path: str | o
     """An :class:`LLM2CLIPTextModel` from a base LLM and PEFT adapters, merged in turn (see the module docstring).
 
     ``settings`` are ``from_llm``'s; one left ``None`` takes the value of ``llm2vec_config.json``, else llm2vec's
-    default (mean pooling, max length 512, doc max length 400). The chosen values are stored in the encoder's
+    default (mean pooling, max length 512, doc max length 400). As llm2vec, the base model's name chooses the chat
+    wrapper (``LLM2VEC_TEMPLATES``) and the text appended under ``eos_token`` pooling, unless given. The chosen values are stored in the encoder's
     config, so the saved encoder reloads without the adapters. llm2vec's ``skip_instruction=False`` (pooling the
     instruction too) is refused: this encoder pools the caption only."""
     from peft import PeftModel
@@ -86,7 +92,11 @@ def text_model_from_adapters(cls: type[LLM2CLIPTextModel], name_or_path: str | o
     for name in ("pooling_mode", "max_length", "doc_max_length"):
         if resolved.get(name) is None:
             resolved[name] = found.get(name, LLM2VEC_DEFAULTS[name])
+    if resolved.get("text_template") is None and str(base) in LLM2VEC_TEMPLATES:
+        resolved["text_template"] = LLM2VEC_TEMPLATES[str(base)]
     llm_config = AutoConfig.from_pretrained(base, trust_remote_code=False, **hub_kwargs)
+    if resolved["pooling_mode"] == "eos_token" and resolved.get("eos_text") is None:
+        resolved["eos_text"] = llm2vec_eos_text(llm_config.model_type, str(base))
     llm_config.is_causal = not resolved["bidirectional"]
     llm = AutoModel.from_pretrained(base, config=llm_config, trust_remote_code=False, **from_pretrained_kwargs)
     for adapter in chain:
