@@ -124,8 +124,9 @@ def test_clip_stage_on_cached_embeddings_learns(text_model, cached, tmp_path):
 def test_clip_stage_clamps_logit_scale_after_each_step(text_model, cached, tmp_path):
     model = clip_model(text_model)
     with torch.no_grad():
-        model.logit_scale.fill_(5.0)  # above ln(100) = 4.605
-    trainer = LLM2CLIPTrainer(model=model, args=clip_args(tmp_path, max_steps=1), train_dataset=cached)
+        model.logit_scale.fill_(5.0)  # above ln(100) = 4.605: an explicit bound (the default would keep 5.0)
+    trainer = LLM2CLIPTrainer(model=model, args=clip_args(tmp_path, max_steps=1, logit_scale_max=math.log(100.0)),
+                              train_dataset=cached)
     trainer.train()
     assert model.logit_scale.item() == pytest.approx(math.log(100.0))
 
