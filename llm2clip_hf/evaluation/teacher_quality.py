@@ -124,6 +124,12 @@ def check_teacher(statistics: TeacherStatistics, allow_degenerate: bool = False,
     )
 
 
+def auto_adapter_input_normalization(statistics: TeacherStatistics) -> str | None:
+    """What ``adapter_input_normalization="auto"`` gives a new adapter for a teacher: ``"center"`` when its embeddings
+    are dominated by one common component, else ``None`` (the official adapter)."""
+    return "center" if statistics.verdict == DOMINATED else None
+
+
 def check_cached_teacher(dataset, caption_columns: Sequence[str], allow_degenerate: bool = False,
                          override: str = "allow_degenerate_teacher=True", seed: int = 0) -> TeacherStatistics:
     """:class:`TeacherStatistics` of a stage-2 cache (a sample of its rows, at its storage precision), a degenerate

@@ -21,12 +21,13 @@ from pathlib import Path
 import torch
 from datasets import load_dataset
 
-from llm2clip_hf import load_text_model
+from llm2clip_hf import LLM2CLIPModel, load_text_model
 from llm2clip_hf.data import cached_embedding_sample, precompute_text_embeddings
 from llm2clip_hf.demo.recipe import (DENSE, LANGUAGES, LONG, SHORT, DemoArguments, _train_clip, clip_metrics,
                                     emoji_splits)
 from llm2clip_hf.evaluation import caption_retrieval_metrics, evaluate_retrieval, teacher_statistics
-from llm2clip_hf.evaluation.teacher_quality import teacher_report
+from llm2clip_hf.evaluation.teacher_quality import auto_adapter_input_normalization, teacher_report
+from llm2clip_hf.trainers.training_health import EmbeddingCollapseError
 
 
 def main() -> None:
@@ -58,22 +59,30 @@ def main() -> None:
         cached_test = precompute_text_embeddings(test, teacher, test_columns, out / "cache" / name / "test")
         sample, precision = cached_embedding_sample(cached_train, [SHORT, LONG])  # short captions, then long ones
         short, long, mean = *sample.chunk(2), sample.mean(dim=0)
-        results[name] = {"teacher": teacher_report(teacher_statistics(sample, precision),
+        statistics = teacher_statistics(sample, precision)
+        auto = auto_adapter_input_normalization(statistics) or "none"  # what the CLI's default gives this teacher
+        results[name] = {"auto": auto, "teacher": teacher_report(statistics,
                                                    caption_retrieval_metrics(short, long),
                                                    caption_retrieval_metrics(short - mean, long - mean)),
                          "cache_minutes": round((time.time() - started) / 60, 2)}
         for normalization in args.normalization:
+            normalization = auto if normalization == "auto" else normalization
             runs = []
             for seed in args.seeds:
                 settings = DemoArguments(output_dir=str(out), stage2_steps=args.steps, stage2_learning_rate=args.lr,
                                          adapter_input_normalization=normalization)
-                trainer = _train_clip(settings, teacher, cached_train, seed, out / f"s2_{name}_{normalization}_{seed}")
+                try:
+                    model, collapsed = _train_clip(settings, teacher, cached_train, seed,
+                                                   out / f"s2_{name}_{normalization}_{seed}").model, False
+                except EmbeddingCollapseError as error:  # what the user keeps: the last weights before the collapse
+                    model, collapsed = LLM2CLIPModel.from_pretrained(error.last_good_model), True
                 if args.data == "emoji":
-                    metrics = clip_metrics(trainer.model, cached_test, teacher, test, sorted(set(test["category"])))
+                    metrics = clip_metrics(model, cached_test, teacher, test, sorted(set(test["category"])))
                 else:
-                    english = evaluate_retrieval(trainer.model, cached_test, "image", [SHORT, LONG])
-                    long = evaluate_retrieval(trainer.model, cached_test, "image", [LONG])
+                    english = evaluate_retrieval(model, cached_test, "image", [SHORT, LONG])
+                    long = evaluate_retrieval(model, cached_test, "image", [LONG])
                     metrics = {**english, **{f"long_{key}": value for key, value in long.items()}}
+                metrics["collapsed"] = collapsed
                 runs.append(metrics)
                 print(name, normalization, seed, {k: round(v, 2) for k, v in metrics.items() if "R@5" in k}, flush=True)
             results[name][normalization] = runs
