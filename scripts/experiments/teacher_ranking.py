@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Does the teacher check rank teachers as stage 2 does? For each teacher of one or more teacher_comparison.py outputs
 on the same data: the check's statistics and CRA (raw and centered) on the teacher's cached stage-2 training captions,
-and its stage-2 CLIPs' mean R@5 (both directions, English, adapter input "none", mean over seeds); then the Spearman
+and its stage-2 CLIPs' mean R@5 (both directions, English, with the adapter input ``auto`` gives the teacher: "none",
+or "center" for a dominated one; mean over seeds); then the Spearman
 rank correlation between each statistic and that retrieval.
 
     python scripts/experiments/teacher_ranking.py comparison/emoji comparison/emoji_more
@@ -47,7 +48,7 @@ def main() -> None:
     for output in map(Path, args.outputs):
         results = json.loads((output / "results.json").read_text())
         for name, result in results.items():
-            runs = result.get("none")
+            runs = result.get(result.get("auto", "none"))  # the adapter input the CLI's default gives this teacher
             if not runs:
                 continue
             sample, precision = cached_embedding_sample(load_from_disk(str(output / "cache" / name / "train")),
@@ -58,13 +59,14 @@ def main() -> None:
                                     caption_retrieval_metrics(short - mean, long - mean))
             retrieval = [(run["image_to_text_R@5"] + run["text_to_image_R@5"]) / 2 for run in runs]
             rows[name] = {**{key: report[key] for key in PREDICTORS}, "verdict": report["verdict"],
+                          "adapter": result.get("auto", "none"),
                           "r5": statistics.fmean(retrieval), "r5_std": statistics.stdev(retrieval)}
     names = sorted(rows, key=lambda n: rows[n]["r5"])
-    print("teacher | " + " | ".join(PREDICTORS) + " | verdict | stage-2 mean R@5")
+    print("teacher | " + " | ".join(PREDICTORS) + " | verdict | adapter | stage-2 mean R@5")
     for name in names:
         row = rows[name]
         print(f"{name} | " + " | ".join(f"{row[key]:.3f}" for key in PREDICTORS)
-              + f" | {row['verdict']} | {row['r5']:.1f} ± {row['r5_std']:.1f}")
+              + f" | {row['verdict']} | {row['adapter']} | {row['r5']:.1f} ± {row['r5_std']:.1f}")
     retrieval = [rows[n]["r5"] for n in names]
     print("Spearman vs stage-2 R@5: " + ", ".join(
         f"{key} {spearman([rows[n][key] for n in names], retrieval):+.2f}" for key in PREDICTORS))
