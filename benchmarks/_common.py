@@ -293,6 +293,16 @@ def second_step_memory():
     return SecondStepMemory()
 
 
+def parse_or_run_worker(description: str, worker: Callable[[Any], None]) -> argparse.Namespace | None:
+    """The command line of a benchmark with memory workers: in a worker process (``--_worker CONFIG``) run
+    ``worker`` on the config and return ``None``; otherwise return the parsed arguments."""
+    args = build_parser(description).parse_args()
+    if args.worker:
+        worker(json.loads(args.worker))
+        return None
+    return args
+
+
 def report_step_memory(configs: Sequence[dict[str, Any]], build_trainer: Callable[[dict[str, Any]], Any]) -> None:
     """A memory worker's body: for each config, the two-step trainer ``build_trainer(config)`` trains with
     :func:`second_step_memory` attached, single-threaded; prints the configs with ``peak_increase_bytes`` (the

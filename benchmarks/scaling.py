@@ -24,7 +24,6 @@ from one worker process.
 
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -101,9 +100,8 @@ def worker(configs: list[dict[str, Any]]) -> None:
 
 
 def main() -> None:
-    args = bench.build_parser(__doc__).parse_args()
-    if args.worker:
-        worker(json.loads(args.worker))
+    args = bench.parse_or_run_worker(__doc__, worker)
+    if args is None:
         return
     quick = args.quick
     settings = plan(quick)

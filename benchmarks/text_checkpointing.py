@@ -13,7 +13,6 @@ Full run: SmolLM2-135M-Instruct (offline GGUF, fp32), the demo's emoji caption p
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -54,9 +53,8 @@ def worker(configs: list[dict[str, Any]]) -> None:
 
 
 def main() -> None:
-    args = bench.build_parser(__doc__).parse_args()
-    if args.worker:
-        worker(json.loads(args.worker))
+    args = bench.parse_or_run_worker(__doc__, worker)
+    if args is None:
         return
     quick = args.quick
     configs = [dict(checkpointing=on, quick=quick) for on in SETTINGS]

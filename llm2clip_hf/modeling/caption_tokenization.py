@@ -81,8 +81,9 @@ def tokenize_texts(
     ``instruction_separator`` joins the stripped instruction and the caption (llm2vec ``encode`` uses a space,
     the official stage-1 training data ``"; "``). With a template, the joined text is stripped at both ends
     before wrapping, as llm2vec does. ``eos_text`` (``eos_token`` pooling, see :func:`llm2vec_eos_text`) is
-    appended to the right-stripped input as llm2vec appends it: a part of the pooled tail, truncated with the rest. ``doc_max_length`` (``None``: off, LLM2CLIP's behaviour) first cuts each caption to fewer words
-    until it has at most that many tokens, as upstream llm2vec does; see :func:`shorten_to_doc_max_length`.
+    appended to the right-stripped input as llm2vec appends it: a part of the pooled tail, truncated with the rest.
+    ``doc_max_length`` (``None``: off, LLM2CLIP's behaviour) first cuts each caption to fewer words until it has at
+    most that many tokens, as upstream llm2vec does; see :func:`shorten_to_doc_max_length`.
     ``caption_spans`` also finds each caption's own tokens (from the fast tokenizer's character offsets: the tokens
     that overlap the caption's characters).
     """
