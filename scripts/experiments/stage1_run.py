@@ -84,6 +84,8 @@ def main() -> None:
     with open(args.out + ".json", "w") as handle:
         json.dump(result, handle, indent=1)
     print(json.dumps({k: result[k] for k in ("status", "minutes", "raw", "after")}))
+    if result["status"] != "ok":  # recorded for the grid, but a failed run does not end as a success
+        raise SystemExit(f"stage 1 did not finish: {result['status']}")
 
 
 if __name__ == "__main__":

@@ -88,6 +88,11 @@ def main() -> None:
             results[name][normalization] = runs
         del teacher
     (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
+    collapsed = [f"{name}/{normalization}/seed {seed}" for name, result in results.items()
+                 for normalization, runs in result.items() if isinstance(runs, list)
+                 for seed, run in zip(args.seeds, runs) if run["collapsed"]]
+    if collapsed:  # measured and recorded (last good weights), but the comparison does not end as a success
+        raise SystemExit(f"stage 2 collapsed in {collapsed}; their rows hold the last good weights' metrics.")
 
 
 if __name__ == "__main__":
