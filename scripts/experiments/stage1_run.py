@@ -64,7 +64,7 @@ def main() -> None:
     training_args = LLM2CLIPTrainingArguments(
         output_dir=args.out, stage="caption", caption_columns=["short_caption", "long_caption"],
         max_steps=args.steps, per_device_train_batch_size=args.batch, logging_steps=1, save_strategy="no",
-        report_to="none", seed=args.seed, dataloader_drop_last=True, gradient_checkpointing=True, **dict(args.set))
+        report_to="none", seed=args.seed, dataloader_drop_last=True, **{"gradient_checkpointing": True, **dict(args.set)})
     started = time.time()
     trainer = LLM2CLIPTrainer(model=model, args=training_args, train_dataset=data["train"])
     try:
