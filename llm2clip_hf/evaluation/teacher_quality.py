@@ -157,8 +157,6 @@ def evaluate_teacher(text_model, dataset, caption_columns: Sequence[str], max_ro
     ``caption_columns`` of up to ``max_rows`` random rows of ``dataset`` with ``text_model`` (an
     :class:`~llm2clip_hf.LLM2CLIPTextModel`) and reports :class:`TeacherStatistics` and, with two caption columns
     (two captions of each image), caption retrieval accuracy between them raw and on centered embeddings."""
-    from .caption_retrieval import caption_retrieval_metrics
-
     if len(dataset) > max_rows:
         dataset = dataset.shuffle(seed=seed).select(range(max_rows))
     columns = []
@@ -167,10 +165,21 @@ def evaluate_teacher(text_model, dataset, caption_columns: Sequence[str], max_ro
         if any(not isinstance(t, str) for t in texts):
             raise ValueError(f"evaluate_teacher needs one caption string per row in {column!r}.")
         columns.append(text_model.encode(texts, batch_size=batch_size, show_progress_bar=False).float().cpu())
-    embeddings = torch.cat(columns)
-    statistics = teacher_statistics(embeddings, max_rows=len(embeddings))
     if len(columns) != 2:
-        return teacher_report(statistics)
+        embeddings = torch.cat(columns)
+        return teacher_report(teacher_statistics(embeddings, max_rows=len(embeddings)))
+    return caption_pair_teacher_check(*columns)[1]
+
+
+def caption_pair_teacher_check(first: torch.Tensor, second: torch.Tensor, precision: float | None = None
+                               ) -> tuple[TeacherStatistics, dict[str, float | int | str]]:
+    """The teacher check on the embeddings of two captions of each image (``[N, D]`` each, row *i* of both from one
+    image): :class:`TeacherStatistics` of all ``2N`` (``precision`` as in :func:`teacher_statistics`), and the report
+    with caption retrieval accuracy between the two, raw and on embeddings centered by their common mean."""
+    from .caption_retrieval import caption_retrieval_metrics
+
+    embeddings = torch.cat([first, second])
+    statistics = teacher_statistics(embeddings, precision, max_rows=len(embeddings))
     mean = embeddings.mean(dim=0, keepdim=True)
-    return teacher_report(statistics, caption_retrieval_metrics(*columns),
-                          caption_retrieval_metrics(columns[0] - mean, columns[1] - mean))
+    return statistics, teacher_report(statistics, caption_retrieval_metrics(first, second),
+                                      caption_retrieval_metrics(first - mean, second - mean))

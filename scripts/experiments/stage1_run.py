@@ -17,11 +17,10 @@ import resource
 import time
 
 import torch
-import torch.nn.functional as F
 from datasets import load_from_disk
 
 from llm2clip_hf import load_text_model
-from llm2clip_hf.evaluation import caption_retrieval_metrics
+from llm2clip_hf.evaluation.teacher_quality import caption_pair_teacher_check
 from llm2clip_hf.trainers import LLM2CLIPTrainer, LLM2CLIPTrainingArguments
 
 
@@ -31,12 +30,9 @@ def held_out(model, test) -> dict[str, float]:
     with torch.no_grad():
         short = model.encode(test["short_caption"], batch_size=64, show_progress_bar=False).float()
         long = model.encode(test["long_caption"], batch_size=64, show_progress_bar=False).float()
-    mean = torch.cat([short, long]).mean(0)
-    unit = F.normalize(torch.cat([short, long]), dim=-1)
-    cosines = (unit @ unit.T)[~torch.eye(len(unit), dtype=torch.bool)]
-    return {"cra": caption_retrieval_metrics(short, long)["cra"],
-            "cra_centered": caption_retrieval_metrics(short - mean, long - mean)["cra"],
-            "mean_cos": cosines.mean().item(), "std_cos": cosines.std().item()}
+    report = caption_pair_teacher_check(short, long)[1]
+    return {"cra": report["cra"], "cra_centered": report["centered_cra"], "mean_cos": report["mean_cosine"],
+            "std_cos": report["std_cosine"]}
 
 
 def setting(text: str) -> tuple[str, object]:
@@ -61,10 +57,11 @@ def main() -> None:
     test = data["test"].select(range(min(args.test_rows, len(data["test"]))))
     model = load_text_model(None, max_length=args.max_length)
     result = {"args": {**vars(args), "set": dict(args.set)}, "raw": held_out(model, test)}
+    settings = {"gradient_checkpointing": True, **dict(args.set)}  # --set may override the checkpointing
     training_args = LLM2CLIPTrainingArguments(
         output_dir=args.out, stage="caption", caption_columns=["short_caption", "long_caption"],
         max_steps=args.steps, per_device_train_batch_size=args.batch, logging_steps=1, save_strategy="no",
-        report_to="none", seed=args.seed, dataloader_drop_last=True, **{"gradient_checkpointing": True, **dict(args.set)})
+        report_to="none", seed=args.seed, dataloader_drop_last=True, **settings)
     started = time.time()
     trainer = LLM2CLIPTrainer(model=model, args=training_args, train_dataset=data["train"])
     try:

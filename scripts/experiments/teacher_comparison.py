@@ -25,8 +25,8 @@ from llm2clip_hf import LLM2CLIPModel, load_text_model
 from llm2clip_hf.data import cached_embedding_sample, precompute_text_embeddings
 from llm2clip_hf.demo.recipe import (DENSE, LANGUAGES, LONG, SHORT, DemoArguments, _train_clip, clip_metrics,
                                     emoji_splits)
-from llm2clip_hf.evaluation import caption_retrieval_metrics, evaluate_retrieval, teacher_statistics
-from llm2clip_hf.evaluation.teacher_quality import auto_adapter_input_normalization, teacher_report
+from llm2clip_hf.evaluation import evaluate_retrieval
+from llm2clip_hf.evaluation.teacher_quality import auto_adapter_input_normalization, caption_pair_teacher_check
 from llm2clip_hf.trainers.training_health import EmbeddingCollapseError
 
 
@@ -58,12 +58,9 @@ def main() -> None:
         cached_train = precompute_text_embeddings(train, teacher, [SHORT, LONG], out / "cache" / name / "train")
         cached_test = precompute_text_embeddings(test, teacher, test_columns, out / "cache" / name / "test")
         sample, precision = cached_embedding_sample(cached_train, [SHORT, LONG])  # short captions, then long ones
-        short, long, mean = *sample.chunk(2), sample.mean(dim=0)
-        statistics = teacher_statistics(sample, precision)
+        statistics, report = caption_pair_teacher_check(*sample.chunk(2), precision)
         auto = auto_adapter_input_normalization(statistics) or "none"  # what the CLI's default gives this teacher
-        results[name] = {"auto": auto, "teacher": teacher_report(statistics,
-                                                   caption_retrieval_metrics(short, long),
-                                                   caption_retrieval_metrics(short - mean, long - mean)),
+        results[name] = {"auto": auto, "teacher": report,
                          "cache_minutes": round((time.time() - started) / 60, 2)}
         for normalization in args.normalization:
             normalization = auto if normalization == "auto" else normalization

@@ -16,28 +16,13 @@ import statistics
 from pathlib import Path
 
 from datasets import load_from_disk
+from scipy.stats import spearmanr  # scipy comes with the test extra (sentence-transformers)
 
 from llm2clip_hf.data import cached_embedding_sample
-from llm2clip_hf.evaluation import caption_retrieval_metrics, teacher_statistics
-from llm2clip_hf.evaluation.teacher_quality import teacher_report
+from llm2clip_hf.evaluation.teacher_quality import caption_pair_teacher_check
 
 SHORT, LONG = "short_caption", "long_caption"
 PREDICTORS = ("mean_cosine", "effective_rank", "centered_effective_rank", "residual_share", "cra", "centered_cra")
-
-
-def ranks(values: list[float]) -> list[float]:
-    order = sorted(range(len(values)), key=values.__getitem__)
-    result = [0.0] * len(values)
-    for rank, index in enumerate(order):
-        result[index] = float(rank)
-    return result
-
-
-def spearman(a: list[float], b: list[float]) -> float:
-    ra, rb = ranks(a), ranks(b)
-    ma, mb = statistics.fmean(ra), statistics.fmean(rb)
-    cov = sum((x - ma) * (y - mb) for x, y in zip(ra, rb))
-    return cov / (sum((x - ma) ** 2 for x in ra) * sum((y - mb) ** 2 for y in rb)) ** 0.5
 
 
 def main() -> None:
@@ -53,10 +38,7 @@ def main() -> None:
                 continue
             sample, precision = cached_embedding_sample(load_from_disk(str(output / "cache" / name / "train")),
                                                         [SHORT, LONG])
-            short, long = sample.chunk(2)
-            mean = sample.mean(dim=0)
-            report = teacher_report(teacher_statistics(sample, precision), caption_retrieval_metrics(short, long),
-                                    caption_retrieval_metrics(short - mean, long - mean))
+            report = caption_pair_teacher_check(*sample.chunk(2), precision)[1]
             retrieval = [(run["image_to_text_R@5"] + run["text_to_image_R@5"]) / 2 for run in runs]
             rows[name] = {**{key: report[key] for key in PREDICTORS}, "verdict": report["verdict"],
                           "adapter": result.get("auto", "none"),
@@ -69,7 +51,7 @@ def main() -> None:
               + f" | {row['verdict']} | {row['adapter']} | {row['r5']:.1f} ± {row['r5_std']:.1f}")
     retrieval = [rows[n]["r5"] for n in names]
     print("Spearman vs stage-2 R@5: " + ", ".join(
-        f"{key} {spearman([rows[n][key] for n in names], retrieval):+.2f}" for key in PREDICTORS))
+        f"{key} {spearmanr([rows[n][key] for n in names], retrieval).statistic:+.2f}" for key in PREDICTORS))
 
 
 if __name__ == "__main__":
