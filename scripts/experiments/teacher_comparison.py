@@ -2,7 +2,8 @@
 """Raw vs stage-1 teacher, side by side: each teacher's cached caption embeddings train the demo's stage 2 (a new
 small EVA02, same seeds: same tower init, batches and crops) on an image-caption set, with and without adapter input
 centering, and every run is evaluated on the held-out images. Writes OUT/results.json (per teacher: its teacher
-report (statistics, CRA raw and centered between the two train captions), and per adapter input and seed the retrieval metrics).
+report (statistics, CRA raw and centered between the two train captions), the adapter input ``auto`` gives it, and
+per adapter input and seed the retrieval metrics, with whether the run collapsed).
 
 Data: ``emoji`` (the demo's set: English, dense and CLDR-translated captions, zero-shot by category) or an
 imagefolder with short_caption / long_caption / split columns (scripts/build_icon_dataset.py).
