@@ -27,15 +27,16 @@ COLLAPSED = "The training embeddings have collapsed"
 def test_spread_is_zero_for_identical_rows_and_large_for_spread_ones():
     assert embedding_spread(torch.ones(6, 4) * 3.0).item() == pytest.approx(0.0, abs=1e-6)
     assert embedding_spread(torch.eye(4)).item() == pytest.approx(1 - 1 / 4)  # |mean|^2 of 4 orthonormal rows
-    assert embedding_spread(torch.randn(2, 8), torch.ones(2, 8)).item() == pytest.approx(0.0, abs=1e-6)  # the least
+    per_side = embedding_spread(torch.eye(4), torch.ones(4, 4))  # one spread per side, in their order
+    assert per_side.tolist() == pytest.approx([1 - 1 / 4, 0.0], abs=1e-6)
     assert embedding_spread(torch.randn(1, 8)) is None
 
 
 def test_monitor_reports_a_streak_once_after_patience_and_ignores_a_spread_without_uninformative_loss():
     monitor = CollapseMonitor(spread_ratio=0.02, patience=3)
     log_n = math.log(16)
-    healthy, collapsed = StepHealth(0.4, 1.0, log_n), StepHealth(0.001, log_n, log_n)
-    low_spread_but_learning = StepHealth(0.001, 0.5 * log_n, log_n)
+    healthy, collapsed = StepHealth((0.4,), 1.0, log_n), StepHealth((0.001,), log_n, log_n)
+    low_spread_but_learning = StepHealth((0.001,), 0.5 * log_n, log_n)
     assert not monitor.update(1, healthy)
     assert [monitor.update(step, low_spread_but_learning) for step in (2, 3, 4, 5)] == [False] * 4
     assert [monitor.update(step, collapsed) for step in (6, 7, 8, 9)] == [False, False, True, False]
@@ -198,3 +199,37 @@ def test_the_collapse_check_watches_the_raw_embeddings_under_the_centered_loss(t
     stage._loss_on(None, {ROLES: ["query", "positive", "negative"]}, CaptionContrastiveLoss(center=True),
                    {TEXTS: collapsed})
     assert seen[0].item() < 1e-6
+
+
+def test_stage2_flags_an_image_tower_collapsing_against_its_own_start_when_the_text_side_starts_narrow(
+        text_model, tmp_path, caplog):
+    """A dominated teacher without centering gives a narrow text side from step 1. The image side then collapses to
+    about 0.1 % of its own starting spread while the text side stays as it was: each side is checked against its own
+    start, so the image collapse is flagged (the smaller of the two spreads never fell below 2 % of its start)."""
+    data = precompute_text_embeddings(Dataset.from_list(tiny_image_caption_rows()[:8]), text_model,
+                                      ["short_caption", "long_caption"])
+    model = LLM2CLIPModel.from_text_model(text_model, tiny_vision_config(), embed_text_model=False,
+                                          projection_dim=32).train()
+    args = LLM2CLIPTrainingArguments(
+        output_dir=str(tmp_path), stage="clip", max_steps=4, use_cpu=True, save_strategy="no", report_to="none",
+        stop_on_collapse=False, collapse_patience=2)
+    trainer = LLM2CLIPTrainer(model=model, args=args, train_dataset=data)
+    noise = torch.Generator().manual_seed(0)
+    spread_images = torch.randn(8, 32, generator=noise)
+    narrow_text = torch.ones(8, 32) + 0.05 * torch.randn(8, 32, generator=noise)
+    collapsed_images = torch.ones(8, 32) + 0.03 * torch.randn(8, 32, generator=noise)
+    start_image, text = embedding_spread(spread_images).item(), embedding_spread(narrow_text).item()
+    image = embedding_spread(collapsed_images).item()
+    assert image < 0.002 * start_image  # the image side fell to about 0.1 % of its own start ...
+    assert min(image, text) > 0.02 * min(start_image, text)  # ... but not below 2 % of the smaller starting spread
+    log_n = math.log(8)
+    with caplog.at_level(logging.WARNING):
+        for step, images in enumerate([spread_images, collapsed_images, collapsed_images]):
+            trainer.state.global_step = step
+            trainer.health.observe(model, images, narrow_text)
+            trainer.health.record(torch.tensor(log_n), torch.arange(8), log_n)
+            trainer.health.check()
+    warnings = collapse_warnings(caplog)
+    assert len(warnings) == 1 and "since step 2" in warnings[0]
+    assert "image embeddings" in warnings[0] and "text embeddings" not in warnings[0]
+    assert f"{image:.2e}" in warnings[0] and f"{start_image:.2e}" in warnings[0]

@@ -124,9 +124,11 @@ def require_text_model(model: nn.Module, stage: str) -> LLM2CLIPTextModel:
 
 
 class TrainingStage:
-    """One stage's part of training. ``observe`` receives a training batch's embeddings (the collapse check)."""
+    """One stage's part of training. ``observe`` receives a training batch's embeddings (the collapse check), one
+    batch per side named in ``embedding_sides``, in that order."""
 
     name: str
+    embedding_sides: tuple[str, ...] = ()
 
     def __init__(self, args: LLM2CLIPTrainingArguments, observe: EmbeddingsObserver | None = None) -> None:
         self.args = args
@@ -206,6 +208,7 @@ class CaptionStage(TrainingStage):
     """Stage 1: two captions of one image (or a given text pair) are query and positive; InfoNCE over the batch."""
 
     name = CAPTION_STAGE
+    embedding_sides = ("caption",)
 
     def setup_model(self, model, peft_config):
         if len(self.args.caption_columns) != 2:
@@ -266,6 +269,7 @@ class ClipStage(TrainingStage):
     adapter; CLIP's InfoNCE or SigLIP's sigmoid loss."""
 
     name = CLIP_STAGE
+    embedding_sides = ("image", "text")
 
     def __init__(self, args: LLM2CLIPTrainingArguments, text_model: LLM2CLIPTextModel | None = None,
                  **kwargs: Any) -> None:

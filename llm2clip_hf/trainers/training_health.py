@@ -6,9 +6,10 @@ that is all-reduced, so every process takes the same decision on the same number
 - a non-finite loss on any process stops every process, after all of them saved the last good state together
   (the step's update has not been applied), naming the processes, losses and rows;
 - a collapse of the embeddings (every row of a batch mapped to nearly one point: a contrastive loss then sits at
-  ln(candidates) and learns nothing more) stops the run (``stop_on_collapse``, the default): the trainable weights
-  of the last step whose embeddings were still spread (kept in memory, one copy on their device) are saved as a loadable
-  model in ``<output_dir>/last-good-step-<N>``, and :class:`EmbeddingCollapseError` names it, the best checkpoint by
+  ln(candidates) and learns nothing more; in stage 2 the image and the text side are each checked against their own
+  start, so a side that starts narrow cannot hide the other's collapse) stops the run (``stop_on_collapse``, the
+  default): the trainable weights of the last step whose embeddings were still spread (kept in memory, one copy on
+  their device) are saved as a loadable model in ``<output_dir>/last-good-step-<N>``, and :class:`EmbeddingCollapseError` names it, the best checkpoint by
   the evaluation metric where there is one, and what to change. With ``stop_on_collapse=False`` it is a warning.
 """
 
@@ -26,6 +27,8 @@ from torch import nn
 from transformers import TrainerCallback
 from transformers.utils import logging as hf_logging
 
+from .stages import STAGES
+
 logger = hf_logging.get_logger(__name__)
 
 # The InfoNCE loss of a collapsed batch is ln(candidates); within this share of it the scores carry no information.
@@ -41,43 +44,53 @@ class EmbeddingCollapseError(RuntimeError):
 
 
 def embedding_spread(*embeddings: torch.Tensor) -> torch.Tensor | None:
-    """How far the rows of each batch of embeddings are from one point: ``1 - |mean of the L2-normalised rows|^2``
-    (0 when all rows point the same way, about 1 for rows spread over the sphere), the smallest over the given
-    batches; ``None`` for batches of fewer than two rows. Detached, on the embeddings' device."""
-    spreads = [1.0 - F.normalize(e.detach().float(), dim=-1).mean(dim=0).square().sum()
-               for e in embeddings if e is not None and e.shape[0] > 1]
-    return torch.stack(spreads).min() if spreads else None
+    """How far the rows of each batch of embeddings (one batch per side: image, text) are from one point:
+    ``1 - |mean of the L2-normalised rows|^2`` (0 when all rows point the same way, about 1 for rows spread over the
+    sphere), one value per batch in their order; ``None`` when a batch has fewer than two rows. Detached, on the
+    embeddings' device."""
+    if not embeddings or any(e.shape[0] < 2 for e in embeddings):
+        return None
+    return torch.stack([1.0 - F.normalize(e.detach().float(), dim=-1).mean(dim=0).square().sum()
+                        for e in embeddings])
 
 
 @dataclass
 class StepHealth:
     """One optimizer step's numbers, averaged over its micro-batches and over every process."""
 
-    spread: float | None  # mean spread of the step's batches
+    spreads: tuple[float, ...] | None  # mean spread of the step's batches, per side (image, text)
     loss: float | None  # mean finite loss
     log_candidates: float | None  # mean ln(candidates per query) of an InfoNCE loss; None for other losses
 
 
 class CollapseMonitor:
-    """Decides, step by step, whether the embeddings have collapsed: their spread has fallen below
-    ``spread_ratio`` times its value at the first step checked and, for an InfoNCE loss, the loss sits within 5 %
-    of ln(candidates), for ``patience`` consecutive optimizer steps."""
+    """Decides, step by step, whether the embeddings have collapsed: the spread of a side (image or text) has fallen
+    below ``spread_ratio`` times that side's own spread at the first step checked and, for an InfoNCE loss, the loss
+    sits within 5 % of ln(candidates), for ``patience`` consecutive optimizer steps. ``sides`` names the sides, in
+    the order of :attr:`StepHealth.spreads`."""
 
-    def __init__(self, spread_ratio: float, patience: int) -> None:
-        self.spread_ratio, self.patience = spread_ratio, patience
-        self.initial_spread: float | None = None
+    def __init__(self, spread_ratio: float, patience: int, sides: tuple[str, ...] = ("training",)) -> None:
+        self.spread_ratio, self.patience, self.sides = spread_ratio, patience, sides
+        self.initial_spreads: tuple[float, ...] | None = None
         self.streak_start: int | None = None  # first step of the current run of collapsed-looking steps
         self.streak = 0
         self.reported = False
+        self.low_sides: list[int] = []  # the sides whose spread was low at the last step checked
         self.low_spread = False  # whether the last step checked had a low spread (collapsing, or collapsed)
 
     def update(self, step: int, health: StepHealth) -> bool:
         """Record ``step``; True exactly when the current streak reaches ``patience`` steps (reported once)."""
-        if self.spread_ratio <= 0 or health.spread is None or not math.isfinite(health.spread):
+        spreads = health.spreads
+        if self.spread_ratio <= 0 or not spreads or not all(math.isfinite(s) for s in spreads):
             return False
-        if self.initial_spread is None:
-            self.initial_spread = health.spread
-        low_spread = self.low_spread = health.spread < self.spread_ratio * self.initial_spread
+        if len(spreads) != len(self.sides):
+            raise ValueError(f"The collapse check got the spreads of {len(spreads)} embedding sides at step {step}, "
+                             f"for the {len(self.sides)} sides {list(self.sides)} it watches.")
+        if self.initial_spreads is None:
+            self.initial_spreads = tuple(spreads)
+        self.low_sides = [side for side, (spread, initial) in enumerate(zip(spreads, self.initial_spreads))
+                          if spread < self.spread_ratio * initial]
+        low_spread = self.low_spread = bool(self.low_sides)
         uninformative = health.log_candidates is None or health.loss is None or \
             health.loss >= COLLAPSED_LOSS_SHARE * health.log_candidates
         if not (low_spread and uninformative):
@@ -94,9 +107,12 @@ class CollapseMonitor:
     def describe(self, health: StepHealth, learning_rate: float, warmup_steps: int) -> str:
         loss = (f"; the loss {health.loss:.4f} sits at ln(candidates) = {health.log_candidates:.4f}"
                 if health.log_candidates is not None and health.loss is not None else "")
-        return (f"The training embeddings have collapsed to nearly one point since step {self.streak_start}: their "
-                f"spread is {health.spread:.2e}, {health.spread / self.initial_spread:.1%} of the "
-                f"{self.initial_spread:.2e} of the first step{loss}, for {self.streak} optimizer steps. The usual "
+        spreads = "; ".join(
+            f"the {self.sides[side]} embeddings' spread is {health.spreads[side]:.2e}, "
+            f"{health.spreads[side] / self.initial_spreads[side]:.1%} of their {self.initial_spreads[side]:.2e} at "
+            f"the first step" for side in self.low_sides)
+        return (f"The training embeddings have collapsed to nearly one point since step {self.streak_start}: "
+                f"{spreads}{loss}, for {self.streak} optimizer steps. The usual "
                 f"cause is a learning rate too high for this model (learning_rate={learning_rate:g}) or too short a "
                 f"warmup (warmup_steps={warmup_steps}): lower the one or lengthen the other.")
 
@@ -156,7 +172,8 @@ class TrainingHealthCallback(TrainerCallback):
         args = self.trainer.args
         self.records: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, float | None]] = []
         self.batch_spread: torch.Tensor | None = None
-        self.collapse = CollapseMonitor(args.collapse_spread_ratio, args.collapse_patience)
+        self.collapse = CollapseMonitor(args.collapse_spread_ratio, args.collapse_patience,
+                                        STAGES[args.stage].embedding_sides)
         self.snapshot = TrainableSnapshot()
 
     def keeps_snapshot(self) -> bool:
@@ -188,25 +205,29 @@ class TrainingHealthCallback(TrainerCallback):
         device = records[0][0].device
         losses = torch.stack([loss.float().reshape(()) for loss, _, _, _ in records])
         finite = torch.isfinite(losses)
+        sides = len(self.collapse.sides)  # the same on every process: the all-reduced tensor has one length
         spreads = [spread.float() for _, _, spread, _ in records if spread is not None]
+        if any(spread.shape != (sides,) for spread in spreads):
+            raise ValueError(f"The stage observed {[tuple(s.shape) for s in spreads]} embedding spreads per batch; "
+                             f"its embedding_sides {list(self.collapse.sides)} name {sides}.")
         log_candidates = [value for _, _, _, value in records if value is not None]
-        totals = torch.stack([
+        totals = torch.cat([torch.stack([
             (~finite).sum().float(),
-            torch.stack(spreads).sum() if spreads else torch.zeros((), device=device),
             torch.tensor(float(len(spreads)), device=device),
             torch.where(finite, losses, torch.zeros_like(losses)).sum(),
             finite.sum().float(),
             torch.tensor(float(sum(log_candidates)), device=device),
             torch.tensor(float(len(log_candidates)), device=device),
-        ]).to(device)
+        ]).to(device), torch.stack(spreads).sum(dim=0) if spreads else torch.zeros(sides, device=device)])
         totals = trainer.accelerator.reduce(totals, reduction="sum").tolist()
-        non_finite, spread_sum, spread_count, loss_sum, loss_count, candidates_sum, candidates_count = totals
+        non_finite, spread_count, loss_sum, loss_count, candidates_sum, candidates_count = totals[:6]
+        spread_sums = totals[6:]
         if non_finite:
             failures = [(trainer.args.process_index, float(losses[i]), rows.tolist() if rows is not None else None)
                         for i, (_, rows, _, _) in enumerate(records) if not bool(finite[i])]
             self._stop_on_non_finite_loss(gather_object(failures) if trainer.args.world_size > 1 else failures)
         health = StepHealth(
-            spread=spread_sum / spread_count if spread_count else None,
+            spreads=tuple(total / spread_count for total in spread_sums) if spread_count else None,
             loss=loss_sum / loss_count if loss_count else None,
             log_candidates=candidates_sum / candidates_count if candidates_count else None,
         )
