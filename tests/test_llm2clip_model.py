@@ -141,3 +141,31 @@ def test_model_without_text_encoder_takes_embeddings_only(tmp_path):
 def test_embedding_width_must_match_the_embedded_llm(text_model):
     with pytest.raises(ValueError, match="text_embedding_dim=100 does not match"):
         LLM2CLIPConfig(text_config=text_model.config, text_embedding_dim=100)
+
+
+def test_the_usual_clip_processor_call_is_accepted(clip_model, images, captions, tmp_path):
+    """Issue 33 item 9: ``processor(text=..., images=..., return_tensors="pt", padding=True)`` as CLIPProcessor is
+    called raised a TypeError (padding went to the image processor). padding="max_length" pads on the left."""
+    clip_model.save_pretrained(tmp_path)
+    processor = LLM2CLIPProcessor.from_pretrained(tmp_path)
+    plain = processor(text=captions, images=images)
+    usual = processor(text=captions, images=images, return_tensors="pt", padding=True, truncation=True)
+    for key in plain:
+        torch.testing.assert_close(usual[key], plain[key], rtol=0, atol=0)
+    padded = processor(text=captions, padding="max_length", max_length=40)
+    assert padded["input_ids"].shape == (len(captions), 40)
+    with torch.no_grad():
+        torch.testing.assert_close(clip_model.get_text_features(**padded),
+                                   clip_model.get_text_features(**processor(text=captions, max_length=40)),
+                                   rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="always padded"):
+        processor(text=captions, padding=False)
+
+
+def test_a_model_built_from_a_config_refuses_to_save_without_its_tokenizer(clip_model, tmp_path):
+    """Issue 33 item 10: an embedded text encoder without a tokenizer was saved without tokenizer and processor,
+    silently, and the zero-shot pipeline failed on the folder. Now nothing is written and the error names the fix."""
+    clip_model.text_model.tokenizer = None
+    with pytest.raises(ValueError, match="embed_text_model=True"):
+        clip_model.save_pretrained(tmp_path / "saved")
+    assert not (tmp_path / "saved").exists()

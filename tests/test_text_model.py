@@ -3,7 +3,8 @@ import torch
 from transformers import AutoModel, AutoTokenizer, GemmaConfig, LlamaConfig, MistralConfig, Qwen2Config
 
 from llm2clip_hf import TEXT_TEMPLATES, LLM2CLIPModel, LLM2CLIPProcessor, LLM2CLIPTextConfig, LLM2CLIPTextModel
-from llm2clip_hf.modeling.caption_tokenization import llm2vec_eos_text, tokenize_texts
+from llm2clip_hf.modeling.caption_tokenization import tokenize_texts
+from llm2clip_hf.modeling.llm2vec_naming import llm2vec_eos_text
 from llm2clip_hf.modeling.processing_llm2clip import clip_image_processor
 from llm2clip_hf.testing import _CORPUS, tiny_vision_config
 from reference_impl import llm2vec_cut_text, llm2vec_encode, llm2vec_prepare_for_tokenization
@@ -285,3 +286,50 @@ def test_doc_max_length_processor_round_trip(tiny_llm_dir, tmp_path):
     assert LLM2CLIPProcessor(clip_image_processor(32), text_model.tokenizer).doc_max_length is None
     with pytest.raises(ValueError, match="doc_max_length"):
         LLM2CLIPProcessor(clip_image_processor(32), text_model.tokenizer, doc_max_length=-1)
+
+
+def test_a_config_saved_before_eos_text_keeps_appending_the_eos_id(tiny_llm_dir, tmp_path, captions):
+    """Issue 33 item 3: an eos_token encoder saved before eos_text existed (its config has neither eos_text nor
+    config_version) appended the tokenizer's eos id after truncating to max_length - 1; it must keep doing so,
+    through the text model and through the processor saved with it, and be migrated to config_version 2."""
+    import json
+
+    from llm2clip_hf import LLM2CLIPProcessor
+    from llm2clip_hf.modeling.configuration_llm2clip_text import CONFIG_VERSION
+
+    model = LLM2CLIPTextModel.from_llm(tiny_llm_dir, pooling_mode="eos_token", max_length=12)
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["config_version"] == CONFIG_VERSION
+    old = {k: v for k, v in config.items() if k not in ("eos_text", "config_version", "append_eos_token_id")}
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    reloaded = LLM2CLIPTextModel.from_pretrained(tmp_path)
+    assert reloaded.config.append_eos_token_id and reloaded.config.config_version == CONFIG_VERSION
+    batch = reloaded.tokenize(captions)
+    eos_id = reloaded.tokenizer.eos_token_id
+    assert (batch["input_ids"][:, -1] == eos_id).all() and batch["input_ids"].shape[1] <= 12
+    # the old rule by hand: the caption tokens cut at max_length - 1, then the eos id, pooled with the tail
+    ids = reloaded.tokenizer(captions[2], truncation=True, max_length=11)["input_ids"] + [eos_id]
+    assert batch["input_ids"][2, -len(ids):].tolist() == ids
+    from llm2clip_hf.modeling.processing_llm2clip import clip_image_processor
+
+    processor = LLM2CLIPProcessor(clip_image_processor(32), reloaded.tokenizer, pooling_mode="eos_token",
+                                  max_length=12)
+    processor_dict = processor.to_dict()
+    processor_dict = {k: v for k, v in processor_dict.items() if k not in ("eos_text", "config_version",
+                                                                            "append_eos_token_id", "tokenizer")}
+    migrated = LLM2CLIPProcessor.from_dict(processor_dict, image_processor=clip_image_processor(32),
+                                           tokenizer=reloaded.tokenizer)
+    assert migrated.append_eos_token_id
+    torch.testing.assert_close(migrated(text=captions)["input_ids"], batch["input_ids"], rtol=0, atol=0)
+
+
+def test_a_config_from_a_newer_release_is_refused(tiny_llm_dir, tmp_path):
+    import json
+
+    model = LLM2CLIPTextModel.from_llm(tiny_llm_dir)
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "config_version": 99}))
+    with pytest.raises(ValueError, match="newer llm2clip-hf"):
+        LLM2CLIPTextModel.from_pretrained(tmp_path)

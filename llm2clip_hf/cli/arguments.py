@@ -35,7 +35,10 @@ class TextModelArguments:
     pooling_mode: str | None = field(default=None, metadata={
         "help": "mean | weighted_mean | eos_token | last_token (plain LLMs; default mean)."})
     text_template: str | None = field(default=None, metadata={
-        "help": "Template with {text}, or a preset name such as llama-3-instruct (plain LLMs; default none)."})
+        "help": "Chat wrapper: a template with {text}, a preset (llama-3-instruct, mistral-instruct, gemma-2-instruct, "
+                "qwen2-instruct, phi-3.5-instruct) or none. Default: llm2vec's choice by the model's name (a folder's "
+                "config.json _name_or_path, an adapter's base, the Hub id; LLM2CLIP's published encoders: "
+                "llama-3-instruct), logged."})
     max_length: int | None = field(default=None, metadata={"help": "Token budget per caption (default 512)."})
     text_peft_model: list[str] | None = field(default=None, metadata={
         "help": "PEFT adapter(s) merged in turn on --text-model, as llm2vec's peft_model_name_or_path (and LLM2CLIP's "

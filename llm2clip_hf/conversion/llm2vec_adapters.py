@@ -18,28 +18,18 @@ from collections.abc import Sequence
 from typing import Any
 
 from transformers import AutoConfig, AutoModel, AutoTokenizer
-from transformers.utils import cached_file
 from transformers.utils.peft_utils import find_adapter_config_file
 
 from ..modeling import LLM2CLIPTextModel
 from ..modeling import modeling_llm2clip_text
-from ..modeling.caption_tokenization import llm2vec_eos_text
+from ..modeling.hub_files import optional_file
 
 LLM2VEC_CONFIG = "llm2vec_config.json"
 # LLM2Vec.__init__'s defaults, which apply where neither the caller nor llm2vec_config.json set a value.
 LLM2VEC_DEFAULTS = {"pooling_mode": "mean", "max_length": 512, "doc_max_length": 400, "skip_instruction": True}
-# The chat wrappers LLM2Vec.prepare_for_tokenization applies by the base model's name (config._name_or_path).
-LLM2VEC_TEMPLATES = {"meta-llama/Meta-Llama-3-8B-Instruct": "llama-3-instruct",
-                     "mistralai/Mistral-7B-Instruct-v0.2": "mistral-instruct",
-                     "meta-llama/Llama-2-7b-chat-hf": "mistral-instruct"}
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                  "pytorch_model.bin.index.json")
 _HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision")
-
-
-def _optional_file(path: str, filename: str, hub_kwargs: dict[str, Any]) -> str | None:
-    return cached_file(path, filename, _raise_exceptions_for_missing_entries=False,
-                       _raise_exceptions_for_connection_errors=False, **hub_kwargs)
 
 
 def adapter_chain(name_or_path: str, adapters: Sequence[str], hub_kwargs: dict[str, Any]) -> tuple[str, list[str]]:
@@ -49,7 +39,7 @@ def adapter_chain(name_or_path: str, adapters: Sequence[str], hub_kwargs: dict[s
     path = str(name_or_path)
     while (config_file := find_adapter_config_file(path, **hub_kwargs)) is not None:
         chain.insert(0, path)
-        if any(_optional_file(path, name, hub_kwargs) for name in _WEIGHT_FILES):
+        if any(optional_file(path, name, **hub_kwargs) for name in _WEIGHT_FILES):
             break  # weights beside the adapter: they are its base
         with open(config_file, encoding="utf-8") as handle:
             base = json.load(handle).get("base_model_name_or_path")
@@ -64,7 +54,7 @@ def llm2vec_settings(name_or_path: str, adapters: Sequence[str], hub_kwargs: dic
     """``llm2vec_config.json`` as ``LLM2Vec.from_pretrained`` reads it: from the last adapter given, else from
     ``name_or_path``; empty when there is none."""
     source = str(adapters[-1]) if adapters else str(name_or_path)
-    found = _optional_file(source, LLM2VEC_CONFIG, hub_kwargs)
+    found = optional_file(source, LLM2VEC_CONFIG, **hub_kwargs)
     if found is None:
         return {}
     with open(found, encoding="utf-8") as handle:
@@ -76,9 +66,10 @@ def text_model_from_adapters(cls: type[LLM2CLIPTextModel], name_or_path: str | o
     """An :class:`LLM2CLIPTextModel` from a base LLM and PEFT adapters, merged in turn (see the module docstring).
 
     ``settings`` are ``from_llm``'s; one left ``None`` takes the value of ``llm2vec_config.json``, else llm2vec's
-    default (mean pooling, max length 512, doc max length 400). As llm2vec, the base model's name chooses the chat
-    wrapper (``LLM2VEC_TEMPLATES``) and the text appended under ``eos_token`` pooling, unless given. The chosen values are stored in the encoder's
-    config, so the saved encoder reloads without the adapters. llm2vec's ``skip_instruction=False`` (pooling the
+    default (mean pooling, max length 512, doc max length 400). As llm2vec, the name it sees for ``name_or_path``
+    chooses the chat wrapper and the text appended under ``eos_token`` pooling, unless given
+    (:meth:`LLM2CLIPTextModel.wrap_llm`). The chosen values are stored in the encoder's config, so the saved
+    encoder reloads without the adapters. llm2vec's ``skip_instruction=False`` (pooling the
     instruction too) is refused: this encoder pools the caption only."""
     from peft import PeftModel
 
@@ -92,23 +83,20 @@ def text_model_from_adapters(cls: type[LLM2CLIPTextModel], name_or_path: str | o
     for name in ("pooling_mode", "max_length", "doc_max_length"):
         if resolved.get(name) is None:
             resolved[name] = found.get(name, LLM2VEC_DEFAULTS[name])
-    if resolved.get("text_template") is None and str(base) in LLM2VEC_TEMPLATES:
-        resolved["text_template"] = LLM2VEC_TEMPLATES[str(base)]
     llm_config = AutoConfig.from_pretrained(base, trust_remote_code=False, **hub_kwargs)
-    if resolved["pooling_mode"] == "eos_token" and resolved.get("eos_text") is None:
-        resolved["eos_text"] = llm2vec_eos_text(llm_config.model_type, str(base))
     llm_config.is_causal = not resolved["bidirectional"]
     llm = AutoModel.from_pretrained(base, config=llm_config, trust_remote_code=False, **from_pretrained_kwargs)
     for adapter in chain:
         llm = PeftModel.from_pretrained(llm, adapter, **hub_kwargs).merge_and_unload()
     tokenizer = _first_tokenizer([str(name_or_path), *reversed(chain), base], hub_kwargs)
-    return cls.wrap_llm(llm, tokenizer, name_or_path, **{k: v for k, v in resolved.items() if v is not None})
+    return cls.wrap_llm(llm, tokenizer, name_or_path, hub_kwargs=hub_kwargs,
+                        **{k: v for k, v in resolved.items() if v is not None})
 
 
 def _first_tokenizer(paths: Sequence[str], hub_kwargs: dict[str, Any]):
     """The tokenizer of the first of ``paths`` that has one (an adapter-only folder has none)."""
     for path in dict.fromkeys(paths):
-        if any(_optional_file(path, name, hub_kwargs) for name in ("tokenizer.json", "tokenizer_config.json",
+        if any(optional_file(path, name, **hub_kwargs) for name in ("tokenizer.json", "tokenizer_config.json",
                                                                    "tokenizer.model")):
             return AutoTokenizer.from_pretrained(path, **hub_kwargs)
     raise ValueError(f"None of {list(dict.fromkeys(paths))} has a tokenizer.")

@@ -116,7 +116,8 @@ def load_lm_head(name_or_path: str | None = None, **from_pretrained_kwargs: Any)
 
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM
-    from transformers.utils import cached_file
+
+    from ..modeling.hub_files import optional_file
 
     if name_or_path in (None, DEFAULT_TEXT_MODEL):
         directory, gguf_file = smollm2_gguf()
@@ -125,11 +126,10 @@ def load_lm_head(name_or_path: str | None = None, **from_pretrained_kwargs: Any)
     dtype = from_pretrained_kwargs.get("dtype", torch.float32)
     hub_kwargs = {k: v for k, v in from_pretrained_kwargs.items() if k in ("revision", "token")}
     if "gguf_file" not in from_pretrained_kwargs:
-        found = {"_raise_exceptions_for_missing_entries": False, **hub_kwargs}
-        index = cached_file(name_or_path, "model.safetensors.index.json", **found)
+        index = optional_file(name_or_path, "model.safetensors.index.json", **hub_kwargs)
         shard = json.loads(Path(index).read_text())["weight_map"].get("lm_head.weight") if index else \
             "model.safetensors"
-        path = cached_file(name_or_path, shard, **found) if shard else None
+        path = optional_file(name_or_path, shard, **hub_kwargs) if shard else None
         if path is not None:
             with safe_open(path, framework="pt") as weights:
                 if "lm_head.weight" in weights.keys():

@@ -339,14 +339,9 @@ def _from_checkpoint_file(path: Path, width: int | None, vision_num_heads: int |
 
 def _compare_image_processor(source: str, vision_config: Any, hub_kwargs: dict[str, Any]) -> None:
     """Warn when the source's own preprocessing differs from the family preprocessing saved with the new model."""
-    from transformers.utils import cached_file
+    from ..modeling.hub_files import optional_file
 
-    try:
-        found = cached_file(source, "preprocessor_config.json", _raise_exceptions_for_missing_entries=False,
-                            _raise_exceptions_for_connection_errors=False, local_files_only=hub_is_offline(),
-                            **hub_kwargs)
-    except OSError:
-        found = None
+    found = optional_file(source, "preprocessor_config.json", **hub_kwargs)
     if found is None:
         return
     import json

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 TEXT_PLACEHOLDER = "{text}"
+NO_TEMPLATE = "none"  # an explicit "no chat wrapper", where None means "choose as llm2vec does"
 
 # Chat wrappers llm2vec applies by model name; here they are named settings stored in the config.
 TEXT_TEMPLATES: dict[str, str] = {
@@ -28,22 +29,10 @@ TEXT_TEMPLATES: dict[str, str] = {
 }
 
 
-def llm2vec_eos_text(model_type: str | None, name_or_path: str | None) -> str:
-    """The text llm2vec's ``LLM2Vec.prepare_for_tokenization`` appends to each stripped input under ``eos_token``
-    pooling: ``"<|end_of_text|>"`` for ``meta-llama/Meta-Llama-3-8B``, nothing for
-    ``meta-llama/Meta-Llama-3-8B-Instruct`` (its chat wrapper returns first), the *text* ``" </s>"`` for any other
-    Llama or Mistral config (also where the tokenizer's eos token is another string), and nothing for other
-    architectures, whose ``eos_token`` pooling is then the last token of the text."""
-    if name_or_path == "meta-llama/Meta-Llama-3-8B":
-        return "<|end_of_text|>"
-    if name_or_path == "meta-llama/Meta-Llama-3-8B-Instruct":
-        return ""
-    return " </s>" if model_type in ("llama", "mistral") else ""
-
-
 def resolve_text_template(template: str | None) -> str | None:
-    """Return the template string for a preset name or a literal template; validate its placeholder."""
-    if template is None:
+    """Return the template string for a preset name or a literal template (``None`` or ``"none"``: no wrapper);
+    validate its placeholder."""
+    if template is None or template == NO_TEMPLATE:
         return None
     template = TEXT_TEMPLATES.get(template, template)
     if template.count(TEXT_PLACEHOLDER) != 1:
@@ -75,18 +64,29 @@ def tokenize_texts(
     eos_text: str = "",
     doc_max_length: int | None = None,
     caption_spans: bool = False,
+    append_eos_token_id: bool = False,
 ) -> list[TokenizedText]:
     """Tokenize captions (with one instruction for all, one per text, or none) exactly as llm2vec's ``encode`` does.
 
     ``instruction_separator`` joins the stripped instruction and the caption (llm2vec ``encode`` uses a space,
     the official stage-1 training data ``"; "``). With a template, the joined text is stripped at both ends
-    before wrapping, as llm2vec does. ``eos_text`` (``eos_token`` pooling, see :func:`llm2vec_eos_text`) is
+    before wrapping, as llm2vec does. ``eos_text`` (``eos_token`` pooling, see :func:`.llm2vec_naming.llm2vec_eos_text`) is
     appended to the right-stripped input as llm2vec appends it: a part of the pooled tail, truncated with the rest.
     ``doc_max_length`` (``None``: off, LLM2CLIP's behaviour) first cuts each caption to fewer words until it has at
     most that many tokens, as upstream llm2vec does; see :func:`shorten_to_doc_max_length`.
     ``caption_spans`` also finds each caption's own tokens (from the fast tokenizer's character offsets: the tokens
-    that overlap the caption's characters).
+    that overlap the caption's characters). ``append_eos_token_id`` appends the tokenizer's eos token *id* after
+    truncating to ``max_length - 1`` instead (encoders saved before ``eos_text`` existed; pooled with the tail).
     """
+    eos_id = None
+    if append_eos_token_id:
+        eos_id = tokenizer.eos_token_id
+        if eos_id is None:
+            raise ValueError("This encoder appends the tokenizer's eos token under eos_token pooling, but the "
+                             "tokenizer has none; set tokenizer.eos_token.")
+        if eos_text:
+            raise ValueError("Pass eos_text or append_eos_token_id, not both.")
+    limit = max_length - 1 if eos_id is not None else max_length
     if caption_spans and not getattr(tokenizer, "is_fast", False):
         raise ValueError("Finding the caption's tokens needs a fast tokenizer (character offsets); load the "
                          "tokenizer with use_fast=True.")
@@ -114,13 +114,13 @@ def tokenize_texts(
             tails.append(body + suffix)
         caption_chars.append((len(prefix + head), len(prefix + head + body)))
 
-    tokenized = tokenizer(full_texts, truncation=True, max_length=max_length, return_offsets_mapping=caption_spans)
+    tokenized = tokenizer(full_texts, truncation=True, max_length=limit, return_offsets_mapping=caption_spans)
     full = tokenized["input_ids"]
-    pooled = tokenizer(tails, truncation=True, max_length=max_length, add_special_tokens=False)["input_ids"]
+    pooled = tokenizer(tails, truncation=True, max_length=limit, add_special_tokens=False)["input_ids"]
     # Only inputs that reach the limit can have been cut; tokenize those again without truncation to know.
-    at_limit = [i for i, ids in enumerate(full) if len(ids) >= max_length]
+    at_limit = [i for i, ids in enumerate(full) if len(ids) >= limit]
     untruncated = tokenizer([full_texts[i] for i in at_limit])["input_ids"] if at_limit else []
-    cut = {i for i, ids in zip(at_limit, untruncated) if len(ids) > max_length}
+    cut = {i for i, ids in zip(at_limit, untruncated) if len(ids) > limit}
     encoded = []
     for index, (ids, tail) in enumerate(zip(full, pooled)):
         if not tail:
@@ -128,7 +128,8 @@ def tokenize_texts(
                 f"Text at index {index} ({texts[index]!r}) has no tokens to pool; remove empty captions first."
             )
         span = _caption_span(tokenized["offset_mapping"][index], *caption_chars[index]) if caption_spans else None
-        encoded.append(TokenizedText(list(ids), min(len(tail), len(ids)), index in cut, span))
+        ids = list(ids) + ([eos_id] if eos_id is not None else [])
+        encoded.append(TokenizedText(ids, min(len(tail) + int(eos_id is not None), len(ids)), index in cut, span))
     return encoded
 
 
@@ -197,10 +198,12 @@ def validate_texts(texts: Sequence[str]) -> None:
 
 
 def collate_left_padded(
-    items: Sequence[TokenizedText], pad_token_id: int, device: torch.device | str | None = None
+    items: Sequence[TokenizedText], pad_token_id: int, device: torch.device | str | None = None,
+    width: int | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Left-pad a batch into ``input_ids``, ``attention_mask`` and ``pooling_mask`` (the pooled tail)."""
-    width = max(len(item.input_ids) for item in items)
+    """Left-pad a batch into ``input_ids``, ``attention_mask`` and ``pooling_mask`` (the pooled tail), to the longest
+    item or to ``width`` when given (at least the longest)."""
+    width = max([len(item.input_ids) for item in items] + [width or 0])
     input_ids = torch.full((len(items), width), pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((len(items), width), dtype=torch.long)
     pooling_mask = torch.zeros((len(items), width), dtype=torch.long)

@@ -9,7 +9,7 @@ from typing import Any
 from transformers import AutoConfig, CLIPVisionConfig, PretrainedConfig, SiglipVisionConfig
 
 from .configuration_eva02 import EVA02VisionConfig
-from .configuration_llm2clip_text import LLM2CLIPTextConfig
+from .configuration_llm2clip_text import LLM2CLIPTextConfig, migrate_text_config_dict
 
 # The vision towers LLM2CLIP is published with, by family: our EVA02, and transformers' own CLIP and SigLIP.
 VISION_CONFIG_CLASSES: dict[str, type[PretrainedConfig]] = {
@@ -136,6 +136,8 @@ class LLM2CLIPConfig(PretrainedConfig):
         self.adapter_l2_normalize = (defaults["adapter_l2_normalize"] if adapter_l2_normalize is None
                                      else adapter_l2_normalize)
         self.logit_bias_init_value = logit_bias_init_value
+        if isinstance(text_config, dict):  # a saved config's: migrate as LLM2CLIPTextConfig.from_dict does
+            text_config = migrate_text_config_dict(text_config)
         self.text_config = None if text_config is None else _as_config(text_config, LLM2CLIPTextConfig)
         if self.text_config is not None and self.text_config.llm_config is not None:
             llm_width = self.text_config.hidden_size

@@ -7,8 +7,31 @@ from typing import Any
 from transformers import AutoConfig, PretrainedConfig
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-from .caption_tokenization import check_doc_max_length, llm2vec_eos_text, resolve_text_template
+from .caption_tokenization import check_doc_max_length, resolve_text_template
+from .llm2vec_naming import llm2vec_eos_text
 from .pooling import check_pooling_mode
+
+CONFIG_VERSION = 2
+"""What a saved text config means (CHANGELOG.md). 1, configs without ``config_version``: under ``eos_token`` pooling
+a config without ``eos_text`` appended the tokenizer's eos token *id* after truncating to ``max_length - 1``
+(releases before the llm2vec eos rule). 2: ``eos_text`` is appended as text, as llm2vec does; a version-1 config
+migrates to ``append_eos_token_id=True``, so it keeps giving what it gave."""
+
+
+def migrate_text_config_dict(config_dict: dict[str, Any]) -> dict[str, Any]:
+    """A saved text config's dict in the current :data:`CONFIG_VERSION`'s meaning (see there); refuses a newer one."""
+    config_dict = dict(config_dict)
+    version = config_dict.get("config_version", 1)
+    if not isinstance(version, int) or version > CONFIG_VERSION:
+        raise ValueError(
+            f"This text config has config_version {version!r}, written by a newer llm2clip-hf than this code (which "
+            f"reads up to {CONFIG_VERSION}); load it with trust_remote_code=True (the checkpoint's own code) or "
+            "upgrade llm2clip-hf."
+        )
+    if version < 2 and config_dict.get("pooling_mode") == "eos_token" and config_dict.get("eos_text") is None:
+        config_dict["append_eos_token_id"] = True
+    config_dict["config_version"] = CONFIG_VERSION
+    return config_dict
 
 
 class LLM2CLIPTextConfig(PretrainedConfig):
@@ -31,7 +54,11 @@ class LLM2CLIPTextConfig(PretrainedConfig):
             rule never triggers, which is what ``None`` reproduces.
         eos_text: under ``eos_token`` pooling, the text appended to every input (after the template), pooled as
             the last token(s). ``None``: llm2vec's choice for the LLM (:func:`llm2vec_eos_text`: the text
-            ``" </s>"`` for Llama and Mistral configs, nothing for others); ``from_llm`` stores it resolved.
+            ``" </s>"`` for Llama and Mistral configs, ...); ``from_llm`` stores it resolved.
+        append_eos_token_id: under ``eos_token`` pooling, append the tokenizer's eos token id (after truncating to
+            ``max_length - 1``) instead of ``eos_text``: what encoders saved before ``eos_text`` existed did; set
+            by the migration of their configs (:func:`migrate_text_config_dict`), not meant for new encoders.
+        config_version: :data:`CONFIG_VERSION` for new configs; older saved ones are migrated on loading.
     """
 
     model_type = "llm2clip_text"
@@ -47,6 +74,8 @@ class LLM2CLIPTextConfig(PretrainedConfig):
         bidirectional: bool = True,
         doc_max_length: int | None = None,
         eos_text: str | None = None,
+        append_eos_token_id: bool = False,
+        config_version: int = CONFIG_VERSION,
         **kwargs: Any,
     ) -> None:
         max_length = kwargs.pop("max_seq_length", max_length)
@@ -68,6 +97,8 @@ class LLM2CLIPTextConfig(PretrainedConfig):
         self.bidirectional = bidirectional
         self.doc_max_length = check_doc_max_length(doc_max_length)
         self.eos_text = eos_text
+        self.append_eos_token_id = bool(append_eos_token_id)
+        self.config_version = config_version
         if llm_config is not None:
             llm_config.is_causal = not bidirectional
         super().__init__(**kwargs)
@@ -75,12 +106,17 @@ class LLM2CLIPTextConfig(PretrainedConfig):
     @property
     def appended_eos_text(self) -> str:
         """What tokenization appends to each input: ``eos_text`` (resolved) under ``eos_token`` pooling, else ``""``."""
-        if self.pooling_mode != "eos_token":
+        if self.pooling_mode != "eos_token" or self.append_eos_token_id:
             return ""
         if self.eos_text is not None:
             return self.eos_text
         llm = self.llm_config
         return llm2vec_eos_text(getattr(llm, "model_type", None), getattr(llm, "_name_or_path", None))
+
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], **kwargs: Any) -> "LLM2CLIPTextConfig":
+        """Build a config from its saved dict, migrated to the current :data:`CONFIG_VERSION` first."""
+        return super().from_dict(migrate_text_config_dict(config_dict), **kwargs)
 
     @property
     def hidden_size(self) -> int:

@@ -281,10 +281,21 @@ class LLM2CLIPModel(LLM2CLIPPreTrainedModel):
             image_processor=image_processor_for(self.config.vision_config), tokenizer=tokenizer,
             text_template=text.text_template, max_length=text.max_seq_length, pooling_mode=text.pooling_mode,
             doc_max_length=text.doc_max_length, eos_text=text.appended_eos_text,
+            append_eos_token_id=text.append_eos_token_id,
         )
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> None:
-        """Save weights, config and remote code, plus the processor (or the image processor alone)."""
+        """Save weights, config and remote code, plus the processor (or the image processor alone).
+
+        Refuses, before writing anything, an embedded text encoder without a tokenizer: its folder could not embed
+        text (no tokenizer, no processor; the zero-shot pipeline would fail on it)."""
+        if self.text_model is not None and self.text_model.tokenizer is None:
+            raise ValueError(
+                "This LLM2CLIPModel embeds a text encoder that has no tokenizer, so the saved folder could not embed "
+                "text. Attach it (model.text_model.tokenizer = AutoTokenizer.from_pretrained(<the LLM>)), or build "
+                "the model with LLM2CLIPModel.from_text_model(..., embed_text_model=True) or `llm2clip-hf assemble`, "
+                "which attach it. Nothing was written."
+            )
         if self._auto_class is not None:
             module = type(self).__module__.split(".")[-1]
             auto_map = dict(getattr(self.config, "auto_map", None) or {})

@@ -12,14 +12,14 @@ from typing import Any
 
 import torch
 from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedModel
-from transformers.utils import ModelOutput, cached_file
+from transformers.utils import ModelOutput
 from transformers.utils.peft_utils import find_adapter_config_file
 from transformers.utils import logging as hf_logging
 
-from .caption_tokenization import (
-    TokenizedText, collate_left_padded, llm2vec_eos_text, prepare_tokenizer, tokenize_texts,
-)
+from .caption_tokenization import TEXT_TEMPLATES, TokenizedText, collate_left_padded, prepare_tokenizer, tokenize_texts
 from .configuration_llm2clip_text import LLM2CLIPTextConfig
+from .hub_files import optional_file
+from .llm2vec_naming import llm2vec_eos_text, llm2vec_model_name, llm2vec_text_template
 from .pooling import pool
 
 logger = hf_logging.get_logger(__name__)
@@ -124,18 +124,33 @@ class LLM2CLIPTextModel(PreTrainedModel):
         llm = AutoModel.from_pretrained(name_or_path, config=llm_config, trust_remote_code=False,
                                         **from_pretrained_kwargs)
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, **hub_kwargs)
-        return cls.wrap_llm(llm, tokenizer, name_or_path, **{k: v for k, v in settings.items() if v is not None})
+        return cls.wrap_llm(llm, tokenizer, name_or_path, hub_kwargs=adapter_kwargs,
+                            **{k: v for k, v in settings.items() if v is not None})
 
     @classmethod
     def wrap_llm(cls, llm: PreTrainedModel, tokenizer: Any, name_or_path: str | os.PathLike,
-                 **settings: Any) -> "LLM2CLIPTextModel":
+                 hub_kwargs: dict[str, Any] | None = None, **settings: Any) -> "LLM2CLIPTextModel":
         """A text encoder around a loaded transformers base model (``AutoModel``) and its tokenizer. ``settings`` are
-        :class:`LLM2CLIPTextConfig`'s (pooling, template, length, ...); ``name_or_path`` names the source (it also
-        chooses llm2vec's ``eos_text`` under ``eos_token`` pooling)."""
+        :class:`LLM2CLIPTextConfig`'s (pooling, template, length, ...); ``name_or_path`` names the source.
+
+        Where ``text_template`` is not given (``"none"``: no wrapper), the chat wrapper is chosen as llm2vec chooses
+        it, by the name llm2vec sees for ``name_or_path`` (a folder's ``config.json`` name, an adapter's base, the
+        Hub id; LLM2CLIP's published encoders get their official usage's): see :mod:`.llm2vec_naming`. The same
+        name chooses ``eos_text`` under ``eos_token`` pooling. The choice is logged and stored in the config."""
         bidirectional = settings.get("bidirectional", True)
         llm.config.is_causal = not bidirectional
+        name, source = llm2vec_model_name(name_or_path, **(hub_kwargs or {}))
+        if settings.get("text_template") is None:
+            settings["text_template"] = llm2vec_text_template(name)
+            if settings["text_template"]:  # shown by default: the wrapper changes every embedding
+                logger.warning(f"Text encoder from {name_or_path}: captions wrapped in the {settings['text_template']} "
+                               f"chat template, llm2vec's choice for the name {name!r} (from {source}); pass "
+                               "text_template to choose another, or 'none'.")
+            else:
+                logger.info(f"Text encoder from {name_or_path}: no chat wrapper (llm2vec has none for the name "
+                            f"{name!r}, from {source}); pass text_template (one of {sorted(TEXT_TEMPLATES)}) to wrap.")
         if settings.get("pooling_mode") == "eos_token" and settings.get("eos_text") is None:
-            settings["eos_text"] = llm2vec_eos_text(llm.config.model_type, str(name_or_path))
+            settings["eos_text"] = llm2vec_eos_text(llm.config.model_type, name)
         config = cls.config_class(llm_config=llm.config, **settings)
         config.llm_config = llm.config
         config.name_or_path = str(name_or_path)
@@ -161,6 +176,9 @@ class LLM2CLIPTextModel(PreTrainedModel):
             return
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(save_directory)
+        else:
+            logger.warning(f"Saved a text encoder without a tokenizer to {save_directory}: encode() on the folder needs "
+                           "one. Set model.tokenizer = AutoTokenizer.from_pretrained(<the LLM>) and save again.")
         module_file = Path(__file__).with_name(SENTENCE_TRANSFORMERS_FILE)
         if module_file.is_file():  # absent only in a copy of the remote code made without it
             shutil.copyfile(module_file, Path(save_directory) / SENTENCE_TRANSFORMERS_FILE)
@@ -230,7 +248,7 @@ class LLM2CLIPTextModel(PreTrainedModel):
         items = tokenize_texts(
             self.require_tokenizer(), texts, instruction, text_template=self.config.text_template,
             max_length=self.config.max_seq_length, instruction_separator=instruction_separator,
-            eos_text=self.config.appended_eos_text,
+            eos_text=self.config.appended_eos_text, append_eos_token_id=self.config.append_eos_token_id,
             doc_max_length=self.config.doc_max_length, caption_spans=caption_spans,
         )
         return items
@@ -320,11 +338,7 @@ def load_tokenizer_if_saved(name_or_path: str | os.PathLike, from_pretrained_kwa
     ``llm_config`` tells AutoTokenizer the LLM's architecture, which the checkpoint's own config does not.
     """
     hub_kwargs = {k: from_pretrained_kwargs[k] for k in _HUB_KWARGS if k in from_pretrained_kwargs and k != "gguf_file"}
-    found = cached_file(
-        name_or_path, "tokenizer_config.json", _raise_exceptions_for_missing_entries=False,
-        _raise_exceptions_for_connection_errors=False, **hub_kwargs,
-    )
-    if found is None:
+    if optional_file(name_or_path, "tokenizer_config.json", **hub_kwargs) is None:
         return None
     tokenizer = AutoTokenizer.from_pretrained(name_or_path, config=llm_config, trust_remote_code=False, **hub_kwargs)
     return prepare_tokenizer(tokenizer)

@@ -10,7 +10,11 @@ from transformers import BatchFeature, CLIPImageProcessorPil, ProcessorMixin, Si
 from .caption_tokenization import (
     check_doc_max_length, collate_left_padded, prepare_tokenizer, resolve_text_template, tokenize_texts,
 )
+from .configuration_llm2clip_text import CONFIG_VERSION, migrate_text_config_dict
 from .pooling import check_pooling_mode
+
+# Text keywords of CLIPProcessor's call that mean something here; the rest go to the image processor.
+_PADDING_LONGEST = (True, "longest")
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -49,7 +53,13 @@ class LLM2CLIPProcessor(ProcessorMixin):
     ``pooling_mask`` (left-padded, template applied, instruction excluded from pooling) and ``pixel_values``.
     ``doc_max_length`` (``None``: off) cuts long captions to fewer words first, as the text model's setting of
     the same name does; ``eos_text`` is what the text model appends under ``eos_token`` pooling
-    (``LLM2CLIPTextConfig.appended_eos_text``). Both are saved with the processor.
+    (``LLM2CLIPTextConfig.appended_eos_text``), ``append_eos_token_id`` the older rule of encoders saved before it
+    (set by migration). All are saved with the processor, with ``config_version`` (as the text config's: processors
+    saved without it are migrated on loading).
+
+    CLIPProcessor's text keywords are accepted: ``padding`` (``True`` / ``"longest"``, the default, or
+    ``"max_length"``), ``truncation`` (inputs are always cut at ``max_length``) and ``max_length`` (this call's
+    limit); other keywords go to the image processor.
     """
 
     def __init__(
@@ -61,6 +71,8 @@ class LLM2CLIPProcessor(ProcessorMixin):
         pooling_mode: str = "mean",
         doc_max_length: int | None = None,
         eos_text: str = "",
+        append_eos_token_id: bool = False,
+        config_version: int = CONFIG_VERSION,
         **kwargs: Any,
     ) -> None:
         self.text_template = resolve_text_template(text_template)
@@ -68,6 +80,8 @@ class LLM2CLIPProcessor(ProcessorMixin):
         self.pooling_mode = check_pooling_mode(pooling_mode)
         self.doc_max_length = check_doc_max_length(doc_max_length)
         self.eos_text = eos_text
+        self.append_eos_token_id = bool(append_eos_token_id) and self.pooling_mode == "eos_token"
+        self.config_version = config_version
         if tokenizer is not None:
             prepare_tokenizer(tokenizer)
         super().__init__(image_processor, tokenizer, **kwargs)
@@ -82,17 +96,33 @@ class LLM2CLIPProcessor(ProcessorMixin):
     ) -> BatchFeature:
         if text is None and images is None:
             raise ValueError("LLM2CLIPProcessor needs `text`, `images` or both.")
+        padding = kwargs.pop("padding", True)
+        truncation = kwargs.pop("truncation", True)
+        max_length = kwargs.pop("max_length", None) or self.max_length
+        if padding not in (*_PADDING_LONGEST, "max_length"):
+            raise ValueError(f"padding={padding!r}: the text inputs are always padded (on the left, where the "
+                             "encoder expects them); pass padding=True, 'longest' or 'max_length'.")
+        if truncation not in (True, "longest_first", "only_first"):
+            raise ValueError(f"truncation={truncation!r}: inputs are always cut at max_length={max_length} tokens, "
+                             "as the encoder was trained; raise max_length instead.")
         data: dict[str, Any] = {}
         if text is not None:
             texts = [text] if isinstance(text, str) else list(text)
             items = tokenize_texts(
-                self.tokenizer, texts, instruction, text_template=self.text_template, max_length=self.max_length,
+                self.tokenizer, texts, instruction, text_template=self.text_template, max_length=max_length,
                 eos_text=self.eos_text, doc_max_length=self.doc_max_length,
+                append_eos_token_id=self.append_eos_token_id,
             )
-            data.update(collate_left_padded(items, self.tokenizer.pad_token_id))
+            width = max_length if padding == "max_length" else None
+            data.update(collate_left_padded(items, self.tokenizer.pad_token_id, width=width))
         if images is not None:
             data.update(self.image_processor(images, return_tensors="pt", **kwargs))
         return BatchFeature(data=data, tensor_type=return_tensors)
+
+    @classmethod
+    def from_dict(cls, processor_dict: dict[str, Any], **kwargs: Any) -> "LLM2CLIPProcessor":
+        """Build a processor from its saved dict, migrated as the text config is (``migrate_text_config_dict``)."""
+        return super().from_dict(migrate_text_config_dict(processor_dict), **kwargs)
 
     @property
     def model_input_names(self) -> list[str]:
