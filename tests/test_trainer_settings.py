@@ -206,3 +206,40 @@ def test_text_stages_checkpoint_activations_unless_told_not_to(tiny_llm_dir, tmp
                               train_dataset=Dataset.from_list(tiny_caption_pair_rows()[:8]))
     trainer.train()
     assert text_model.llm.is_activation_checkpointing
+
+
+PIN_MEMORY_WARNING = "'pin_memory' argument is set as true but no accelerator is found"
+
+
+def pin_memory_warnings(run):
+    """The messages of torch's 'no accelerator' pin_memory warnings that ``run()`` emits."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run()
+    return [str(w.message) for w in caught if PIN_MEMORY_WARNING in str(w.message)]
+
+
+def test_memory_is_pinned_by_default_only_where_an_accelerator_is_and_an_explicit_setting_is_kept(tiny_llm_dir,
+                                                                                                 tmp_path):
+    """Pinned memory only speeds up copies to an accelerator; on a CPU-only machine torch warns at every loader it
+    is asked for. By default it follows the device (here without use_cpu, as the CLI runs on a CPU machine), so a
+    training run with evaluation and the package's own loader warn nothing there; what the user set is kept."""
+    from llm2clip_hf.data.loaders import training_data_loader
+
+    present = torch.accelerator.is_available()
+    args = arguments(tmp_path, "caption", use_cpu=False, max_steps=2, eval_strategy="steps", eval_steps=2)
+    assert args.dataloader_pin_memory is present
+    for explicit in (True, False):
+        assert arguments(tmp_path, "caption", use_cpu=False,
+                         dataloader_pin_memory=explicit).dataloader_pin_memory is explicit
+    pairs = Dataset.from_list(tiny_caption_pair_rows()[:8])
+    trainer = LLM2CLIPTrainer(model=LLM2CLIPTextModel.from_llm(tiny_llm_dir), args=args, train_dataset=pairs,
+                              eval_dataset=pairs)
+    assert trainer.args.dataloader_pin_memory is present
+    assert pin_memory_warnings(trainer.train) == []
+    assert pin_memory_warnings(lambda: list(training_data_loader(list(range(4)), list, args, batch_size=2))) == []
+    if not present:  # an explicit request is honoured, with torch's warning
+        pinned = arguments(tmp_path, "caption", use_cpu=False, dataloader_pin_memory=True)
+        assert pin_memory_warnings(lambda: list(training_data_loader(list(range(4)), list, pinned, batch_size=2)))

@@ -98,7 +98,8 @@ class LlavaAlignment:
                                  learning_rate=learning_rate, warmup_steps=max(1, steps // 10),
                                  lr_scheduler_type="cosine", weight_decay=0.0, seed=seed, data_seed=seed,
                                  logging_steps=max(1, steps // 10), save_strategy="no", report_to="none",
-                                 remove_unused_columns=False, dataloader_drop_last=True, disable_tqdm=True)
+                                 remove_unused_columns=False, dataloader_drop_last=True, disable_tqdm=True,
+                                 dataloader_pin_memory=torch.accelerator.is_available())  # no CPU-only warning
         trainer = Trainer(model=self.model, args=args, train_dataset=train, data_collator=self.collate)
         trainer.train()
         projector.requires_grad_(False)

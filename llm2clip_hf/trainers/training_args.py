@@ -7,6 +7,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import torch
 from transformers import TrainingArguments
 from transformers.utils import logging as hf_logging
 
@@ -168,6 +169,10 @@ class LLM2CLIPTrainingArguments(TrainingArguments):
         "help": "Evaluate before training. Default: on in stage caption with an eval dataset and retrieval_metrics "
                 "(the held-out CRA before training, for the log and the model card), else off."})
     remove_unused_columns: bool = field(default=False, metadata={"help": "Kept False: the collators read raw columns."})
+    dataloader_pin_memory: bool | None = field(default=None, metadata={
+        "help": "Pin the DataLoaders' memory (faster copies to an accelerator). Default: on where an accelerator is "
+                "present, off on a CPU-only machine (torch warns there at every loader asked to pin); use_cpu turns "
+                "it off."})
     hub_strategy: str = field(
         default="end", metadata={"help": "Push only the final model (checkpoints hold LoRA adapters, not models)."}
     )
@@ -185,6 +190,8 @@ class LLM2CLIPTrainingArguments(TrainingArguments):
         for name, value in STAGE_DEFAULTS[self.stage].items():
             if getattr(self, name) is None:
                 setattr(self, name, value)
+        if self.dataloader_pin_memory is None:  # pinned memory only serves copies to an accelerator
+            self.dataloader_pin_memory = torch.accelerator.is_available()
         if self.eval_on_start is None:  # the trainer turns it on for stage 1 with held-out pairs
             self.defaulted_settings.append("eval_on_start")
             self.eval_on_start = False
