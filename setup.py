@@ -6,7 +6,7 @@ README = Path(__file__).with_name("README.md")
 
 setup(
     name="llm2clip-hf",
-    version="0.1.0",
+    version="0.2.0.dev0",
     description="LLM2CLIP (CLIP with a large language model as text encoder) for transformers, peft and accelerate",
     long_description=README.read_text(encoding="utf-8") if README.exists() else "",
     long_description_content_type="text/markdown",

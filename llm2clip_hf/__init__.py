@@ -21,7 +21,7 @@ from .modeling import (
 from ._moved import install as _install_moved_paths  # noqa: E402
 from .conversion import attach_text_model, llm2clip_from_pretrained_vision, load_lm_head, load_text_model  # noqa: E402
 
-__version__ = "0.1.0"
+__version__ = "0.2.0.dev0"
 
 for _config, _model in ((EVA02VisionConfig, EVA02VisionModel), (LLM2CLIPTextConfig, LLM2CLIPTextModel),
                         (LLM2CLIPConfig, LLM2CLIPModel)):
