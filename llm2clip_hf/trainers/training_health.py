@@ -9,8 +9,9 @@ that is all-reduced, so every process takes the same decision on the same number
   ln(candidates) and learns nothing more; in stage 2 the image and the text side are each checked against their own
   start, so a side that starts narrow cannot hide the other's collapse) stops the run (``stop_on_collapse``, the
   default): the trainable weights of the last step whose embeddings were still spread (kept in memory, one copy on
-  their device) are saved as a loadable model in ``<output_dir>/last-good-step-<N>``, and :class:`EmbeddingCollapseError` names it, the best checkpoint by
-  the evaluation metric where there is one, and what to change. With ``stop_on_collapse=False`` it is a warning.
+  their device) are saved as a loadable model in ``<output_dir>/last-good-step-<N>``, and
+  :class:`EmbeddingCollapseError` names it, the best checkpoint by the evaluation metric where there is one, and what
+  to change. With ``stop_on_collapse=False`` it is a warning.
 """
 
 from __future__ import annotations
