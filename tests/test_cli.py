@@ -217,32 +217,83 @@ def test_evaluate_retrieval_on_every_format(capsys, clip_model_dir, data_dir, so
     assert_retrieval_metrics(metrics, "", clip_model_dir, images, captions)
 
 
+def assert_zero_shot_metrics(metrics, model_dir, images, truth, class_names):
+    """Zero-shot top-1 / top-5 and mean per-class recall of the saved model on ``images`` of classes ``truth``
+    (indices into ``class_names``): each class embeds as the normalised mean of its normalised template
+    embeddings; an image is right at k when fewer than k classes beat its own class."""
+    assert metrics["num_classes"] == len(class_names) and metrics["num_images"] == len(images)
+    model = LLM2CLIPModel.from_pretrained(model_dir).eval()
+    classifier = torch.stack([
+        F.normalize(F.normalize(text_features(model, [t.format(name) for t in ZERO_SHOT_TEMPLATES]), dim=-1).mean(0),
+                    dim=-1) for name in class_names])
+    scores = cosine_scores(image_features(model_dir, model, images), classifier)
+    truth = [{label} for label in truth]
+    assert_metric(metrics["zeroshot_top1"], lambda slack: hit_rate(scores, truth, 1, slack))
+    if len(class_names) >= 5:
+        assert_metric(metrics["zeroshot_top5"], lambda slack: hit_rate(scores, truth, 5, slack))
+
+    def mean_per_class_recall(slack):
+        members = [[i for i, t in enumerate(truth) if t == {c}] for c in range(len(class_names))]
+        return sum(hit_rate([scores[i] for i in m], [truth[i] for i in m], 1, slack)
+                   for m in members) / len(class_names)
+
+    assert_metric(metrics["mean_per_class_recall"], mean_per_class_recall)
+
+
 def test_evaluate_zero_shot_from_label_strings(capsys, clip_model_dir, data_dir):
     code, out, _ = run_cli(capsys, "evaluate", "--task", "zeroshot", "--model", clip_model_dir,
                            "--dataset", data_dir / "captions.csv", "--label-column", "label",
                            "--templates", *ZERO_SHOT_TEMPLATES)
     assert code == 0
-    metrics = last_json(out)
-    # Expected: the class names are the distinct labels; each class embeds as the normalised mean of its
-    # normalised template embeddings; an image is right at k when fewer than k classes beat its own class.
+    # Expected: the class names are the distinct labels.
     table = pd.read_csv(data_dir / "captions.csv")
     classes = sorted(set(table["label"]))
-    assert metrics["num_classes"] == len(classes) == 8
-    model = LLM2CLIPModel.from_pretrained(clip_model_dir).eval()
-    classifier = torch.stack([
-        F.normalize(F.normalize(text_features(model, [t.format(name) for t in ZERO_SHOT_TEMPLATES]), dim=-1).mean(0),
-                    dim=-1) for name in classes])
+    assert len(classes) == 8
     images = [Image.open(data_dir / path).convert("RGB") for path in table["image"]]
-    scores = cosine_scores(image_features(clip_model_dir, model, images), classifier)
-    truth = [{classes.index(label)} for label in table["label"]]
-    assert_metric(metrics["zeroshot_top1"], lambda slack: hit_rate(scores, truth, 1, slack))
-    assert_metric(metrics["zeroshot_top5"], lambda slack: hit_rate(scores, truth, 5, slack))
+    assert_zero_shot_metrics(last_json(out), clip_model_dir, images, [classes.index(label) for label in table["label"]],
+                             classes)
 
-    def mean_per_class_recall(slack):
-        members = [[i for i, t in enumerate(truth) if t == {c}] for c in range(len(classes))]
-        return sum(hit_rate([scores[i] for i in m], [truth[i] for i in m], 1, slack) for m in members) / len(classes)
 
-    assert_metric(metrics["mean_per_class_recall"], mean_per_class_recall)
+@pytest.fixture(scope="module")
+def class_folder(tmp_path_factory):
+    """An ImageNet-style folder: one subfolder of PNGs per class, no metadata file."""
+    root = tmp_path_factory.mktemp("classes")
+    for i, row in enumerate(tiny_image_caption_rows()[:12]):  # 3 colours x 4 shapes
+        shape = row["short_caption"].split()[-1]
+        if shape != "stripe":
+            (root / shape).mkdir(exist_ok=True)
+            row["image"].save(root / shape / f"{i}.png")
+    return root
+
+
+@pytest.mark.parametrize("class_names", [None, ["red square", "blue circle", "green triangle"]])
+def test_evaluate_zero_shot_on_a_folder_of_class_subfolders(capsys, clip_model_dir, class_folder, class_names):
+    """The folder reads as datasets' imagefolder does: an image column and a ClassLabel of the folder names, which
+    are the class names unless --class-names gives others (in the ClassLabel's order)."""
+    names = ["--class-names", *class_names] if class_names else []
+    code, out, err = run_cli(capsys, "evaluate", "--task", "zeroshot", "--model", clip_model_dir,
+                             "--dataset", class_folder, "--templates", *ZERO_SHOT_TEMPLATES, *names)
+    assert code == 0, err
+    reference = load_dataset("imagefolder", data_dir=str(class_folder), split="train")
+    folders = sorted(p.name for p in class_folder.iterdir())
+    assert reference.features["label"].names == folders == ["circle", "square", "triangle"]
+    assert_zero_shot_metrics(last_json(out), clip_model_dir, [image.convert("RGB") for image in reference["image"]],
+                             reference["label"], class_names or folders)
+
+
+def test_class_names_must_name_every_class_of_the_folder(capsys, clip_model_dir, class_folder):
+    code, _, err = run_cli(capsys, "evaluate", "--task", "zeroshot", "--model", clip_model_dir,
+                           "--dataset", class_folder, "--class-names", "red square", "blue circle")
+    assert code == 1
+    assert "2 class names were given for the 3 classes" in err and "'circle', 'square', 'triangle'" in err
+
+
+def test_a_folder_of_neither_layout_is_refused_naming_both(capsys, clip_model_dir, tmp_path):
+    (tmp_path / "notes.txt").write_text("no images here")
+    (tmp_path / "loose.png").write_bytes(b"")  # an image outside any class folder
+    code, _, err = run_cli(capsys, "evaluate", "--task", "zeroshot", "--model", clip_model_dir, "--dataset", tmp_path)
+    assert code == 1
+    assert "metadata.jsonl" in err and "one subfolder per class" in err and "save_to_disk" in err
 
 
 def test_embed_writes_a_cache_bound_to_the_text_model(capsys, data_dir, tiny_llm_dir, tmp_path):

@@ -98,8 +98,8 @@ def process_device():
 @dataclass
 class DatasetArguments:
     dataset: str = field(metadata={
-        "help": "Hub dataset name, imagefolder (metadata.jsonl / .csv), save_to_disk folder, or jsonl / csv / "
-                "parquet file(s)."})
+        "help": "Hub dataset name, imagefolder (metadata.jsonl / .csv, or one subfolder of images per class: a "
+                "'label' column of the folder names), save_to_disk folder, or jsonl / csv / parquet file(s)."})
     split: str = field(default="train", metadata={"help": "Split to read."})
     max_samples: int | None = field(default=None, metadata={"help": "Use only the first N rows."})
 
@@ -126,8 +126,9 @@ class EvaluateArguments:
     max_rows: int = field(default=2048, metadata={"help": "teacher: rows sampled from the dataset."})
     model: str | None = field(default=None, metadata={"help": "Saved LLM2CLIPModel (retrieval, zeroshot)."})
     label_column: str = field(default="label", metadata={"help": "Class column (zeroshot)."})
-    class_names: list[str] | None = field(default=None, metadata={"help": "Class names (zeroshot; default: the "
-                                                                        "ClassLabel names or the distinct labels)."})
+    class_names: list[str] | None = field(default=None, metadata={
+        "help": "Class names (zeroshot; default: the ClassLabel names, an imagefolder's folder names, or the distinct "
+                "labels). For a ClassLabel, one name per class in its order (e.g. readable names for WordNet ids)."})
     templates: list[str] | None = field(default=None, metadata={"help": "Prompt templates with {} (zeroshot)."})
     query_instruction: str | None = field(default=None, metadata={
         "help": "Instruction on the query captions (caption-retrieval)."})

@@ -1,5 +1,6 @@
-"""Open the datasets users point the CLI at: a Hub name, a local ``imagefolder``, a ``save_to_disk`` folder, or
-jsonl / json / csv / parquet files (image paths in them are resolved against the file's folder)."""
+"""Open the datasets users point the CLI at: a Hub name, a local ``imagefolder`` (with a metadata file, or one
+subfolder of images per class as ImageNet is laid out), a ``save_to_disk`` folder, or jsonl / json / csv / parquet
+files (image paths in them are resolved against the file's folder)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import datasets
 from datasets import Dataset, DatasetDict, IterableDataset, load_dataset, load_from_disk
+from datasets.packaged_modules.imagefolder.imagefolder import ImageFolder
 from .._moved import moved_names
 
 ROW_INDEX = "__llm2clip_row__"  # the row's position in the dataset the user gave, carried through batches
@@ -20,10 +22,12 @@ def load_dataset_from_spec(spec: str, split: str = "train", image_column: str | 
                            streaming: bool = False) -> Dataset | IterableDataset:
     """One split of the dataset named by ``spec``.
 
-    ``spec`` is a local folder (``imagefolder`` with metadata.jsonl / .csv, a ``save_to_disk`` folder, or a folder
-    of jsonl / csv / parquet / webdataset .tar files), a data file, or a Hub dataset name. String values of
-    ``image_column`` in data files are paths relative to the file and are decoded as images. ``streaming=True``
-    returns a ``datasets.IterableDataset`` read shard by shard (not for ``save_to_disk`` folders).
+    ``spec`` is a local folder (``imagefolder`` with metadata.jsonl / .csv, or with one subfolder of images per
+    class, read as ``datasets`` does: an ``image`` column and a ``label`` ClassLabel of the folder names; a
+    ``save_to_disk`` folder; or a folder of jsonl / csv / parquet / webdataset .tar files), a data file, or a Hub
+    dataset name. String values of ``image_column`` in data files are paths relative to the file and are decoded as
+    images. ``streaming=True`` returns a ``datasets.IterableDataset`` read shard by shard (not for ``save_to_disk``
+    folders).
     """
     path = Path(spec).expanduser()
     if path.is_dir():
@@ -53,10 +57,22 @@ def _load_folder(path: Path, streaming: bool = False) -> Dataset | DatasetDict:
         files = sorted(str(p) for p in path.glob(f"*{suffix}"))
         if files:
             return load_dataset(builder, data_files=files, streaming=streaming)
+    if _has_images_in_subfolders(path):  # ImageNet's layout: labels from the folder names
+        return load_dataset("imagefolder", data_dir=str(path), streaming=streaming)
     raise ValueError(
-        f"{path} is neither an imagefolder (no {' / '.join(IMAGEFOLDER_METADATA)}), a save_to_disk folder, nor a "
-        f"folder of {sorted(FILE_BUILDERS)} files."
+        f"{path} is no dataset folder: neither an imagefolder (a {' / '.join(IMAGEFOLDER_METADATA)} next to the "
+        "images, or one subfolder per class holding its images, as ImageNet is laid out), a save_to_disk folder, "
+        f"nor a folder of {sorted(FILE_BUILDERS)} files. Arrange it in one of these layouts, or point at a data file."
     )
+
+
+def _has_images_in_subfolders(path: Path) -> bool:
+    """Whether a subfolder of ``path`` (at any depth) holds an image file ``datasets``' imagefolder reads."""
+    extensions = {extension.lower() for extension in ImageFolder.EXTENSIONS}
+    for folder, _, files in os.walk(path):
+        if folder != str(path) and any(os.path.splitext(name)[1].lower() in extensions for name in files):
+            return True
+    return False
 
 
 def _load_hub(name: str, split: str, streaming: bool = False) -> Dataset | DatasetDict:

@@ -189,13 +189,20 @@ def evaluate_zero_shot(
 ) -> dict[str, float]:
     """Zero-shot classification accuracy: class names x templates embedded and averaged per class.
 
-    ``label_column`` holds class indices (a ``ClassLabel``, whose names are used by default) or class-name strings.
+    ``label_column`` holds class indices (a ``ClassLabel``, whose names are used by default: the folder names of an
+    imagefolder of class subfolders) or class-name strings. ``class_names`` replaces a ``ClassLabel``'s names one for
+    one, in its order (e.g. readable names for ImageNet's WordNet-id folders).
     """
     require_columns(dataset, [image_column, label_column], "Zero-shot evaluation")
     labels = list(dataset[label_column])
-    feature = dataset.features[label_column]
+    label_names = getattr(dataset.features[label_column], "names", None)
     if class_names is None:
-        class_names = getattr(feature, "names", None) or sorted(set(map(str, labels)))
+        class_names = label_names or sorted(set(map(str, labels)))
+    elif label_names and len(class_names) != len(label_names):
+        raise ValueError(
+            f"{len(class_names)} class names were given for the {len(label_names)} classes of the ClassLabel column "
+            f"{label_column!r} ({label_names[:5]}...); give one name per class, in the ClassLabel's order (for an "
+            "imagefolder, the sorted folder names), or none to use its names.")
     class_names = list(class_names)
     if labels and isinstance(labels[0], str):
         index = {name: i for i, name in enumerate(class_names)}
