@@ -1,6 +1,7 @@
 """Metrics of the evaluation suite: retrieval recall, zero-shot classification and caption retrieval accuracy,
-all computed from embeddings in chunks, a local ``evaluate`` metric wrapping :func:`retrieval_recall`, and the
-teacher check (is a text model's embedding usable for stage 2)."""
+all computed from embeddings in chunks, a local ``evaluate`` metric wrapping :func:`retrieval_recall`, the
+teacher check (is a text model's embedding usable for stage 2), and any model as an MTEB encoder with local
+image-text data as MTEB tasks (mteb is imported only when these are used)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,10 @@ from .model_evaluation import (
     evaluate_caption_retrieval,
     evaluate_retrieval,
     evaluate_zero_shot,
+    zero_shot_labels,
 )
+from .mteb_encoder import LLM2CLIPMTEBEncoder, mteb_encoder, weights_revision
+from .mteb_tasks import image_text_retrieval_tasks, run_mteb_tasks, zero_shot_task
 from .caption_retrieval import caption_retrieval_accuracy, caption_retrieval_metrics
 from .ranking import RankCounts, hit_probability, rank_counts, recall_at_k
 from .retrieval import retrieval_recall
@@ -34,5 +38,6 @@ __all__ = [
     "DEFAULT_TEMPLATES", "RankCounts", "build_classifier", "caption_retrieval_accuracy", "caption_retrieval_metrics",
     "embed_images", "evaluate_caption_retrieval", "evaluate_retrieval", "evaluate_zero_shot", "hit_probability",
     "metric_path", "rank_counts", "recall_at_k", "retrieval_recall", "zero_shot_accuracy", "TeacherStatistics",
-    "check_teacher", "evaluate_teacher", "teacher_statistics",
+    "check_teacher", "evaluate_teacher", "teacher_statistics", "zero_shot_labels", "LLM2CLIPMTEBEncoder",
+    "mteb_encoder", "weights_revision", "image_text_retrieval_tasks", "run_mteb_tasks", "zero_shot_task",
 ]

@@ -69,15 +69,18 @@ def embed_llm_outputs(model: LLM2CLIPModel, llm_embeddings: torch.Tensor, batch_
 
 
 def llm_embeddings_for(texts: list[str], model: LLM2CLIPModel, text_model: LLM2CLIPTextModel | None,
-                       batch_size: int = 32, show_progress_bar: bool | None = None) -> torch.Tensor:
-    """LLM embeddings of ``texts`` from ``text_model``, else from the model's embedded text encoder."""
+                       batch_size: int = 32, show_progress_bar: bool | None = None,
+                       instruction: str | None = None) -> torch.Tensor:
+    """LLM embeddings of ``texts`` from ``text_model``, else from the model's embedded text encoder; an
+    ``instruction`` goes before each text, excluded from pooling (``LLM2CLIPTextModel.encode``)."""
     encoder = text_model if text_model is not None else model.text_model
     if encoder is None:
         raise ValueError(
             "This LLM2CLIPModel has no embedded text encoder and no text model was given. Pass the text model its "
             "adapter was trained on (--text-model, or text_model=...), or a dataset with cached embeddings."
         )
-    return encoder.encode(texts, batch_size=batch_size, show_progress_bar=show_progress_bar)
+    return encoder.encode(texts, instruction=instruction, batch_size=batch_size,
+                          show_progress_bar=show_progress_bar)
 
 
 def cached_llm_embeddings(dataset: Dataset, caption_columns: Sequence[str], model: LLM2CLIPModel) -> torch.Tensor | None:
@@ -194,6 +197,20 @@ def evaluate_zero_shot(
     one, in its order (e.g. readable names for ImageNet's WordNet-id folders).
     """
     require_columns(dataset, [image_column, label_column], "Zero-shot evaluation")
+    class_names, labels = zero_shot_labels(dataset, label_column, class_names)
+
+    def encode(texts: list[str]) -> torch.Tensor:
+        return embed_llm_outputs(model, llm_embeddings_for(texts, model, text_model, batch_size, False))
+
+    classifier = build_classifier(class_names, templates, encode, show_progress_bar=show_progress_bar)
+    image_features = embed_images(model, dataset[image_column], batch_size, show_progress_bar)
+    metrics = zero_shot_accuracy(image_features, torch.tensor(labels), classifier)
+    return {**metrics, "num_images": len(dataset), "num_classes": len(class_names)}
+
+
+def zero_shot_labels(dataset: Dataset, label_column: str, class_names: Sequence[str] | None = None
+                     ) -> tuple[list[str], list[int]]:
+    """The class names and every row's class index, as :func:`evaluate_zero_shot` reads ``label_column``."""
     labels = list(dataset[label_column])
     label_names = getattr(dataset.features[label_column], "names", None)
     if class_names is None:
@@ -211,14 +228,7 @@ def evaluate_zero_shot(
             raise ValueError(f"Labels {unknown[:10]} are not among the class names {class_names[:10]}...; pass "
                              "class_names covering every label.")
         labels = [index[name] for name in labels]
-
-    def encode(texts: list[str]) -> torch.Tensor:
-        return embed_llm_outputs(model, llm_embeddings_for(texts, model, text_model, batch_size, False))
-
-    classifier = build_classifier(class_names, templates, encode, show_progress_bar=show_progress_bar)
-    image_features = embed_images(model, dataset[image_column], batch_size, show_progress_bar)
-    metrics = zero_shot_accuracy(image_features, torch.tensor(labels), classifier)
-    return {**metrics, "num_images": len(dataset), "num_classes": len(class_names)}
+    return class_names, labels
 
 
 def evaluate_caption_retrieval(
