@@ -7,6 +7,9 @@ PY=${PYTHON:-python3}
 CONSTRAINTS=$(mktemp)
 trap 'rm -f "$CONSTRAINTS"' EXIT
 echo "torch==2.13.0" > "$CONSTRAINTS"
+# mteb (the test extra) pinned to the version the MTEB tests were written against (pure Python; with the versions
+# installed here it changes no other package).
+echo "mteb==2.26.24" >> "$CONSTRAINTS"
 "$PY" -m pip install -q --disable-pip-version-check "torch==2.13.0"
 "$PY" -m pip install -q --disable-pip-version-check -c "$CONSTRAINTS" -e ".[test,demo]"
 # DeepSpeed (pure Python, no compiled ops) for the tests of the DeepSpeed integration.
