@@ -268,3 +268,56 @@ def test_text_encoder_alone_on_an_mteb_text_retrieval_task(tiny_llm_dir):
                        "TinyShortToLongRetrieval")
     ours = evaluate_caption_retrieval(text_model, Dataset.from_list(rows), CAPTIONS, query_instruction=instruction)
     assert abs(scores["hit_rate_at_1"] - ours["cra_a_to_b"] / 100) <= MTEB_ROUNDING
+
+
+def run_cli(capsys, *argv):
+    code = main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def last_json(text):
+    return json.loads(text[text.index("{\n"):])
+
+
+def test_cli_evaluate_mteb_on_local_data_equals_evaluate_retrieval(capsys, trained_dir, tmp_path):
+    """``evaluate --task mteb --dataset`` runs the data as MTEB tasks and writes MTEB's result files beside
+    metrics_mteb.json; its scores equal ``evaluate --task retrieval`` / ``--task zeroshot`` on the same data."""
+    Dataset.from_list(held_out_rows()).save_to_disk(str(tmp_path / "held-out"))
+    common = ["--model", trained_dir, "--dataset", tmp_path / "held-out", "--caption-columns", *CAPTIONS]
+    code, out, err = run_cli(capsys, "evaluate", "--task", "mteb", *common, "--templates", TEMPLATE,
+                             "--output-dir", tmp_path / "out")
+    assert code == 0, err
+    result = last_json(out)
+    assert json.loads((tmp_path / "out" / "metrics_mteb.json").read_text()) == result
+    folder = tmp_path / "out" / "mteb" / "results" / "local__clip-model" / result["mteb_revision"]
+    assert {p.name for p in folder.iterdir()} >= {"LocalImageTextI2TRetrieval.json", "LocalImageTextT2IRetrieval.json",
+                                                  "LocalZeroShot.json", "model_meta.json"}
+    assert result["mteb_results"] == str(tmp_path / "out" / "mteb" / "results")
+    i2t, t2i = (result["mteb"][f"LocalImageText{d}Retrieval"]["default"] for d in ("I2T", "T2I"))
+    code, out, err = run_cli(capsys, "evaluate", "--task", "retrieval", *common, "--per-caption-column", "false")
+    assert code == 0, err
+    ours = last_json(out)
+    for k in KS:
+        assert abs(i2t[f"hit_rate_at_{k}"] - ours[f"image_to_text_R@{k}"] / 100) <= MTEB_ROUNDING
+        assert abs(t2i[f"recall_at_{k}"] - ours[f"text_to_image_R@{k}"] / 100) <= MTEB_ROUNDING
+    code, out, err = run_cli(capsys, "evaluate", "--task", "zeroshot", *common, "--templates", TEMPLATE)
+    assert code == 0, err
+    assert result["mteb"]["LocalZeroShot"]["default"]["accuracy"] == pytest.approx(
+        last_json(out)["zeroshot_top1"] / 100, abs=1e-9)
+
+
+def test_cli_evaluate_mteb_names_missing_data_and_unknown_tasks(capsys, trained_dir, tmp_path, monkeypatch):
+    """Offline, a task whose data is not cached fails with a message that says so (before any model runs)."""
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "empty-cache")
+    code, _, err = run_cli(capsys, "evaluate", "--task", "mteb", "--model", trained_dir,
+                           "--mteb-tasks", "Flickr30kT2IRetrieval")
+    assert code == 1
+    assert "Flickr30kT2IRetrieval" in err and "mteb/flickr30kt2i" in err and "not in the Hugging Face cache" in err
+    assert "HF_HUB_OFFLINE=1" in err
+    code, _, err = run_cli(capsys, "evaluate", "--task", "mteb", "--model", trained_dir, "--mteb-tasks", "NoSuchTask")
+    assert code == 1 and "MTEB has no task 'NoSuchTask'" in err
+    code, _, err = run_cli(capsys, "evaluate", "--task", "mteb", "--mteb-tasks", "STS12")
+    assert code == 1 and "needs --model (an LLM2CLIP model) or --text-model" in err

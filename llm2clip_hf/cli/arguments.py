@@ -97,15 +97,18 @@ def process_device():
 
 @dataclass
 class DatasetArguments:
-    dataset: str = field(metadata={
+    dataset: str | None = field(default=None, metadata={
         "help": "Hub dataset name, imagefolder (metadata.jsonl / .csv, or one subfolder of images per class: a "
-                "'label' column of the folder names), save_to_disk folder, or jsonl / csv / parquet file(s)."})
+                "'label' column of the folder names), save_to_disk folder, or jsonl / csv / parquet file(s). "
+                "Required except by evaluate --task mteb."})
     split: str = field(default="train", metadata={"help": "Split to read."})
     max_samples: int | None = field(default=None, metadata={"help": "Use only the first N rows."})
 
     def load(self, image_column: str | None = None):
         from ..data import load_dataset_from_spec
 
+        if self.dataset is None:
+            raise ValueError("--dataset is required: a Hub dataset, a folder, or data files.")
         dataset = load_dataset_from_spec(self.dataset, self.split, image_column)
         return dataset.select(range(min(self.max_samples, len(dataset)))) if self.max_samples else dataset
 
@@ -122,7 +125,11 @@ class EvaluateArguments:
     task: str = field(default="retrieval", metadata={
         "help": "retrieval | zeroshot | caption-retrieval | teacher (with --text-model and --caption-columns: spread "
                 "and effective rank of its caption embeddings raw and centered, the verdict healthy / dominated / "
-                "degenerate, and CRA raw and centered with two caption columns)"})
+                "degenerate, and CRA raw and centered with two caption columns) | mteb (--mteb-tasks, and with "
+                "--dataset its rows as MTEB image<->text retrieval tasks; needs pip install 'llm2clip-hf[mteb]')"})
+    mteb_tasks: list[str] | None = field(default=None, metadata={
+        "help": "mteb: MTEB task names (e.g. Flickr30kI2TRetrieval Flickr30kT2IRetrieval Imagenet1kZeroShot); their "
+                "data comes from the Hub (or its cache). MTEB's result files go to --output-dir/mteb."})
     max_rows: int = field(default=2048, metadata={"help": "teacher: rows sampled from the dataset."})
     model: str | None = field(default=None, metadata={"help": "Saved LLM2CLIPModel (retrieval, zeroshot)."})
     label_column: str = field(default="label", metadata={"help": "Class column (zeroshot)."})

@@ -126,7 +126,7 @@ def run_evaluate(text: TextModelArguments, data: DatasetArguments, columns: Colu
     from .. import evaluation
     from ..conversion.model_loading import load_clip_model
 
-    tasks = ("retrieval", "zeroshot", "caption-retrieval", "teacher")
+    tasks = ("retrieval", "zeroshot", "caption-retrieval", "teacher", "mteb")
     if args.task not in tasks:
         raise ValueError(f"Unknown --task {args.task!r}; choose one of {list(tasks)}.")
     if not process_state().is_main_process:
@@ -138,14 +138,20 @@ def run_evaluate(text: TextModelArguments, data: DatasetArguments, columns: Colu
     elif args.task == "teacher":
         metrics = evaluation.evaluate_teacher(text.load(precision).to(device), data.load(), columns.caption_columns,
                                               args.max_rows, args.batch_size)
+    elif args.task == "mteb" and args.model is None:  # a text encoder alone, for MTEB's text tasks
+        if text.text_model is None:
+            raise ValueError("--task mteb needs --model (an LLM2CLIP model) or --text-model (a text encoder alone).")
+        metrics = evaluation.run_mteb_from_cli(text.load(precision).to(device), None, data, columns, args)
     else:
         if args.model is None:
             raise ValueError(f"--task {args.task} needs --model (a saved LLM2CLIPModel).")
         model = load_clip_model(args.model, **precision.from_pretrained_kwargs()).to(device)
         text_model = text.load(precision).to(device) if text.text_model is not None or model.text_model is None \
             else None
-        dataset = data.load(columns.image_column)
-        if args.task == "retrieval":
+        dataset = data.load(columns.image_column) if args.task != "mteb" else None
+        if args.task == "mteb":
+            metrics = evaluation.run_mteb_from_cli(model, text_model, data, columns, args)
+        elif args.task == "retrieval":
             metrics = evaluation.evaluate_retrieval(model, dataset, columns.image_column, columns.caption_columns,
                                                     text_model, args.batch_size, per_column=args.per_caption_column)
         else:
@@ -207,8 +213,8 @@ COMMANDS: dict[str, Command] = {
     "embed": Command("Precompute LLM caption embeddings as dataset columns (the stage-2 cache).",
                      (TextModelArguments, DatasetArguments, ColumnArguments, EmbedArguments, PrecisionArguments),
                      run_embed),
-    "evaluate": Command("Retrieval R@1/5/10, zero-shot accuracy, caption retrieval accuracy (CRA), or the teacher "
-                        "check (is a text model's embedding usable for stage 2).",
+    "evaluate": Command("Retrieval R@1/5/10, zero-shot accuracy, caption retrieval accuracy (CRA), the teacher "
+                        "check (is a text model's embedding usable for stage 2), or MTEB (MIEB) tasks.",
                         (TextModelArguments, DatasetArguments, ColumnArguments, EvaluateArguments,
                          PrecisionArguments), run_evaluate),
     "convert": Command("Convert an official LLM2CLIP checkpoint (eva_clip .pt with an EVA02, OpenAI-CLIP or SigLIP2 "

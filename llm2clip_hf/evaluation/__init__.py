@@ -15,7 +15,7 @@ from .model_evaluation import (
     zero_shot_labels,
 )
 from .mteb_encoder import LLM2CLIPMTEBEncoder, mteb_encoder, weights_revision
-from .mteb_tasks import image_text_retrieval_tasks, run_mteb_tasks, zero_shot_task
+from .mteb_tasks import image_text_retrieval_tasks, run_mteb_from_cli, run_mteb_tasks, zero_shot_task
 from .caption_retrieval import caption_retrieval_accuracy, caption_retrieval_metrics
 from .ranking import RankCounts, hit_probability, rank_counts, recall_at_k
 from .retrieval import retrieval_recall
@@ -39,5 +39,6 @@ __all__ = [
     "embed_images", "evaluate_caption_retrieval", "evaluate_retrieval", "evaluate_zero_shot", "hit_probability",
     "metric_path", "rank_counts", "recall_at_k", "retrieval_recall", "zero_shot_accuracy", "TeacherStatistics",
     "check_teacher", "evaluate_teacher", "teacher_statistics", "zero_shot_labels", "LLM2CLIPMTEBEncoder",
-    "mteb_encoder", "weights_revision", "image_text_retrieval_tasks", "run_mteb_tasks", "zero_shot_task",
+    "mteb_encoder", "weights_revision", "image_text_retrieval_tasks", "run_mteb_from_cli", "run_mteb_tasks",
+    "zero_shot_task",
 ]

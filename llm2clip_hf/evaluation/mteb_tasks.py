@@ -192,3 +192,33 @@ def _named_tasks(mteb: Any, names: Sequence[str]) -> list[Any]:
                                     f"{where[1]}): {error}. Check your network and Hub token.") from error
         tasks.append(task)
     return tasks
+
+
+def run_mteb_from_cli(model: Any, text_model: Any, data: Any, columns: Any, args: Any) -> dict[str, Any]:
+    """``evaluate --task mteb``: the named tasks and, with ``--dataset``, its rows as image<->text retrieval tasks
+    (and zero-shot when it has ``--label-column``), MTEB's result files under ``--output-dir``/mteb."""
+    from .mteb_encoder import AUTO, mteb_encoder
+
+    encoder = mteb_encoder(model, text_model, query_instruction=args.query_instruction or AUTO,
+                           batch_size=args.batch_size)
+    local: list[Any] = []
+    if data.dataset is not None:
+        if encoder.model is None:
+            raise ValueError("--dataset with --task mteb builds image<->text tasks, which need --model (an LLM2CLIP "
+                             "model); a text encoder alone runs named text tasks (--mteb-tasks) only.")
+        dataset = data.load(columns.image_column)
+        local.extend(image_text_retrieval_tasks(dataset, columns.image_column, columns.caption_columns,
+                                                split=data.split))
+        if args.label_column in dataset.column_names:
+            templates = args.templates or [DEFAULT_ZERO_SHOT_TEMPLATE]
+            if len(templates) != 1:
+                raise ValueError(f"MTEB's zero-shot task embeds one prompt per class; give one --templates, not "
+                                 f"{len(templates)}.")
+            local.append(zero_shot_task(dataset, columns.image_column, args.label_column, args.class_names,
+                                        templates[0], split=data.split))
+    output_dir = Path(args.output_dir) / "mteb" if args.output_dir is not None else None
+    scores = run_mteb_tasks(encoder, args.mteb_tasks or (), local_tasks=local, output_dir=output_dir,
+                            batch_size=args.batch_size)
+    meta = encoder.mteb_model_meta
+    return {"mteb_model": meta.name, "mteb_revision": meta.revision,
+            "mteb_results": str(output_dir / "results") if output_dir is not None else None, "mteb": scores}
