@@ -1,8 +1,27 @@
 """Straightforward re-derivations of the official computations, independent of llm2clip_hf. Tests compare the
 package against these.
 
+What is official and what remains a re-derivation (issue 33 item 2). llm2vec 0.2.3 itself runs here (a separate
+environment: transformers 4.44.2, peft 0.12.0), so its ``LLM2Vec.from_pretrained`` + ``encode`` now give committed
+fixtures (tests/fixtures/llm2vec_official, scripts/parity/make_llm2vec_fixtures.py, tests/test_llm2vec_official.py),
+which also check ``llm2vec_prepare_for_tokenization`` and ``llm2vec_cut_text`` below against the official strings.
+The ``llm2vec_*`` functions stay because tests/test_llm2vec_adapters.py and tests/test_text_model.py use them for what
+those fixtures do not cover (LLM2CLIP's fork: ``extra_model_name_or_path``, ``doc_max_length`` 512; free
+``text_template``; ``adapter_model.bin``; the tiny_llm tokenizers); ``llm2vec_load`` makes every architecture
+bidirectional, unlike llm2vec 0.2.3, whose ``Qwen2BiModel`` stays causal under transformers 4.44. The fork
+(microsoft/LLM2CLIP ``llm2clip/llm2vec``) imports in the same environment but has not been run for fixtures yet.
+Everything else here remains a re-derivation because the official code cannot run on this machine: microsoft/LLM2CLIP's
+``llm2clip/eva_clip`` (EVA02 / rope / ``TextProj`` / ``CustomCLIP`` / OpenAI-CLIP ``VisionTransformer``) imports timm
+at module level (``eva_vit_model.py``, ``transformer.py``, ``timm_model.py``) and torchvision (``utils.py``:
+``torchvision.ops.misc.FrozenBatchNorm2d``), and timm (for the SigLIP tower) imports torchvision too; the only
+torchvision for torch 2.13 is PyPI's 0.28.0, a CUDA build whose ``_C.so`` needs ``libtorch_cuda.so``,
+``libc10_cuda.so`` and ``libcudart.so.13`` (readelf), absent beside the CPU torch here. The ``hf_*`` functions
+re-derive published Hub files' layouts (``LLM2CLIP-Openai-*``, ``LLM2CLIP-EVA02-*``), which cannot be read without
+Hub access; ``hf_eva02_state_dict`` is inferred, not confirmed against the published file.
+
 Each function follows the official source named here (paths as in the GitHub repositories, checked against
-microsoft/LLM2CLIP at commit cba3b45 and McGill-NLP/llm2vec at commit 312adcf):
+microsoft/LLM2CLIP at commit cba3b45 and McGill-NLP/llm2vec at commit 312adcf; ``llm2vec_prepare_for_tokenization``
+against the llm2vec 0.2.3 PyPI source):
 
 * ``rope_angle`` / ``rope_rotate``: microsoft/LLM2CLIP ``llm2clip/eva_clip/rope.py``, class
   ``VisionRotaryEmbeddingFast`` (``freqs_for='lang'`` frequencies ``theta ** -(arange(0, dim, 2) / dim)`` over
@@ -507,19 +526,29 @@ def llm2vec_cut_text(tokenizer, text, max_length=512, doc_max_length=400):
 
 
 def llm2vec_prepare_for_tokenization(text, pooling_mode, config, name_or_path=None):
-    """``LLM2Vec.prepare_for_tokenization``: chat wrappers chosen by checkpoint name, then under ``eos_token``
-    pooling ``"<|end_of_text|>"`` for Meta-Llama-3-8B or the text ``" </s>"`` for any Llama / Mistral config."""
-    from transformers import LlamaConfig, MistralConfig
+    """``LLM2Vec.prepare_for_tokenization`` of llm2vec 0.2.3 (PyPI): chat wrappers chosen by checkpoint name
+    (Llama-3-Instruct returns at once), then under ``eos_token`` pooling ``"<|end_of_text|>"`` for
+    Meta-Llama-3-8B, the text ``" </s>"`` for any Llama / Mistral config, ``"<eos>"`` for Gemma, ``"<|endoftext|>"``
+    for Qwen2. Checked against the official strings in tests/fixtures/llm2vec_official (test_llm2vec_official)."""
+    from transformers import GemmaConfig, LlamaConfig, MistralConfig, Qwen2Config
 
     if name_or_path == "meta-llama/Meta-Llama-3-8B-Instruct":
         return "<|start_header_id|>user<|end_header_id|>\n\n" + text.strip() + "<|eot_id|>"
     if name_or_path in ("mistralai/Mistral-7B-Instruct-v0.2", "meta-llama/Llama-2-7b-chat-hf"):
         text = "[INST] " + text.strip() + " [/INST]"
+    if name_or_path == "google/gemma-2-9b-it":
+        text = "<bos><start_of_turn>user\n" + text.strip() + "<end_of_turn>"
+    if name_or_path in ("Qwen/Qwen2-1.5B-Instruct", "Qwen/Qwen2-7B-Instruct"):
+        text = "<|im_start|>user\n" + text.strip() + "<|im_end|>"
     if pooling_mode == "eos_token":
         if name_or_path == "meta-llama/Meta-Llama-3-8B":
             text = text.strip() + "<|end_of_text|>"
         elif isinstance(config, (LlamaConfig, MistralConfig)):
             text = text.strip() + " </s>"
+        elif isinstance(config, GemmaConfig):
+            text = text.strip() + "<eos>"
+        elif isinstance(config, Qwen2Config):
+            text = text.strip() + "<|endoftext|>"
     return text
 
 
