@@ -13,6 +13,7 @@ does not import peft itself).
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -24,9 +25,14 @@ from ..modeling import LLM2CLIPTextModel
 from ..modeling import modeling_llm2clip_text
 from ..modeling.hub_files import optional_file
 
+logger = logging.getLogger(__name__)
+
 LLM2VEC_CONFIG = "llm2vec_config.json"
 # LLM2Vec.__init__'s defaults, which apply where neither the caller nor llm2vec_config.json set a value.
 LLM2VEC_DEFAULTS = {"pooling_mode": "mean", "max_length": 512, "doc_max_length": 400, "skip_instruction": True}
+# Architectures llm2vec 0.2.3 runs causally although it means them bidirectional: its Qwen2BiModel does not override
+# the causal mask (measured with transformers 4.44.2: equal to a causal Qwen2Model to 1.7e-6).
+LLM2VEC_CAUSAL_MODEL_TYPES = ("qwen2",)
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                  "pytorch_model.bin.index.json")
 _HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision")
@@ -70,7 +76,8 @@ def text_model_from_adapters(cls: type[LLM2CLIPTextModel], name_or_path: str | o
     chooses the chat wrapper and the text appended under ``eos_token`` pooling, unless given
     (:meth:`LLM2CLIPTextModel.wrap_llm`). The chosen values are stored in the encoder's config, so the saved
     encoder reloads without the adapters. llm2vec's ``skip_instruction=False`` (pooling the
-    instruction too) is refused: this encoder pools the caption only."""
+    instruction too) is refused: this encoder pools the caption only. Attention is bidirectional unless given, but
+    for the architectures llm2vec 0.2.3 runs causally (:data:`LLM2VEC_CAUSAL_MODEL_TYPES`: Qwen2), as it does."""
     from peft import PeftModel
 
     hub_kwargs = {k: v for k, v in from_pretrained_kwargs.items() if k in _HUB_KWARGS}
@@ -84,6 +91,13 @@ def text_model_from_adapters(cls: type[LLM2CLIPTextModel], name_or_path: str | o
         if resolved.get(name) is None:
             resolved[name] = found.get(name, LLM2VEC_DEFAULTS[name])
     llm_config = AutoConfig.from_pretrained(base, trust_remote_code=False, **hub_kwargs)
+    if resolved.get("bidirectional") is None:
+        resolved["bidirectional"] = llm_config.model_type not in LLM2VEC_CAUSAL_MODEL_TYPES
+        if not resolved["bidirectional"]:
+            logger.warning(
+                f"{name_or_path}: a {llm_config.model_type} encoder loaded as llm2vec 0.2.3 runs it, with causal "
+                "attention (its Qwen2BiModel keeps the causal mask, so llm2vec-trained Qwen2 encoders were trained "
+                "causal). Pass bidirectional=True (CLI: a plain LLM) for bidirectional attention.")
     llm_config.is_causal = not resolved["bidirectional"]
     llm = AutoModel.from_pretrained(base, config=llm_config, trust_remote_code=False, **from_pretrained_kwargs)
     for adapter in chain:

@@ -80,7 +80,7 @@ class LLM2CLIPTextModel(PreTrainedModel):
         pooling_mode: str | None = None,
         text_template: str | None = None,
         max_length: int | None = None,
-        bidirectional: bool = True,
+        bidirectional: bool | None = None,
         doc_max_length: int | None = None,
         eos_text: str | None = None,
         peft_model_name_or_path: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
@@ -120,7 +120,7 @@ class LLM2CLIPTextModel(PreTrainedModel):
                 f"{name_or_path} is a saved LLM2CLIPTextModel, not a plain LLM; load it with "
                 "LLM2CLIPTextModel.from_pretrained(...) instead of from_llm(...)."
             )
-        llm_config.is_causal = not bidirectional
+        llm_config.is_causal = bidirectional is False
         llm = AutoModel.from_pretrained(name_or_path, config=llm_config, trust_remote_code=False,
                                         **from_pretrained_kwargs)
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, **hub_kwargs)
@@ -137,8 +137,8 @@ class LLM2CLIPTextModel(PreTrainedModel):
         it, by the name llm2vec sees for ``name_or_path`` (a folder's ``config.json`` name, an adapter's base, the
         Hub id; LLM2CLIP's published encoders get their official usage's): see :mod:`.llm2vec_naming`. The same
         name chooses ``eos_text`` under ``eos_token`` pooling. The choice is logged and stored in the config."""
-        bidirectional = settings.get("bidirectional", True)
-        llm.config.is_causal = not bidirectional
+        settings["bidirectional"] = settings.get("bidirectional") is not False
+        llm.config.is_causal = not settings["bidirectional"]
         name, source = llm2vec_model_name(name_or_path, **(hub_kwargs or {}))
         if settings.get("text_template") is None:
             settings["text_template"] = llm2vec_text_template(name)
