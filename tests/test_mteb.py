@@ -5,6 +5,7 @@ A post-trained tiny model (``train --stage clip``) is scored on held-out image-c
 MTEB is run with ``cache=None`` or a temporary folder; nothing is written under ~/.cache.
 """
 
+import ast
 import json
 import re
 from pathlib import Path
@@ -321,3 +322,16 @@ def test_cli_evaluate_mteb_names_missing_data_and_unknown_tasks(capsys, trained_
     assert code == 1 and "MTEB has no task 'NoSuchTask'" in err
     code, _, err = run_cli(capsys, "evaluate", "--task", "mteb", "--mteb-tasks", "STS12")
     assert code == 1 and "needs --model (an LLM2CLIP model) or --text-model" in err
+
+
+def test_readme_mteb_example_runs(trained_dir, tmp_path, monkeypatch, capsys):
+    """The README's MTEB Python block, run as written in a folder holding a trained model and held-out data."""
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    section = readme[readme.index("#### MTEB (MIEB)"):]
+    block = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    (tmp_path / "clip-model").symlink_to(trained_dir, target_is_directory=True)
+    Dataset.from_list(held_out_rows()).save_to_disk(str(tmp_path / "held-out"))
+    monkeypatch.chdir(tmp_path)
+    exec(compile(block, "README.md", "exec"), {})
+    scores = ast.literal_eval(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(scores) == {"LocalImageTextI2TRetrieval", "LocalImageTextT2IRetrieval", "LocalZeroShot"}
