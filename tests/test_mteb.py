@@ -108,6 +108,22 @@ def test_mteb_retrieval_equals_the_package_recall(model, held_out):
     assert ours["text_to_image_R@5"] > 100 * 5 / 32 and ours["image_to_text_R@5"] > 100 * 10 / 64
 
 
+def test_mteb_retrieval_in_bfloat16_equals_evaluate_with_that_dtype(trained_dir, held_out):
+    """``dtype`` loads the folder as ``from_pretrained(dtype=...)`` (``evaluate --dtype``) does: MTEB's recall of
+    the bfloat16 model equals the package's on the same bfloat16 model."""
+    encoder = mteb_encoder(trained_dir, dtype="bfloat16", device="cpu")
+    assert encoder.model.visual_projection.weight.dtype == torch.bfloat16
+    ours = evaluate_retrieval(LLM2CLIPModel.from_pretrained(trained_dir, dtype=torch.bfloat16), held_out, "image",
+                              CAPTIONS, per_column=False)
+    i2t, t2i = image_text_retrieval_tasks(held_out, "image", CAPTIONS, name="BF16")
+    result = mteb.evaluate(encoder, [i2t, t2i], cache=None, show_progress_bar=False)
+    for k in KS:
+        assert abs(scores_of(result, "BF16I2TRetrieval")[f"hit_rate_at_{k}"] - ours[f"image_to_text_R@{k}"] / 100) \
+            <= MTEB_ROUNDING
+        assert abs(scores_of(result, "BF16T2IRetrieval")[f"recall_at_{k}"] - ours[f"text_to_image_R@{k}"] / 100) \
+            <= MTEB_ROUNDING
+
+
 def test_mteb_zero_shot_equals_the_package_accuracy(model, held_out):
     """MTEB's zero-shot classification (one prompt per class) equals ``evaluate_zero_shot`` with that one template:
     MTEB's ``accuracy`` is our ``zeroshot_top1`` / 100 (its argmax and our expectation differ only on exact ties)."""

@@ -179,7 +179,9 @@ def mteb_encoder(
             prompt type, ``None`` none. Inputs without a prompt type (STS, classification) take the query one.
             ``query_instruction="auto"``: ``None`` for an LLM2CLIP model (its adapter was trained on plain
             captions, and ``evaluate`` embeds them so), ``"task"`` for a text encoder alone (as llm2vec evaluates).
-        device, dtype: where and in which dtype to run (the models are moved / loaded so); default as given/saved.
+        device, dtype: where and in which dtype to run. A folder / Hub id is loaded as ``from_pretrained(...,
+            dtype=dtype)`` loads it (as ``evaluate --dtype`` does), a model object is cast with ``.to(dtype)``
+            (every floating tensor); default: as saved / as given.
         batch_size: texts / images per forward pass; default: MTEB's ``encode_kwargs["batch_size"]`` (32).
         show_progress_bar: default: MTEB's ``encode_kwargs["show_progress_bar"]``, else when there are 2+ batches.
         load_kwargs: more ``from_pretrained`` arguments (``attn_implementation``, ``revision`` of a Hub id, ...).
@@ -187,6 +189,7 @@ def mteb_encoder(
     encoder_cls = encoder_class()
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
+    given = {id(m) for m in (model, text_model) if isinstance(m, torch.nn.Module)}  # cast these; load the others
     model = _load(model, dtype, load_kwargs, clip=None)
     if text_model is not None:
         text_model = _load(text_model, dtype, load_kwargs, clip=False)
@@ -200,8 +203,8 @@ def mteb_encoder(
     if query_instruction == AUTO:
         query_instruction = TASK_INSTRUCTION if clip is None else None
     for module in (clip, text_model):
-        if module is not None and (device is not None or dtype is not None):
-            module.to(device=device, dtype=dtype)
+        if module is not None and (device is not None or (dtype is not None and id(module) in given)):
+            module.to(device=device, dtype=dtype if id(module) in given else None)
     if clip is not None and clip.text_model is None and text_model is None:
         logger.warning("This LLM2CLIP model has no embedded text encoder and no text_model was given: the encoder "
                        "has the image side only (MTEB refuses text tasks). Pass text_model=<the text encoder its "
