@@ -1,6 +1,7 @@
 """The package's rooms import only downwards (docs/architecture.md): a module of one room may import its own room and
 the rooms below it, never one above. The remote code (modeling/) imports only the standard library, torch and
-transformers (and sentence-transformers in the module that only sentence-transformers loads)."""
+transformers (huggingface_hub, which transformers requires, for optional Hub files in modeling/hub_files.py;
+sentence-transformers in the module that only sentence-transformers loads)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "llm2clip_hf"
 # lazily by any room and imports nothing of the package itself.
 ROOMS = ("_moved", "modeling", "testing", "conversion", "data", "evaluation", "trainers", "demo", "cli")
 FACADE = "__init__"  # llm2clip_hf/__init__.py: the top-level names, above every room
-REMOTE_CODE_IMPORTS = {"torch", "transformers", "sentence_transformers", "__future__"}
+REMOTE_CODE_IMPORTS = {"torch", "transformers", "huggingface_hub", "sentence_transformers", "__future__"}
 
 
 def room_of(module: str) -> str:
