@@ -11,10 +11,11 @@ import pytest
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 SCRIPTS = ["stage2_throughput.py", "eva02_speed.py", "encode_speed.py", "trainer_overhead.py", "scaling.py",
            "embedding_cache.py", "stream_vs_map.py", "caption_step.py", "text_checkpointing.py"]
+SUITES = ["gpu_suite.py"]  # JSON lines, not one ratio: tests/test_gpu_suite.py
 
 
 def test_every_script_is_covered():
-    assert sorted(SCRIPTS) == sorted(p.name for p in BENCHMARKS.glob("*.py") if not p.name.startswith("_"))
+    assert sorted(SCRIPTS + SUITES) == sorted(p.name for p in BENCHMARKS.glob("*.py") if not p.name.startswith("_"))
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
