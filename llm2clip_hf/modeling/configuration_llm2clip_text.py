@@ -6,8 +6,11 @@ from typing import Any
 
 from transformers import AutoConfig, PretrainedConfig
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
-from .caption_tokenization import check_doc_max_length, resolve_text_template
+from .caption_tokenization import (
+    CAPTION_TAIL, check_doc_max_length, check_padding_side, check_pooled_tokens, resolve_text_template,
+)
 from .llm2vec_naming import llm2vec_eos_text
 from .pooling import check_pooling_mode
 
@@ -34,18 +37,27 @@ def migrate_text_config_dict(config_dict: dict[str, Any]) -> dict[str, Any]:
     return config_dict
 
 
+def is_encoder_config(llm_config: PretrainedConfig) -> bool:
+    """Whether ``llm_config`` is of an encoder-only architecture (BERT, RoBERTa, MPNet, ...: bidirectional by
+    construction, absolute positions), as opposed to a decoder LLM (Llama, Qwen2, ...)."""
+    return (not getattr(llm_config, "is_decoder", False) and not getattr(llm_config, "is_encoder_decoder", False)
+            and getattr(llm_config, "model_type", None) in MODEL_FOR_MASKED_LM_MAPPING_NAMES)
+
+
 class LLM2CLIPTextConfig(PretrainedConfig):
     """Configuration of :class:`LLM2CLIPTextModel`.
 
     Args:
-        llm_config: configuration of the wrapped transformers decoder (Llama, Mistral, Qwen2, ...), as a config
-            object or its dict.
-        pooling_mode: ``"mean"`` (official), ``"weighted_mean"``, ``"eos_token"`` or ``"last_token"``.
+        llm_config: configuration of the wrapped transformers decoder (Llama, Mistral, Qwen2, ...) or, for an encoder
+            loaded from a sentence-transformers model, encoder (BERT, ...), as a config object or its dict.
+        pooling_mode: ``"mean"`` (official), ``"weighted_mean"``, ``"eos_token"`` or ``"last_token"``; also
+            sentence-transformers' ``"cls"``, ``"max"`` and ``"mean_sqrt_len_tokens"``.
         text_template: ``None``, a string holding ``{text}`` once (e.g. a chat wrapper), or a preset name from
             ``TEXT_TEMPLATES``. Stored as the resolved string.
         max_length: token budget per text, special tokens and template included (stored as ``max_seq_length``,
             since ``max_length`` is a generation setting in transformers configs).
-        bidirectional: drop the causal mask (``llm_config.is_causal = False``), as LLM2Vec does.
+        bidirectional: drop the causal mask (``llm_config.is_causal = False``), as LLM2Vec does. An encoder is
+            bidirectional by construction: its config is left as it is (``False`` is refused).
         doc_max_length: ``None`` (default, LLM2CLIP's behaviour: captions are only truncated at ``max_length``)
             or a positive token count. When set, a caption whose own token count (counted alone, without
             special tokens, instruction or template, truncated at ``max_length``) exceeds it is first cut to
@@ -58,6 +70,14 @@ class LLM2CLIPTextConfig(PretrainedConfig):
         append_eos_token_id: under ``eos_token`` pooling, append the tokenizer's eos token id (after truncating to
             ``max_length - 1``) instead of ``eos_text``: what encoders saved before ``eos_text`` existed did; set
             by the migration of their configs (:func:`migrate_text_config_dict`), not meant for new encoders.
+        pooled_tokens: which tokens are pooled: ``"caption_tail"`` (default: llm2vec's rule, the caption and template
+            suffix, instruction excluded), or as sentence-transformers pools: ``"all"`` (every token the attention
+            mask covers, special tokens and prompt included) or ``"all_but_prompt"`` (its ``include_prompt: false``).
+            The latter two tokenize as sentence-transformers does: ``prompt + text``, no template.
+        normalize_embeddings: L2-normalise the pooled embeddings (sentence-transformers' ``Normalize`` module).
+        padding_side: ``"left"`` (default, llm2vec's) or ``"right"`` (encoders with absolute positions, BERT).
+        prompts: named prompts (sentence-transformers' ``prompts``), for ``encode(..., prompt_name=...)``.
+        default_prompt_name: the prompt used where no instruction is given (``None``: none).
         config_version: :data:`CONFIG_VERSION` for new configs; older saved ones are migrated on loading.
     """
 
@@ -75,6 +95,11 @@ class LLM2CLIPTextConfig(PretrainedConfig):
         doc_max_length: int | None = None,
         eos_text: str | None = None,
         append_eos_token_id: bool = False,
+        pooled_tokens: str = CAPTION_TAIL,
+        normalize_embeddings: bool = False,
+        padding_side: str = "left",
+        prompts: dict[str, str] | None = None,
+        default_prompt_name: str | None = None,
         config_version: int = CONFIG_VERSION,
         **kwargs: Any,
     ) -> None:
@@ -98,10 +123,28 @@ class LLM2CLIPTextConfig(PretrainedConfig):
         self.doc_max_length = check_doc_max_length(doc_max_length)
         self.eos_text = eos_text
         self.append_eos_token_id = bool(append_eos_token_id)
+        self.pooled_tokens = check_pooled_tokens(pooled_tokens, self.text_template, self.doc_max_length,
+                                                 self.pooling_mode)
+        self.normalize_embeddings = bool(normalize_embeddings)
+        self.padding_side = check_padding_side(padding_side)
+        self.prompts = dict(prompts or {})
+        if default_prompt_name is not None and default_prompt_name not in self.prompts:
+            raise ValueError(f"default_prompt_name {default_prompt_name!r} is not one of the prompts "
+                             f"{sorted(self.prompts)}; add it to prompts or pass None.")
+        self.default_prompt_name = default_prompt_name
         self.config_version = config_version
-        if llm_config is not None:
+        if llm_config is not None and is_encoder_config(llm_config):
+            if not bidirectional:
+                raise ValueError(f"A {llm_config.model_type} encoder is bidirectional by construction; "
+                                 "bidirectional=False does not apply to it.")
+        elif llm_config is not None:
             llm_config.is_causal = not bidirectional
         super().__init__(**kwargs)
+
+    @property
+    def default_prompt(self) -> str | None:
+        """The text of ``default_prompt_name`` (``None`` when it is not set)."""
+        return None if self.default_prompt_name is None else self.prompts[self.default_prompt_name]
 
     @property
     def appended_eos_text(self) -> str:

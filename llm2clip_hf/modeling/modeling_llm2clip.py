@@ -281,7 +281,8 @@ class LLM2CLIPModel(LLM2CLIPPreTrainedModel):
             image_processor=image_processor_for(self.config.vision_config), tokenizer=tokenizer,
             text_template=text.text_template, max_length=text.max_seq_length, pooling_mode=text.pooling_mode,
             doc_max_length=text.doc_max_length, eos_text=text.appended_eos_text,
-            append_eos_token_id=text.append_eos_token_id,
+            append_eos_token_id=text.append_eos_token_id, pooled_tokens=text.pooled_tokens,
+            padding_side=text.padding_side, default_prompt=text.default_prompt,
         )
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> None:
@@ -316,7 +317,7 @@ class LLM2CLIPModel(LLM2CLIPPreTrainedModel):
         model = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
         if model.text_model is not None and pretrained_model_name_or_path is not None:
             model.text_model.tokenizer = load_tokenizer_if_saved(
-                pretrained_model_name_or_path, kwargs, model.config.text_config.llm_config
+                pretrained_model_name_or_path, kwargs, model.config.text_config
             )
         return model
 

@@ -1,4 +1,6 @@
-"""LLM2Vec-style text encoder: a transformers decoder with bidirectional attention and caption pooling."""
+"""LLM2Vec-style text encoder: a transformers decoder with bidirectional attention and caption pooling; also any
+sentence-transformers model built of Transformer, Pooling and Normalize modules (encoders such as BERT, and decoder
+embedders), with its own tokenization, attention and pooling."""
 
 from __future__ import annotations
 
@@ -16,8 +18,8 @@ from transformers.utils import ModelOutput
 from transformers.utils.peft_utils import find_adapter_config_file
 from transformers.utils import logging as hf_logging
 
-from .caption_tokenization import TEXT_TEMPLATES, TokenizedText, collate_left_padded, prepare_tokenizer, tokenize_texts
-from .configuration_llm2clip_text import LLM2CLIPTextConfig
+from .caption_tokenization import TEXT_TEMPLATES, TokenizedText, collate_padded, prepare_tokenizer, tokenize_texts
+from .configuration_llm2clip_text import LLM2CLIPTextConfig, is_encoder_config
 from .hub_files import optional_file
 from .llm2vec_naming import llm2vec_eos_text, llm2vec_model_name, llm2vec_text_template
 from .pooling import pool
@@ -27,9 +29,13 @@ logger = hf_logging.get_logger(__name__)
 # Arguments of from_pretrained that also locate the tokenizer and the config.
 _HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder", "gguf_file")
 SENTENCE_TRANSFORMERS_FILE = "sentence_transformers_llm2clip.py"  # sentence-transformers' input module
+OWN_SENTENCE_TRANSFORMERS_MODULE = f"{Path(SENTENCE_TRANSFORMERS_FILE).stem}.LLM2CLIPSentenceEncoder"
 # Builds a text encoder from PEFT adapters (llm2vec's published encoders): llm2clip_hf.conversion registers it, so the
 # remote code itself never imports peft. Called as ADAPTER_LOADER(cls, name_or_path, adapters, settings, kwargs).
 ADAPTER_LOADER: Callable[..., Any] | None = None
+# Builds a text encoder from a sentence-transformers model (a folder or Hub id with modules.json): registered by
+# llm2clip_hf.conversion too. Called as SENTENCE_TRANSFORMERS_LOADER(cls, name_or_path, settings, kwargs).
+SENTENCE_TRANSFORMERS_LOADER: Callable[..., Any] | None = None
 
 
 @dataclass
@@ -101,6 +107,12 @@ class LLM2CLIPTextModel(PreTrainedModel):
         (llm2vec's ``peft_model_name_or_path`` and LLM2CLIP's ``extra_model_name_or_path``), each merged in turn;
         settings then come from ``llm2vec_config.json`` and llm2vec's defaults where not given here. See
         :func:`llm2clip_hf.conversion.llm2vec_adapters.text_model_from_adapters`.
+
+        A sentence-transformers model (a folder or Hub id with ``modules.json``: Transformer, Pooling, Normalize)
+        loads with its own pooling, normalisation, prompts, padding side, attention and max length, so that
+        :meth:`encode` equals its ``SentenceTransformer.encode`` (needs the llm2clip-hf package; see
+        :mod:`llm2clip_hf.conversion.sentence_transformer_models`). A plain encoder (BERT, ...) without
+        sentence-transformers files is refused: nothing says how it pools.
         """
         hub_kwargs = {k: from_pretrained_kwargs[k] for k in _HUB_KWARGS if k in from_pretrained_kwargs}
         settings = dict(pooling_mode=pooling_mode, text_template=text_template, max_length=max_length,
@@ -108,6 +120,14 @@ class LLM2CLIPTextModel(PreTrainedModel):
         adapters = [] if peft_model_name_or_path is None else [peft_model_name_or_path] \
             if isinstance(peft_model_name_or_path, (str, os.PathLike)) else list(peft_model_name_or_path)
         adapter_kwargs = {k: v for k, v in hub_kwargs.items() if k != "gguf_file"}
+        if "gguf_file" not in hub_kwargs and is_sentence_transformers_model(name_or_path, adapter_kwargs):
+            if SENTENCE_TRANSFORMERS_LOADER is None:
+                raise ImportError(f"{name_or_path} is a sentence-transformers model; loading one needs the "
+                                  "llm2clip-hf package (pip install llm2clip-hf).")
+            if adapters:
+                raise ValueError(f"{name_or_path} is a sentence-transformers model; peft_model_name_or_path applies "
+                                 "to plain LLMs and llm2vec adapters only.")
+            return SENTENCE_TRANSFORMERS_LOADER(cls, name_or_path, settings, from_pretrained_kwargs)
         if adapters or ("gguf_file" not in hub_kwargs
                         and find_adapter_config_file(str(name_or_path), **adapter_kwargs) is not None):
             if ADAPTER_LOADER is None:
@@ -119,6 +139,13 @@ class LLM2CLIPTextModel(PreTrainedModel):
             raise ValueError(
                 f"{name_or_path} is a saved LLM2CLIPTextModel, not a plain LLM; load it with "
                 "LLM2CLIPTextModel.from_pretrained(...) instead of from_llm(...)."
+            )
+        if is_encoder_config(llm_config):
+            raise ValueError(
+                f"{name_or_path} is a {llm_config.model_type} encoder, not a decoder LLM: LLM2Vec's form (caption-tail "
+                "pooling, left padding) does not fit it, and nothing in it says how it pools. Load it from a "
+                "sentence-transformers folder or Hub id (with modules.json, e.g. sentence-transformers/"
+                "all-MiniLM-L6-v2), which says so."
             )
         llm_config.is_causal = bidirectional is False
         llm = AutoModel.from_pretrained(name_or_path, config=llm_config, trust_remote_code=False,
@@ -138,7 +165,8 @@ class LLM2CLIPTextModel(PreTrainedModel):
         Hub id; LLM2CLIP's published encoders get their official usage's): see :mod:`.llm2vec_naming`. The same
         name chooses ``eos_text`` under ``eos_token`` pooling. The choice is logged and stored in the config."""
         settings["bidirectional"] = settings.get("bidirectional") is not False
-        llm.config.is_causal = not settings["bidirectional"]
+        if not is_encoder_config(llm.config):  # an encoder is bidirectional by construction
+            llm.config.is_causal = not settings["bidirectional"]
         name, source = llm2vec_model_name(name_or_path, **(hub_kwargs or {}))
         if settings.get("text_template") is None:
             settings["text_template"] = llm2vec_text_template(name)
@@ -157,7 +185,7 @@ class LLM2CLIPTextModel(PreTrainedModel):
         with torch.device("meta"):
             model = cls(config)
         model.llm = llm
-        model.tokenizer = prepare_tokenizer(tokenizer)
+        model.tokenizer = prepare_tokenizer(tokenizer, config.padding_side)
         return model
 
     @classmethod
@@ -165,7 +193,7 @@ class LLM2CLIPTextModel(PreTrainedModel):
         """``PreTrainedModel.from_pretrained`` that also loads the tokenizer saved beside the weights."""
         model = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
         if pretrained_model_name_or_path is not None:
-            model.tokenizer = load_tokenizer_if_saved(pretrained_model_name_or_path, kwargs, model.config.llm_config)
+            model.tokenizer = load_tokenizer_if_saved(pretrained_model_name_or_path, kwargs, model.config)
         return model
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> None:
@@ -182,9 +210,12 @@ class LLM2CLIPTextModel(PreTrainedModel):
         module_file = Path(__file__).with_name(SENTENCE_TRANSFORMERS_FILE)
         if module_file.is_file():  # absent only in a copy of the remote code made without it
             shutil.copyfile(module_file, Path(save_directory) / SENTENCE_TRANSFORMERS_FILE)
-            module = f"{Path(SENTENCE_TRANSFORMERS_FILE).stem}.LLM2CLIPSentenceEncoder"
-            modules = [{"idx": 0, "name": "0", "path": "", "type": module}]
+            modules = [{"idx": 0, "name": "0", "path": "", "type": OWN_SENTENCE_TRANSFORMERS_MODULE}]
             (Path(save_directory) / "modules.json").write_text(json.dumps(modules, indent=2) + "\n")
+            if self.config.prompts:  # sentence-transformers' prompt_name=... and default prompt
+                prompts = {"prompts": self.config.prompts, "default_prompt_name": self.config.default_prompt_name}
+                (Path(save_directory) / "config_sentence_transformers.json").write_text(
+                    json.dumps(prompts, indent=2) + "\n")
 
     # ----------------------------------------------------------------------------------------------- compute
     def get_input_embeddings(self) -> torch.nn.Module:
@@ -217,6 +248,8 @@ class LLM2CLIPTextModel(PreTrainedModel):
             return_dict=True, use_cache=False,
         )
         embeds = pool(outputs.last_hidden_state, pooling_mask, self.config.pooling_mode)
+        if self.config.normalize_embeddings:
+            embeds = torch.nn.functional.normalize(embeds, p=2, dim=-1)
         result = LLM2CLIPTextOutput(
             text_embeds=embeds, last_hidden_state=outputs.last_hidden_state,
             hidden_states=outputs.hidden_states if output_hidden_states else None,
@@ -227,29 +260,41 @@ class LLM2CLIPTextModel(PreTrainedModel):
         self,
         texts: Sequence[str],
         instruction: str | Sequence[str | None] | None = None,
-        instruction_separator: str = " ",
+        instruction_separator: str | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Model inputs (``input_ids``, ``attention_mask``, ``pooling_mask``) for captions, left-padded."""
-        items = self.tokenize_items(texts, instruction, instruction_separator)
-        return collate_left_padded(items, self.tokenizer.pad_token_id, self.device)
+        """Model inputs (``input_ids``, ``attention_mask``, ``pooling_mask``) for captions, padded as the model
+        expects (:meth:`collate`)."""
+        return self.collate(self.tokenize_items(texts, instruction, instruction_separator), self.device)
+
+    def collate(self, items: Sequence[TokenizedText], device: torch.device | str | None = None,
+                width: int | None = None) -> dict[str, torch.Tensor]:
+        """Pad tokenized texts into a batch on this model's ``padding_side`` (left, llm2vec's, unless configured)."""
+        return collate_padded(items, self.require_tokenizer().pad_token_id, device, width, self.config.padding_side)
 
     def tokenize_items(
         self,
         texts: Sequence[str],
         instruction: str | Sequence[str | None] | None = None,
-        instruction_separator: str = " ",
+        instruction_separator: str | None = None,
         caption_spans: bool = False,
     ) -> list[TokenizedText]:
         """Per-text token ids and pooled-token counts under this model's template, length and pooling mode.
 
+        A ``None`` instruction is the config's default prompt (``default_prompt_name``), if any; ``""`` is none.
+        ``instruction_separator`` ``None`` is the model's own (see :func:`.caption_tokenization.tokenize_texts`).
         Inputs longer than ``max_seq_length`` tokens are truncated; their items say so (``truncated``).
         ``caption_spans`` also locates each caption's own tokens (``TokenizedText.caption_span``).
         """
+        default = self.config.default_prompt
+        if default is not None:
+            instruction = default if instruction is None else instruction if isinstance(instruction, str) else \
+                [default if one is None else one for one in instruction]
         items = tokenize_texts(
             self.require_tokenizer(), texts, instruction, text_template=self.config.text_template,
             max_length=self.config.max_seq_length, instruction_separator=instruction_separator,
             eos_text=self.config.appended_eos_text, append_eos_token_id=self.config.append_eos_token_id,
             doc_max_length=self.config.doc_max_length, caption_spans=caption_spans,
+            pooled_tokens=self.config.pooled_tokens,
         )
         return items
 
@@ -268,15 +313,25 @@ class LLM2CLIPTextModel(PreTrainedModel):
         instruction: str | Sequence[str | None] | None = None,
         batch_size: int = 32,
         show_progress_bar: bool | None = None,
+        prompt_name: str | None = None,
     ) -> torch.FloatTensor:
         """Embed captions: float32 CPU tensor ``(len(texts), hidden_size)`` in input order.
 
         Equals llm2vec's ``LLM2Vec.encode`` with the same weights and settings (``instruction`` goes where
-        llm2vec takes ``[instruction, text]`` pairs). Texts are sorted by token length so that each batch pads
+        llm2vec takes ``[instruction, text]`` pairs); for an encoder loaded from a sentence-transformers model, its
+        ``SentenceTransformer.encode`` (``instruction`` is its ``prompt``, ``prompt_name`` names one of the config's
+        ``prompts``; neither: its default prompt, if any). Texts are sorted by token length so that each batch pads
         little; ``show_progress_bar=None`` follows transformers' progress-bar setting.
         """
         if isinstance(texts, str):
             texts = [texts]
+        if prompt_name is not None:
+            if instruction is not None:
+                raise ValueError("Pass instruction or prompt_name, not both.")
+            if prompt_name not in self.config.prompts:
+                raise ValueError(f"prompt_name {prompt_name!r} is not one of this model's prompts "
+                                 f"{sorted(self.config.prompts)}.")
+            instruction = self.config.prompts[prompt_name]
         items = self.tokenize_items(texts, instruction)
         self.warn_truncation(sum(item.truncated for item in items), len(items))
         if show_progress_bar is None:
@@ -305,7 +360,7 @@ class LLM2CLIPTextModel(PreTrainedModel):
         try:
             for start in range(0, len(order), batch_size):
                 rows = order[start:start + batch_size]
-                batch = collate_left_padded([items[i] for i in rows], self.tokenizer.pad_token_id, self.device)
+                batch = self.collate([items[i] for i in rows], self.device)
                 embeddings[rows] = self(**batch).text_embeds.float().cpu()
                 if progress is not None:
                     progress(len(rows))
@@ -329,19 +384,30 @@ class LLM2CLIPTextModel(PreTrainedModel):
                 "This LLM2CLIPTextModel has no tokenizer. Load it with from_llm(...) or from a directory that holds "
                 "tokenizer files, or set model.tokenizer = AutoTokenizer.from_pretrained(...)."
             )
-        return prepare_tokenizer(self.tokenizer)
+        return prepare_tokenizer(self.tokenizer, self.config.padding_side)
 
 
-def load_tokenizer_if_saved(name_or_path: str | os.PathLike, from_pretrained_kwargs: dict[str, Any], llm_config):
-    """The tokenizer stored with a checkpoint (left padding, pad token set), or ``None`` if it has none.
+def is_sentence_transformers_model(name_or_path: str | os.PathLike, hub_kwargs: dict[str, Any]) -> bool:
+    """Whether ``name_or_path`` holds a sentence-transformers model (``modules.json``) other than a saved
+    LLM2CLIPTextModel (whose ``modules.json`` names this package's own input module)."""
+    found = optional_file(name_or_path, "modules.json", **hub_kwargs)
+    if found is None:
+        return False
+    with open(found, encoding="utf-8") as handle:
+        modules = json.load(handle)
+    return not any(module.get("type") == OWN_SENTENCE_TRANSFORMERS_MODULE for module in modules)
 
-    ``llm_config`` tells AutoTokenizer the LLM's architecture, which the checkpoint's own config does not.
-    """
+
+def load_tokenizer_if_saved(name_or_path: str | os.PathLike, from_pretrained_kwargs: dict[str, Any], text_config):
+    """The tokenizer stored with a checkpoint (padded on the text config's side, pad token set), or ``None`` if it
+    has none. ``text_config.llm_config`` tells AutoTokenizer the LLM's architecture, which the checkpoint's own
+    config does not."""
     hub_kwargs = {k: from_pretrained_kwargs[k] for k in _HUB_KWARGS if k in from_pretrained_kwargs and k != "gguf_file"}
     if optional_file(name_or_path, "tokenizer_config.json", **hub_kwargs) is None:
         return None
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path, config=llm_config, trust_remote_code=False, **hub_kwargs)
-    return prepare_tokenizer(tokenizer)
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path, config=text_config.llm_config, trust_remote_code=False,
+                                              **hub_kwargs)
+    return prepare_tokenizer(tokenizer, text_config.padding_side)
 
 
 LLM2CLIPTextModel.register_for_auto_class("AutoModel")

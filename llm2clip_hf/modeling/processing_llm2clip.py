@@ -8,7 +8,8 @@ from typing import Any
 from transformers import BatchFeature, CLIPImageProcessorPil, ProcessorMixin, SiglipImageProcessorPil
 
 from .caption_tokenization import (
-    check_doc_max_length, collate_left_padded, prepare_tokenizer, resolve_text_template, tokenize_texts,
+    CAPTION_TAIL, check_doc_max_length, check_padding_side, check_pooled_tokens, collate_padded, prepare_tokenizer,
+    resolve_text_template, tokenize_texts,
 )
 from .configuration_llm2clip_text import CONFIG_VERSION, migrate_text_config_dict
 from .pooling import check_pooling_mode
@@ -54,8 +55,9 @@ class LLM2CLIPProcessor(ProcessorMixin):
     ``doc_max_length`` (``None``: off) cuts long captions to fewer words first, as the text model's setting of
     the same name does; ``eos_text`` is what the text model appends under ``eos_token`` pooling
     (``LLM2CLIPTextConfig.appended_eos_text``), ``append_eos_token_id`` the older rule of encoders saved before it
-    (set by migration). All are saved with the processor, with ``config_version`` (as the text config's: processors
-    saved without it are migrated on loading).
+    (set by migration); ``pooled_tokens``, ``padding_side`` and ``default_prompt`` (used where no instruction is given)
+    are the text config's, for encoders loaded from sentence-transformers models. All are saved with the processor,
+    with ``config_version`` (as the text config's: processors saved without it are migrated on loading).
 
     CLIPProcessor's text keywords are accepted: ``padding`` (``True`` / ``"longest"``, the default, or
     ``"max_length"``), ``truncation`` (inputs are always cut at ``max_length``) and ``max_length`` (this call's
@@ -72,6 +74,9 @@ class LLM2CLIPProcessor(ProcessorMixin):
         doc_max_length: int | None = None,
         eos_text: str = "",
         append_eos_token_id: bool = False,
+        pooled_tokens: str = CAPTION_TAIL,
+        padding_side: str = "left",
+        default_prompt: str | None = None,
         config_version: int = CONFIG_VERSION,
         **kwargs: Any,
     ) -> None:
@@ -81,9 +86,12 @@ class LLM2CLIPProcessor(ProcessorMixin):
         self.doc_max_length = check_doc_max_length(doc_max_length)
         self.eos_text = eos_text
         self.append_eos_token_id = bool(append_eos_token_id) and self.pooling_mode == "eos_token"
+        self.pooled_tokens = check_pooled_tokens(pooled_tokens, self.text_template, self.doc_max_length)
+        self.padding_side = check_padding_side(padding_side)
+        self.default_prompt = default_prompt
         self.config_version = config_version
         if tokenizer is not None:
-            prepare_tokenizer(tokenizer)
+            prepare_tokenizer(tokenizer, self.padding_side)
         super().__init__(image_processor, tokenizer, **kwargs)
 
     def __call__(
@@ -100,21 +108,23 @@ class LLM2CLIPProcessor(ProcessorMixin):
         truncation = kwargs.pop("truncation", True)
         max_length = kwargs.pop("max_length", None) or self.max_length
         if padding not in (*_PADDING_LONGEST, "max_length"):
-            raise ValueError(f"padding={padding!r}: the text inputs are always padded (on the left, where the "
-                             "encoder expects them); pass padding=True, 'longest' or 'max_length'.")
+            raise ValueError(f"padding={padding!r}: the text inputs are always padded (on the {self.padding_side}, "
+                             "where the encoder expects them); pass padding=True, 'longest' or 'max_length'.")
         if truncation not in (True, "longest_first", "only_first"):
             raise ValueError(f"truncation={truncation!r}: inputs are always cut at max_length={max_length} tokens, "
                              "as the encoder was trained; raise max_length instead.")
         data: dict[str, Any] = {}
         if text is not None:
             texts = [text] if isinstance(text, str) else list(text)
+            if instruction is None:
+                instruction = self.default_prompt
             items = tokenize_texts(
                 self.tokenizer, texts, instruction, text_template=self.text_template, max_length=max_length,
                 eos_text=self.eos_text, doc_max_length=self.doc_max_length,
-                append_eos_token_id=self.append_eos_token_id,
+                append_eos_token_id=self.append_eos_token_id, pooled_tokens=self.pooled_tokens,
             )
             width = max_length if padding == "max_length" else None
-            data.update(collate_left_padded(items, self.tokenizer.pad_token_id, width=width))
+            data.update(collate_padded(items, self.tokenizer.pad_token_id, width=width, padding_side=self.padding_side))
         if images is not None:
             data.update(self.image_processor(images, return_tensors="pt", **kwargs))
         return BatchFeature(data=data, tensor_type=return_tensors)

@@ -2,8 +2,10 @@
 
 ``LLM2CLIPTextModel.save_pretrained`` writes this file and a ``modules.json`` naming it beside the weights, so that
 ``SentenceTransformer(folder, trust_remote_code=True)`` loads the encoder: ``encode(texts)`` equals the model's
-own ``encode``, and ``encode(texts, prompt=instruction)`` equals ``encode(texts, instruction=instruction)`` (the
-instruction is attended to and excluded from pooling), so sentence-transformers' evaluators and MTEB run on it.
+own ``encode``, and ``encode(texts, prompt=instruction)`` equals ``encode(texts, instruction=instruction)`` (for an
+LLM2Vec-style encoder the instruction is attended to and excluded from pooling; an encoder loaded from a
+sentence-transformers model keeps that model's prompts and pooling, and its folder saves the prompts in
+``config_sentence_transformers.json``), so sentence-transformers' evaluators and MTEB run on it.
 Only sentence-transformers imports this file (the model itself needs torch and transformers alone).
 """
 
@@ -15,12 +17,11 @@ from typing import Any
 import torch
 from sentence_transformers.base.modules.input_module import InputModule
 
-from .caption_tokenization import collate_left_padded
 from .modeling_llm2clip_text import LLM2CLIPTextModel
 
 
 class LLM2CLIPSentenceEncoder(InputModule):
-    """Tokenizes with the encoder's template, left padding and pooling rule; returns its pooled embeddings."""
+    """Tokenizes with the encoder's template, padding side and pooling rule; returns its pooled embeddings."""
 
     config_keys: list[str] = []
     save_in_root = True
@@ -38,8 +39,7 @@ class LLM2CLIPSentenceEncoder(InputModule):
         texts = list(inputs)
         if not all(isinstance(text, str) for text in texts):
             raise ValueError("LLM2CLIPSentenceEncoder embeds texts (str); pairs and other modalities are not supported.")
-        items = self.text_model.tokenize_items(texts, prompt or None)
-        return collate_left_padded(items, self.tokenizer.pad_token_id)
+        return self.text_model.collate(self.text_model.tokenize_items(texts, prompt))
 
     def forward(self, features: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
         outputs = self.text_model(input_ids=features["input_ids"], attention_mask=features["attention_mask"],
