@@ -13,7 +13,6 @@ from .embedding_cache import embedding_column, embeddings_as_float32
 from .images import CLIPImageTransform
 from .loading import ROW_INDEX
 from ..modeling import LLM2CLIPTextModel
-from ..modeling.caption_tokenization import collate_left_padded
 from .data_statistics import BATCH_STATISTICS, batch_statistics
 from .epoch_sampling import EPOCH
 from .._moved import moved_names
@@ -75,7 +74,7 @@ class ImageTextCollator:
             items = self.text_model.tokenize_items([_one_of(row[column], rng) for (row, column), rng in
                                                     zip(chosen, rngs)])
             truncated = sum(item.truncated for item in items)
-            batch.update(collate_left_padded(items, self.text_model.require_tokenizer().pad_token_id))
+            batch.update(self.text_model.collate(items))
         batch[BATCH_STATISTICS] = batch_statistics(skipped, truncated)
         return batch
 

@@ -16,7 +16,6 @@ from datasets import Dataset, Features, Value, concatenate_datasets
 from .captions import drop_bad_caption_rows
 from .loading import ROW_INDEX, require_columns
 from ..modeling import LLM2CLIPTextModel
-from ..modeling.caption_tokenization import collate_left_padded
 from .data_statistics import BATCH_STATISTICS, batch_statistics
 from .._moved import moved_names
 
@@ -130,23 +129,23 @@ def concatenate_sources(sources: dict[str, Dataset]) -> Dataset:
 
 
 class TextPairCollator:
-    """Tokenizes prepared rows for :class:`LLM2CLIPTextModel` into ONE left-padded batch, so that a step runs the
-    LLM once: the queries, each with its row's ``query_instruction`` (excluded from pooling), then the positives and
-    the hard negatives without one (``ROLES`` names the blocks, in that order, each of ``len(rows)`` rows). Also
-    returns the row indices and the number of truncated texts (``BATCH_STATISTICS``)."""
+    """Tokenizes prepared rows for :class:`LLM2CLIPTextModel` into ONE batch padded on the model's side, so that a
+    step runs the LLM once: the queries, each with its row's ``query_instruction`` (excluded from pooling in the
+    LLM2Vec form), then the positives and the hard negatives without one (``ROLES`` names the blocks, in that order,
+    each of ``len(rows)`` rows). Also returns the row indices and the number of truncated texts
+    (``BATCH_STATISTICS``)."""
 
     def __init__(self, text_model: LLM2CLIPTextModel, instruction_separator: str = "; ") -> None:
         self.text_model = text_model
         self.separator = instruction_separator
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
-        pad = self.text_model.require_tokenizer().pad_token_id
         instructions = [row[QUERY_INSTRUCTION] for row in rows]
         roles = [QUERY, POSITIVE] + ([NEGATIVE] if NEGATIVE in rows[0] else [])
         items = self.text_model.tokenize_items([row[QUERY] for row in rows], instructions, self.separator)
         for role in roles[1:]:
             items += self.text_model.tokenize_items([row[role] for row in rows])
-        collated: dict[str, Any] = {TEXTS: collate_left_padded(items, pad), ROLES: roles}
+        collated: dict[str, Any] = {TEXTS: self.text_model.collate(items), ROLES: roles}
         if ROW_INDEX in rows[0]:
             collated[ROW_INDEX] = torch.tensor([int(row[ROW_INDEX]) for row in rows])
         collated[BATCH_STATISTICS] = batch_statistics(truncated_captions=sum(item.truncated for item in items))

@@ -41,6 +41,7 @@ from ..data.masked_next_token import LABELS, TEXT
 from ..evaluation.teacher_quality import DOMINATED, TeacherStatistics, check_cached_teacher, check_teacher
 from ..data.text_pairs import POSITIVE, QUERY, QUERY_INSTRUCTION, ROLES, TEXTS, check_negatives_agree, split_roles
 from ..modeling import LLM2CLIPModel, LLM2CLIPOutput, LLM2CLIPTextModel
+from ..modeling.configuration_llm2clip_text import is_encoder_config
 from .losses import (
     CaptionContrastiveLoss,
     CLIPContrastiveLoss,
@@ -48,7 +49,7 @@ from .losses import (
     SigLIPContrastiveLoss,
     output_head,
 )
-from .training_args import CAPTION_STAGE, CLIP_STAGE, MNTP_STAGE, LLM2CLIPTrainingArguments
+from .training_args import CAPTION_STAGE, CLIP_STAGE, DEFAULT_LORA_TARGETS, MNTP_STAGE, LLM2CLIPTrainingArguments
 
 logger = hf_logging.get_logger(__name__)
 
@@ -61,10 +62,15 @@ EmbeddingsObserver = Callable[..., None]  # (model, *embeddings) of a training b
 LOGIT_PARAMETERS = ("logit_scale", "logit_bias")
 
 
-def default_lora_config(args: LLM2CLIPTrainingArguments) -> LoraConfig:
-    """The official LoRA: r=16, alpha=32, dropout 0.05 on q, k, v, o, gate, up and down projections."""
+def default_lora_config(args: LLM2CLIPTrainingArguments, text_model: LLM2CLIPTextModel | None = None) -> LoraConfig:
+    """The official LoRA: r=16, alpha=32, dropout 0.05 on q, k, v, o, gate, up and down projections. An encoder
+    (BERT, ... from a sentence-transformers model) names its layers otherwise: with the default targets it gets LoRA
+    on every linear layer (``"all-linear"``: BERT's query, key, value and dense), as a decoder gets on all of its."""
+    targets: list[str] | str = list(args.lora_target_modules)
+    if text_model is not None and targets == DEFAULT_LORA_TARGETS and is_encoder_config(text_model.config.llm_config):
+        targets = "all-linear"
     return LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-                      target_modules=list(args.lora_target_modules), bias="none")
+                      target_modules=targets, bias="none")
 
 
 def check_sources(args: LLM2CLIPTrainingArguments, train_dataset: Any, eval_dataset: Any) -> None:
@@ -165,7 +171,7 @@ class TrainingStage:
     def _text_model_with_lora(self, model: nn.Module, peft_config: LoraConfig | None) -> PeftModel:
         self.text_model = require_text_model(model, self.name)
         return model if isinstance(model, PeftModel) else get_peft_model(
-            model, peft_config or default_lora_config(self.args))
+            model, peft_config or default_lora_config(self.args, self.text_model))
 
 
 class MaskedNextTokenStage(TrainingStage):
@@ -178,7 +184,14 @@ class MaskedNextTokenStage(TrainingStage):
         self.lm_head = lm_head
 
     def setup_model(self, model, peft_config):
-        self.head = output_head(require_text_model(model, self.name), self.lm_head)  # before LoRA changes the model
+        text_model = require_text_model(model, self.name)
+        config = text_model.config
+        encoder = is_encoder_config(config.llm_config)
+        if encoder or config.padding_side != "left":
+            raise ValueError(f"MNTP adapts a left-padded decoder LLM to bidirectional attention; this text model is a "
+                             f"{config.llm_config.model_type} {'encoder' if encoder else 'decoder'} padded on the "
+                             f"{config.padding_side}. Train stage 1 (stage='caption') on it directly.")
+        self.head = output_head(text_model, self.lm_head)  # before LoRA changes the model
         model = self._text_model_with_lora(model, peft_config)
         if not self.text_model.config.bidirectional:
             logger.warning("MNTP adapts an LLM to bidirectional attention, but this text model is causal "
@@ -301,7 +314,7 @@ class ClipStage(TrainingStage):
         if model.text_model is not None:
             model.text_model.requires_grad_(False)
             if args.text_source == "lora":
-                inject_adapter_in_model(peft_config or default_lora_config(args), model.text_model)
+                inject_adapter_in_model(peft_config or default_lora_config(args, model.text_model), model.text_model)
         self.model = model
         return model
 
