@@ -337,6 +337,27 @@ def test_embed_dtype_and_attention_options(capsys, data_dir, tiny_llm_dir, tmp_p
     assert code == 1 and "--dtype 'float64' is not one of" in err
 
 
+@pytest.mark.parametrize("rows, columns", [(1, ["short_caption"]), (2, ["short_caption"]),
+                                          (1, ["short_caption", "long_caption"])])
+def test_embed_on_one_or_two_captions_writes_the_cache_and_skips_the_teacher_check(capsys, caplog, tiny_llm_dir,
+                                                                                   tmp_path, rows, columns):
+    """Centered, N captions span at most N - 1 directions: `embed` refused any 2 captions as having "no spread left"
+    and exited 1 on one caption after writing the cache. Too few captions for the statistics skip the check."""
+    import logging
+
+    data = tmp_path / "few.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in tiny_caption_pair_rows()[:rows]))
+    with caplog.at_level(logging.WARNING, logger="llm2clip_hf"):
+        code, out, err = run_cli(capsys, "embed", "--text-model", tiny_llm_dir, "--dataset", data,
+                                 "--caption-columns", *columns, "--output-dir", tmp_path / "cache")
+    assert code == 0, err
+    teacher = last_json(out)["teacher"]
+    assert teacher["verdict"] == "skipped" and teacher["rows"] == rows * len(columns)
+    assert f"Teacher check skipped: {rows * len(columns)} caption" in caplog.text
+    cached = load_from_disk(str(tmp_path / "cache"))
+    assert len(cached) == rows and read_cache_metadata(cached)["num_rows"] == rows
+
+
 def test_embed_under_accelerate_launch_splits_the_work_and_equals_one_process(capsys, data_dir, tiny_llm_dir,
                                                                                tmp_path):
     """Two gloo processes (`--multi_gpu` on a CPU machine is torchrun with gloo: `--cpu` would start one)."""
@@ -576,3 +597,4 @@ def test_a_seeded_training_run_is_reproducible(capsys, data_dir, tiny_llm_dir, t
     assert first.keys() == second.keys()
     differing = [name for name in first if not torch.equal(first[name], second[name])]
     assert not differing, f"{len(differing)} of {len(first)} tensors differ, e.g. {differing[:3]}"
+

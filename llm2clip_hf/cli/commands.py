@@ -107,17 +107,20 @@ def run_embed(text: TextModelArguments, data: DatasetArguments, columns: ColumnA
 
 def cache_teacher_check(cached: Any, caption_columns: Sequence[str], allow_degenerate: bool) -> dict[str, Any]:
     """Teacher statistics of a cache (a sample of rows); a degenerate teacher is refused unless allowed, a dominated
-    one is warned about. The cache itself is never touched."""
+    one is warned about, and a check skipped for too few captions says so. The cache itself is never touched."""
     from transformers.utils import logging as hf_logging
 
-    from ..evaluation.teacher_quality import DOMINATED, check_cached_teacher
+    from ..evaluation.teacher_quality import DOMINATED, SKIPPED, check_cached_teacher
 
     statistics = check_cached_teacher(cached, caption_columns, allow_degenerate,
                                       "--allow-degenerate-teacher true (the cache is kept)")
+    logger = hf_logging.get_logger(__name__)
     if statistics.verdict == DOMINATED:
-        hf_logging.get_logger(__name__).warning(
+        logger.warning(
             f"The teacher's caption embeddings are dominated by one common component ({statistics.describe()}): "
             "`train --stage clip` will center a new adapter's input (--adapter-input-normalization auto).")
+    elif statistics.verdict == SKIPPED:
+        logger.warning(f"Teacher check {statistics.describe()}; the cache is written all the same.")
     return statistics.as_dict()
 
 

@@ -79,7 +79,7 @@ def new_adapter_input_normalization(clip: Any, cached: Any, args: LLM2CLIPTraini
     cache; refusing a degenerate teacher unless ``--allow-degenerate-teacher``) and centers a new model's adapter
     when they are dominated by one common component. A saved (``--model``) or pretrained (``--vision-model``, whose
     adapter may be kept) image side is never changed by ``auto``; the trainer warns there instead."""
-    from ..evaluation.teacher_quality import auto_adapter_input_normalization, check_cached_teacher
+    from ..evaluation.teacher_quality import SKIPPED, auto_adapter_input_normalization, check_cached_teacher
 
     choice = clip.adapter_input_normalization
     if choice not in ("auto", "none", "center", "standardize"):
@@ -90,6 +90,9 @@ def new_adapter_input_normalization(clip: Any, cached: Any, args: LLM2CLIPTraini
         return None, None
     statistics = check_cached_teacher(cached, args.caption_columns, args.allow_degenerate_teacher,
                                       "--allow-degenerate-teacher true", args.seed)
+    if statistics.verdict == SKIPPED:
+        logger.warning(f"Teacher check {statistics.describe()}: --adapter-input-normalization auto keeps the official "
+                       "adapter (give center to center a new adapter's input).")
     if auto_adapter_input_normalization(statistics) is None:
         return None, statistics
     logger.warning(f"Teacher check: the cached caption embeddings are dominated by one common component "

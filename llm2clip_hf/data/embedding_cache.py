@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -244,10 +245,30 @@ def embedding_statistics(dataset: Dataset, caption_columns: Sequence[str], batch
     return mean.astype(np.float32), np.sqrt(np.maximum(squares / count - mean ** 2, 0.0)).astype(np.float32), count
 
 
+def _dtype_precision(name: Any) -> float | None:
+    """Machine epsilon of the floating dtype named ``name`` (``"bfloat16"``, ...); ``None`` for anything else."""
+    dtype = getattr(torch, name, None) if isinstance(name, str) else None
+    return torch.finfo(dtype).eps if isinstance(dtype, torch.dtype) and dtype.is_floating_point else None
+
+
+@dataclass
+class CachedEmbeddingSample:
+    """Cached embeddings of a sample of rows: ``embeddings`` ``[captions, dim]`` float32 (every caption of the rows,
+    column after column); ``pairs``: the first caption of the first two caption columns of each row that has both
+    (two captions of one image, ``[rows, dim]`` each), ``None`` with one column; ``precision``: relative precision
+    of the numbers as stored (``storage_dtype``); ``computed_precision``: that of the dtype the text model computed
+    them in (``text_model_dtype``; ``None`` for a cache made before it was recorded)."""
+
+    embeddings: torch.Tensor
+    pairs: tuple[torch.Tensor, torch.Tensor] | None
+    precision: float
+    computed_precision: float | None
+
+
 def cached_embedding_sample(dataset: Dataset, caption_columns: Sequence[str], max_rows: int = 2048,
-                            seed: int = 0) -> tuple[torch.Tensor, float]:
-    """The cached embeddings of ``caption_columns`` of up to ``max_rows`` random rows (``seed``), as one float32
-    ``[captions, dim]`` tensor, and the relative precision they were stored with (the cache's ``storage_dtype``)."""
+                            seed: int = 0) -> CachedEmbeddingSample:
+    """The cached embeddings of ``caption_columns`` of up to ``max_rows`` random rows (``seed``), with their caption
+    pairs and precisions (:class:`CachedEmbeddingSample`)."""
     if len(dataset) == 0:
         raise ValueError("No cached embeddings to sample: the dataset is empty.")
     rows = np.random.default_rng(seed).permutation(len(dataset))[:max_rows] if len(dataset) > max_rows else None
@@ -255,8 +276,30 @@ def cached_embedding_sample(dataset: Dataset, caption_columns: Sequence[str], ma
     columns = [embedding_column(c) for c in caption_columns]
     cells = part.select_columns(columns).with_format("numpy")[:]
     vectors = np.concatenate([_cell_vectors(cells[column]) for column in columns])
-    storage = (read_cache_metadata(dataset) or {}).get("storage_dtype", "float32")
-    return torch.from_numpy(vectors), torch.finfo(getattr(torch, storage)).eps
+    pairs = None
+    if len(columns) >= 2:
+        (first, has_first), (second, has_second) = (_first_vectors(cells[column]) for column in columns[:2])
+        both = has_first & has_second
+        pairs = (torch.from_numpy(first[both]), torch.from_numpy(second[both]))
+    metadata = read_cache_metadata(dataset) or {}
+    return CachedEmbeddingSample(torch.from_numpy(vectors), pairs,
+                                 _dtype_precision(metadata.get("storage_dtype", "float32")),
+                                 _dtype_precision(metadata.get("text_model_dtype")))
+
+
+def _first_vectors(cells: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The first caption's embedding of each row of one embedding column (``[rows, dim]`` float32, zeros where a
+    row has none) and which rows have one."""
+    if cells.dtype != object:  # [rows, dim], or [rows, captions, dim] when every row has as many
+        if cells.ndim == 2:
+            return embeddings_as_float32(cells), np.ones(len(cells), dtype=bool)
+        present = np.full(len(cells), cells.shape[1] > 0)
+        return embeddings_as_float32(cells[:, 0] if cells.shape[1] else cells.sum(1)), present
+    cells = [np.asarray(cell) for cell in cells]  # rows of different caption counts
+    present = np.array([len(cell) > 0 for cell in cells], dtype=bool)
+    model = next(cell for cell in cells if len(cell))  # its dtype: bfloat16 caches hold uint16 bit patterns
+    first = np.stack([cell[0] if len(cell) else np.zeros_like(model[0]) for cell in cells])
+    return embeddings_as_float32(first), present
 
 
 __getattr__ = moved_names(__name__)  # old names, warned (llm2clip_hf/_moved.py)

@@ -58,8 +58,8 @@ def main() -> None:
         started = time.time()
         cached_train = precompute_text_embeddings(train, teacher, [SHORT, LONG], out / "cache" / name / "train")
         cached_test = precompute_text_embeddings(test, teacher, test_columns, out / "cache" / name / "test")
-        sample, precision = cached_embedding_sample(cached_train, [SHORT, LONG])  # short captions, then long ones
-        statistics, report = caption_pair_teacher_check(*sample.chunk(2), precision)
+        sample = cached_embedding_sample(cached_train, [SHORT, LONG])  # short and long caption of each image
+        statistics, report = caption_pair_teacher_check(*sample.pairs, sample.precision, sample.computed_precision)
         auto = auto_adapter_input_normalization(statistics) or "none"  # what the CLI's default gives this teacher
         results[name] = {"auto": auto, "teacher": report,
                          "cache_minutes": round((time.time() - started) / 60, 2)}

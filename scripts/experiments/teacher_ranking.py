@@ -36,9 +36,8 @@ def main() -> None:
             runs = result.get(result.get("auto", "none"))  # the adapter input the CLI's default gives this teacher
             if not runs:
                 continue
-            sample, precision = cached_embedding_sample(load_from_disk(str(output / "cache" / name / "train")),
-                                                        [SHORT, LONG])
-            report = caption_pair_teacher_check(*sample.chunk(2), precision)[1]
+            sample = cached_embedding_sample(load_from_disk(str(output / "cache" / name / "train")), [SHORT, LONG])
+            report = caption_pair_teacher_check(*sample.pairs, sample.precision, sample.computed_precision)[1]
             retrieval = [(run["image_to_text_R@5"] + run["text_to_image_R@5"]) / 2 for run in runs]
             rows[name] = {**{key: report[key] for key in PREDICTORS}, "verdict": report["verdict"],
                           "adapter": result.get("auto", "none"),
