@@ -598,3 +598,78 @@ def test_a_seeded_training_run_is_reproducible(capsys, data_dir, tiny_llm_dir, t
     differing = [name for name in first if not torch.equal(first[name], second[name])]
     assert not differing, f"{len(differing)} of {len(first)} tensors differ, e.g. {differing[:3]}"
 
+
+# ------------------------------------------------------------------------------------------------------------
+# --adapter-input-normalization auto with a pretrained image side (--vision-model)
+
+def dominated_llm(tiny_llm_dir, directory):
+    """The tiny LLM with a common vector added to every token embedding: its caption embeddings share one large
+    component (mean pairwise cosine ~0.96 on the tiny captions) and still tell captions apart once centered."""
+    from transformers import AutoModel, AutoTokenizer
+
+    llm = AutoModel.from_pretrained(tiny_llm_dir)
+    with torch.no_grad():
+        llm.embed_tokens.weight += 0.02 * torch.randn(llm.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    llm.save_pretrained(directory)
+    AutoTokenizer.from_pretrained(tiny_llm_dir).save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def vision_sources(tmp_path_factory, tiny_llm_dir):
+    """A dominated teacher, a tiny transformers CLIP (no adapter: a new one) and a tiny LLM2CLIP model with an
+    adapter for the LLM's width (it comes with the model)."""
+    from transformers import CLIPConfig, CLIPModel
+
+    from llm2clip_hf.testing import tiny_vision_config
+
+    root = tmp_path_factory.mktemp("vision_sources")
+    llm = dominated_llm(tiny_llm_dir, root / "dominated_llm")
+    torch.manual_seed(0)
+    tower = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=32,
+                 patch_size=8)
+    text = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, vocab_size=99,
+                max_position_embeddings=16)
+    CLIPModel(CLIPConfig(vision_config=tower, text_config=text, projection_dim=24)).save_pretrained(root / "clip")
+    LLM2CLIPModel.from_text_model(LLM2CLIPTextModel.from_llm(llm), tiny_vision_config(), embed_text_model=False,
+                                  projection_dim=32).save_pretrained(root / "llm2clip")
+    return {"llm": llm, "clip": root / "clip", "llm2clip": root / "llm2clip"}
+
+
+def post_train(capsys, vision_sources, data_dir, source, out, *extra):
+    return run_cli(capsys, "train", "--stage", "clip", "--text-model", vision_sources["llm"], "--vision-model",
+                   vision_sources[source], "--dataset", data_dir / "captions.csv", "--caption-columns",
+                   *CAPTION_COLUMNS, "--output-dir", out, "--max-steps", "1", "--learning-rate", "0", *extra, *QUICK)
+
+
+def test_auto_centers_the_new_adapter_of_a_pretrained_vision_model(capsys, data_dir, vision_sources, tmp_path):
+    """With --vision-model, auto only warned: a new adapter for a dominated teacher was left uncentered."""
+    code, out, err = post_train(capsys, vision_sources, data_dir, "clip", tmp_path / "out")
+    assert code == 0, err
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["adapter_input_normalization"] == "center"
+    assert config["adapter_input_statistics_rows"] == 64  # fitted on the cache: 32 rows x 2 captions
+    model = LLM2CLIPModel.from_pretrained(tmp_path / "out")
+    cached = load_from_disk(str(tmp_path / "out" / "_embedding_cache"))
+    from llm2clip_hf.data import embedding_statistics
+
+    mean, _, _ = embedding_statistics(cached, CAPTION_COLUMNS)
+    torch.testing.assert_close(model.text_adapter.input_mean, torch.from_numpy(mean))
+
+
+def test_auto_leaves_an_adapter_that_comes_with_the_vision_model_as_it_is(capsys, data_dir, vision_sources, tmp_path):
+    code, out, err = post_train(capsys, vision_sources, data_dir, "llm2clip", tmp_path / "out")
+    assert code == 0, err
+    from safetensors.torch import load_file
+
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["adapter_input_normalization"] is None
+    saved, source = (load_file(folder / "model.safetensors") for folder in (tmp_path / "out",
+                                                                            vision_sources["llm2clip"]))
+    adapter = [name for name in source if name.startswith("text_adapter.")]
+    assert adapter and not any(name.startswith("text_adapter.input_") for name in saved)
+    assert all(torch.equal(saved[name], source[name]) for name in adapter)  # learning rate 0: the same adapter
+    # an explicit normalisation that adapter was not trained with is refused, naming the fix
+    code, _, err = post_train(capsys, vision_sources, data_dir, "llm2clip", tmp_path / "centered",
+                              "--adapter-input-normalization", "center")
+    assert code == 1 and "comes with the model" in err and "Drop the flag" in err

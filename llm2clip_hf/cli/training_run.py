@@ -27,7 +27,7 @@ from ..data import text_pair_source
 from ..trainers import LLM2CLIPTrainer, LLM2CLIPTrainingArguments
 from ..trainers.deepspeed_settings import models_built_whole
 from ..trainers.training_args import CAPTION_STAGE, MNTP_STAGE, TEXT_STAGES
-from ..conversion.pretrained_vision import llm2clip_from_pretrained_vision
+from ..conversion.pretrained_vision import build_from_pretrained_vision
 from ..evaluation.teacher_quality import TeacherStatistics
 
 logger = hf_logging.get_logger(__name__)
@@ -74,11 +74,12 @@ def load_stream_cache(data: Any) -> Dataset:
 
 def new_adapter_input_normalization(clip: Any, cached: Any, args: LLM2CLIPTrainingArguments
                                     ) -> tuple[str | None, TeacherStatistics | None]:
-    """The input normalisation of the run's adapter, and the teacher statistics when they were measured (the trainer
-    reuses them): ``--adapter-input-normalization`` as given, ``None`` for ``none``; ``auto`` runs the teacher check on the cached training embeddings (map-style data or the stream's
-    cache; refusing a degenerate teacher unless ``--allow-degenerate-teacher``) and centers a new model's adapter
-    when they are dominated by one common component. A saved (``--model``) or pretrained (``--vision-model``, whose
-    adapter may be kept) image side is never changed by ``auto``; the trainer warns there instead."""
+    """The input normalisation a new adapter of this run gets, and the teacher statistics when they were measured
+    (the trainer reuses them): ``--adapter-input-normalization`` as given, ``None`` for ``none``; ``auto`` runs the
+    teacher check on the cached training embeddings (map-style data or the stream's cache; refusing a degenerate
+    teacher unless ``--allow-degenerate-teacher``), whatever the image side, and gives ``center`` when they are
+    dominated by one common component. :func:`apply_adapter_input_normalization` applies it once the model is built
+    and it is known whether its adapter is new."""
     from ..evaluation.teacher_quality import SKIPPED, auto_adapter_input_normalization, check_cached_teacher
 
     choice = clip.adapter_input_normalization
@@ -86,19 +87,45 @@ def new_adapter_input_normalization(clip: Any, cached: Any, args: LLM2CLIPTraini
         raise ValueError(f"--adapter-input-normalization must be auto, none, center or standardize, got {choice!r}.")
     if choice != "auto":
         return (None if choice == "none" else choice), None
-    if cached is None or clip.model is not None or clip.vision_model is not None:
+    if cached is None:
         return None, None
     statistics = check_cached_teacher(cached, args.caption_columns, args.allow_degenerate_teacher,
                                       "--allow-degenerate-teacher true", args.seed)
     if statistics.verdict == SKIPPED:
         logger.warning(f"Teacher check {statistics.describe()}: --adapter-input-normalization auto keeps the official "
                        "adapter (give center to center a new adapter's input).")
-    if auto_adapter_input_normalization(statistics) is None:
-        return None, statistics
-    logger.warning(f"Teacher check: the cached caption embeddings are dominated by one common component "
-                   f"({statistics.describe()}); the new adapter centers its input (--adapter-input-normalization "
-                   "auto; give none to keep the official adapter).")
-    return "center", statistics
+    return auto_adapter_input_normalization(statistics), statistics
+
+
+def apply_adapter_input_normalization(model: LLM2CLIPModel, adapter_is_new: bool, normalization: str | None,
+                                      clip: Any, statistics: TeacherStatistics | None) -> None:
+    """Give a new adapter the input normalisation :func:`new_adapter_input_normalization` chose (in place). An adapter
+    that comes with the loaded model (``--model``, or a ``--vision-model`` with an adapter for this LLM's width)
+    learnt its weights on its own inputs and is left as it is: ``auto`` keeps it, and an explicit
+    ``--adapter-input-normalization`` it does not have is refused."""
+    from ..conversion.text_attachment import set_adapter_input_normalization
+
+    choice, current = clip.adapter_input_normalization, model.config.adapter_input_normalization
+    if not adapter_is_new:
+        if choice != "auto" and normalization != current:
+            source = clip.model if clip.model is not None else clip.vision_model
+            raise ValueError(
+                f"--adapter-input-normalization {choice} sets the input normalisation of a new text adapter, but the "
+                f"adapter of {source} comes with the model, trained with input normalisation {current or 'none'}; "
+                "changing it would feed the trained weights inputs they never saw. Drop the flag (or give auto) to "
+                "keep the adapter as it is, or train a new adapter from a source without one for this LLM.")
+        if normalization is not None:
+            logger.info(f"--adapter-input-normalization auto would center a new adapter's input; the adapter of "
+                        f"{clip.model or clip.vision_model} comes with the model and is kept as it is (input "
+                        f"normalisation {current or 'none'}).")
+        return
+    if normalization == current:
+        return
+    if choice == "auto":
+        logger.warning(f"Teacher check: the cached caption embeddings are dominated by one common component "
+                       f"({statistics.describe()}); the new adapter centers its input (--adapter-input-normalization "
+                       "auto; give none to keep the official adapter).")
+    set_adapter_input_normalization(model, normalization)
 
 
 def check_pair_options(data: Any, args: LLM2CLIPTrainingArguments) -> None:
@@ -201,23 +228,24 @@ def train_from_cli(text: Any, data: Any, clip: Any, args: LLM2CLIPTrainingArgume
                         batch_size=args.per_device_eval_batch_size)
             normalization, teacher_statistics = new_adapter_input_normalization(
                 clip, cache if cached and data.streaming else train if cached else None, args)
-            adapter_settings = {"adapter_input_normalization": normalization} if normalization else {}
             args.seed_random_generators()  # a new tower and adapter start from the seed
             if clip.model is not None:
-                model = load_clip_model(clip.model)
+                model, adapter_is_new = load_clip_model(clip.model), False
             elif clip.vision_model is not None:
                 # A pretrained image side (CLIP, SigLIP, EVA-CLIP, or an LLM2CLIP model): kept exactly; the adapter is
                 # new unless the source has one for this LLM's width.
-                model = llm2clip_from_pretrained_vision(clip.vision_model, text_model, embed_text_model=embed,
-                                                        projection_dim=clip.projection_dim, **adapter_settings)
+                model, built = build_from_pretrained_vision(clip.vision_model, text_model, embed_text_model=embed,
+                                                            projection_dim=clip.projection_dim)
+                adapter_is_new = built["adapter"] == "new"
             else:
                 # A new tower; with --loss-type siglip it gets SigLIP's learnable bias and temperature at SigLIP's init.
                 siglip = dict(logit_bias_init_value=-10.0, logit_scale_init_value=math.log(10.0)) \
                     if args.loss_type == "siglip" else {}
                 model = LLM2CLIPModel.from_text_model(
                     text_model, clip.vision_config(), embed_text_model=embed,
-                    projection_dim=1280 if clip.projection_dim is None else clip.projection_dim, **siglip,
-                    **adapter_settings)
+                    projection_dim=1280 if clip.projection_dim is None else clip.projection_dim, **siglip)
+                adapter_is_new = True
+            apply_adapter_input_normalization(model, adapter_is_new, normalization, clip, teacher_statistics)
             if cached and text_model is not None:
                 # The trainer checks the cache against this fingerprint (that of a cache just made is the LLM's); the
                 # LLM itself is not kept for training.

@@ -1,6 +1,7 @@
 """One LLM2CLIP model from parts made apart: a text encoder embedded into a model that reads LLM embeddings only
-(:func:`attach_text_model`; the official checkpoints publish the two parts separately), or a new text adapter for an
-LLM of another width (:func:`replace_text_adapter`)."""
+(:func:`attach_text_model`; the official checkpoints publish the two parts separately), a new text adapter for an
+LLM of another width (:func:`replace_text_adapter`), or a new adapter's input normalisation
+(:func:`set_adapter_input_normalization`)."""
 
 from __future__ import annotations
 
@@ -65,23 +66,44 @@ def attach_text_model(model: LLM2CLIPModel, text_model: LLM2CLIPTextModel) -> LL
     return model
 
 
+def _configured_adapter(config, text_embedding_dim: int, input_normalization: str | None) -> TextAdapter:
+    """A text adapter as ``config`` describes one, for ``text_embedding_dim``-d embeddings and this input
+    normalisation."""
+    return TextAdapter(text_embedding_dim, config.projection_dim, config.adapter_num_blocks, config.adapter_expansion,
+                       l2_normalize=config.adapter_l2_normalize, input_normalization=input_normalization)
+
+
+def _install_adapter(model: LLM2CLIPModel, adapter: TextAdapter) -> None:
+    parameter = next(model.text_adapter.parameters())
+    model.text_adapter = adapter.to(device=parameter.device, dtype=parameter.dtype)
+    model.config.adapter_input_statistics_rows = 0
+
+
 def replace_text_adapter(model: LLM2CLIPModel, text_embedding_dim: int) -> LLM2CLIPModel:
     """Give ``model`` a new, randomly initialised text adapter for ``text_embedding_dim``-d LLM embeddings (in
     place). The recorded text-model fingerprint is cleared, and an embedded text encoder of another width dropped."""
     config = model.config
-    old = model.text_adapter
-    parameter = next(old.parameters())
-    new = TextAdapter(text_embedding_dim, config.projection_dim, config.adapter_num_blocks, config.adapter_expansion,
-                      l2_normalize=config.adapter_l2_normalize, input_normalization=config.adapter_input_normalization)
+    new = _configured_adapter(config, text_embedding_dim, config.adapter_input_normalization)
     new.apply(model._init_weights)
-    model.text_adapter = new.to(device=parameter.device, dtype=parameter.dtype)
+    _install_adapter(model, new)
     config.text_embedding_dim = text_embedding_dim
     config.text_model_fingerprint = None
-    config.adapter_input_statistics_rows = 0
     if model.text_model is not None and model.text_model.config.hidden_size != text_embedding_dim:
         model.text_model = None
         config.text_config = None
     return model
 
 
-__all__ = ["adapter_width_error", "attach_text_model", "replace_text_adapter"]
+def set_adapter_input_normalization(model: LLM2CLIPModel, input_normalization: str | None) -> LLM2CLIPModel:
+    """Give the text adapter of ``model`` this input normalisation (``None``, ``"center"`` or ``"standardize"``), in
+    place: its weights are kept, its statistics start unfitted (the trainer fits them on the training cache). Meant
+    for a new adapter: a trained one learnt its weights on inputs normalised its own way."""
+    config = model.config
+    new = _configured_adapter(config, config.text_embedding_dim, input_normalization)
+    new.layers.load_state_dict(model.text_adapter.layers.state_dict())
+    _install_adapter(model, new)
+    config.adapter_input_normalization = input_normalization
+    return model
+
+
+__all__ = ["adapter_width_error", "attach_text_model", "replace_text_adapter", "set_adapter_input_normalization"]
