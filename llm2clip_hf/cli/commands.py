@@ -233,6 +233,21 @@ COMMANDS: dict[str, Command] = {
 }
 
 
+def build_parser(command: Command, prog: str) -> HfArgumentParser:
+    """The parser of one command, as ``parse_command_arguments`` uses it and ``--help`` prints it (the documentation's
+    CLI reference is generated from it). Its usage line shows the positional form when the command has one."""
+    classes = [a if isinstance(a, type) and hasattr(a, "__dataclass_fields__") else a() for a in command.arguments]
+    description = (f"{command.help} Arguments may also come from --config FILE (YAML or JSON); flags override it. "
+                   f"{DEBUG_FLAG} shows the traceback of every error.")
+    usage = None
+    if command.positionals:
+        words = " ".join(name.upper() for name in command.positionals)
+        flags = " ".join(f"--{name} {name.upper()}" for name in command.positionals)
+        usage = f"{prog} {words} [options]\n       {prog} {flags} [options]"
+        description += f" The positional form `{prog} {words}` is the same as `{prog} {flags}`."
+    return HfArgumentParser(classes, prog=prog, usage=usage, description=description)
+
+
 def parse_command_arguments(command: Command, argv: Sequence[str], prog: str) -> tuple[Any, ...]:
     """Parse ``argv`` into the command's dataclasses; leading bare words fill its positional fields in order."""
     argv = list(argv)
@@ -242,11 +257,7 @@ def parse_command_arguments(command: Command, argv: Sequence[str], prog: str) ->
             named += [f"--{name}", argv.pop(0)]
     config_path = _pop_option(argv, "--config")
     from_file = _as_flags(_read_config_file(config_path)) if config_path is not None else []
-    classes = [a if isinstance(a, type) and hasattr(a, "__dataclass_fields__") else a() for a in command.arguments]
-    parser = HfArgumentParser(
-        classes, prog=prog,
-        description=f"{command.help} Arguments may also come from --config FILE (YAML or JSON); flags override it.",
-    )
+    parser = build_parser(command, prog)
     # Later occurrences win in argparse, so the command line overrides the file.
     return parser.parse_args_into_dataclasses(args=from_file + named + argv)
 
@@ -302,6 +313,15 @@ def reported_errors() -> tuple[type[BaseException], ...]:
 DEBUG_FLAG = "--debug"
 
 
+def usage_text() -> str:
+    """What ``llm2clip-hf --help`` prints: the commands and the options every command takes."""
+    lines = [f"  {name:13s} {command.help}" for name, command in COMMANDS.items()]
+    return ("usage: llm2clip-hf COMMAND [ARGS] [--debug]\n\ncommands:\n" + "\n".join(lines) + "\n\noptions:\n"
+            f"  {DEBUG_FLAG:13s} Show the traceback of every error (without it, errors in the inputs print one "
+            "line).\n  --config FILE Read the command's arguments from a YAML or JSON file; flags override it.\n\n"
+            "llm2clip-hf COMMAND --help describes each command's arguments.")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``llm2clip-hf`` console script. ``--debug``, anywhere in ``argv``, shows the traceback of
     user errors too."""
@@ -309,10 +329,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     debug = DEBUG_FLAG in argv
     argv = [token for token in argv if token != DEBUG_FLAG]
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        lines = [f"  {name:10s} {command.help}" for name, command in COMMANDS.items()]
-        print("usage: llm2clip-hf COMMAND [ARGS] [--debug]\n\ncommands:\n" + "\n".join(lines) + "\n\noptions:\n"
-              f"  {DEBUG_FLAG:10s} Show the traceback of every error (without it, errors in the inputs print one "
-              "line).")
+        print(usage_text())
         return 0 if not argv or argv[0] in ("-h", "--help") else 2
     command = COMMANDS[argv[0]]
     try:
