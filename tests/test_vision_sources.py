@@ -328,6 +328,28 @@ def test_eva_clip_pt_with_an_adapter_of_another_width_gets_a_new_one(llm, tmp_pa
     assert model.logit_scale.item() == reference.logit_scale.item()
 
 
+def test_a_published_eva02_repo_folder_assembles_from_its_pt(llm, tmp_path):
+    """The published LLM2CLIP-EVA02 repos hold the eva_clip .pt beside a Hugging Face export whose config.json names
+    an ``evaclip`` model: assemble (and --vision-model) convert the .pt, as ``convert`` does, instead of refusing the
+    unknown model type (issue 37: README's recipe assembles microsoft/LLM2CLIP-EVA02-L-14-336)."""
+    from llm2clip_hf.conversion import assemble, convert_checkpoint
+    from reference_impl import official_state_dict
+
+    repo = tmp_path / "LLM2CLIP-EVA02-B-16"
+    repo.mkdir()
+    torch.save(official_state_dict(width=64, depth=2, patch=8, grid=4, mlp=170, proj=24, llm_dim=LLM_WIDTH),
+               repo / "LLM2CLIP-EVA02-B-16.pt")
+    (repo / "config.json").write_text(json.dumps({"architectures": ["EvaCLIPModel"], "model_type": "evaclip"}))
+    summary = assemble(repo, llm, tmp_path / "full")
+    assert (summary["source_kind"], summary["vision_family"], summary["adapter"]) == (
+        "published-llm2clip", "eva02", "checkpoint")
+    reference = convert_checkpoint(repo).eval()
+    assembled = LLM2CLIPModel.from_pretrained(tmp_path / "full").eval()
+    pixels = pixels_for_test()
+    with torch.no_grad():
+        assert torch.equal(assembled.get_image_features(pixels), reference.get_image_features(pixels))
+
+
 def test_eva_clip_pt_without_adapter_through_the_converter(llm, tmp_path, caplog):
     from llm2clip_hf import conversion as convert
 

@@ -222,8 +222,8 @@ def _source_kind(source: str, config_dict: dict[str, Any]) -> str:
     if model_type == LLM2CLIPConfig.model_type:
         return "llm2clip"
     named = [*(config_dict.get("architectures") or []), *(config_dict.get("auto_map") or {}).values()]
-    if any("llm2clip" in str(name).lower() for name in named):
-        return "published-llm2clip"
+    if any("llm2clip" in str(name).lower() for name in named) or model_type == "evaclip":
+        return "published-llm2clip"  # the published EVA02 repos' config.json names an eva_clip model
     if model_type in _TRANSFORMERS_SOURCES:
         return "transformers"
     if model_type == LLM2CLIPTextConfig.model_type:
