@@ -50,6 +50,7 @@ class ConversionReport:
     notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
+        """The report as a plain dict (JSON-serialisable), as ``llm2clip-hf convert`` prints it."""
         return asdict(self)
 
 

@@ -41,6 +41,8 @@ KNOWN_HEADS = {1152: 16}
 
 
 def default_heads(width: int) -> int:
+    """Attention heads of a tower of this width when nothing names them: the published towers' known counts (1152
+    -> 16 for So400m), else ``width // 64``."""
     return KNOWN_HEADS.get(width, max(1, width // 64))
 
 
@@ -339,6 +341,8 @@ LAYOUTS = (EVA_CLIP_EVA02, EVA_CLIP_OPENAI, EVA_CLIP_TIMM_SIGLIP, HF_EVA02, HF_O
 
 
 def detect_layout(state: Mapping[str, torch.Tensor]) -> VisionLayout:
+    """The first of :data:`LAYOUTS` whose signature keys are all in ``state``; a ``CheckpointConversionError``
+    listing some of the keys when none is."""
     for layout in LAYOUTS:
         if all(key in state for key in layout.signature):
             return layout

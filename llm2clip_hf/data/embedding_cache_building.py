@@ -90,11 +90,12 @@ def precompute_text_embeddings(
 
 
 def build_embedding_cache(dataset: Dataset, text_model: LLM2CLIPTextModel, caption_columns: Sequence[str],
-                          output_dir: Path, batch_size: int = 32, show_progress_bar: bool | None = None,
+                          output_dir: str | os.PathLike, batch_size: int = 32, show_progress_bar: bool | None = None,
                           storage_dtype: str = "float32", rows_per_shard: int = DEFAULT_ROWS_PER_SHARD,
                           key_column: str | None = None) -> Dataset:
     """The embedding-columns dataset in ``output_dir`` (with ``key_column`` copied from ``dataset`` when given):
     reused when finished, else completed (see the module)."""
+    output_dir = Path(output_dir)
     require_columns(dataset, [*caption_columns, *([key_column] if key_column else [])], "Embedding captions")
     if storage_dtype not in STORAGE_DTYPES:
         raise ValueError(f"storage_dtype must be one of {list(STORAGE_DTYPES)}, got {storage_dtype!r}.")

@@ -29,6 +29,7 @@ class EpochTaggedSampler(Sampler):
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
+        """The epoch of the next pass (the Trainer calls it before each); it seeds the order and tags the rows."""
         self.epoch = int(epoch)
 
     def __len__(self) -> int:

@@ -47,6 +47,7 @@ class SourceBatchSampler(Sampler[list[tuple[int, int]]]):
         self.offsets = np.cumsum([0] + self.sizes[:-1]).tolist()
 
     def set_epoch(self, epoch: int) -> None:
+        """The epoch of the next pass (the Trainer calls it before each): it seeds the batches and their sources."""
         self.epoch = int(epoch)
 
     def __len__(self) -> int:
