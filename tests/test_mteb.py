@@ -340,13 +340,14 @@ def test_cli_evaluate_mteb_names_missing_data_and_unknown_tasks(capsys, trained_
     assert code == 1 and "needs --model (an LLM2CLIP model) or --text-model" in err
 
 
-def test_readme_mteb_example_runs(trained_dir, tmp_path, monkeypatch, capsys):
-    """The README's MTEB Python block, run as written in a folder holding a trained model and held-out data."""
-    readme = (Path(__file__).parents[1] / "README.md").read_text()
-    section = readme[readme.index("#### MTEB (MIEB)"):]
+def test_documented_mteb_example_runs(trained_dir, tmp_path, monkeypatch, capsys):
+    """The MTEB Python block of docs/evaluation.md, run as written in a folder holding a trained model
+    (``my-llm2clip``) and held-out data (``my_test``). (tests/test_docs.py runs it too, on the docs' stand-ins.)"""
+    page = (Path(__file__).parents[1] / "docs" / "evaluation.md").read_text()
+    section = page[page.index("## MTEB (MIEB)"):]
     block = re.search(r"```python\n(.*?)```", section, re.S).group(1)
-    (tmp_path / "clip-model").symlink_to(trained_dir, target_is_directory=True)
-    Dataset.from_list(held_out_rows()).save_to_disk(str(tmp_path / "held-out"))
+    (tmp_path / "my-llm2clip").symlink_to(trained_dir, target_is_directory=True)
+    Dataset.from_list(held_out_rows()).save_to_disk(str(tmp_path / "my_test"))
     monkeypatch.chdir(tmp_path)
     exec(compile(block, "README.md", "exec"), {})
     scores = ast.literal_eval(capsys.readouterr().out.strip().splitlines()[-1])
