@@ -264,6 +264,14 @@ def convert_checkpoint(source: str | os.PathLike, *, vision_num_heads: int | Non
     ``config_overrides`` go to the vision or the model config (``image_size=`` resizes the position embedding
     bicubically). Every key must map, or be a known text-tower / LLM key (dropped, logged): otherwise the error
     lists the missing, unexpected and shape-mismatched keys.
+
+    Example:
+        ```python
+        from llm2clip_hf.conversion import convert_checkpoint
+
+        model = convert_checkpoint("microsoft/LLM2CLIP-EVA02-L-14-336")  # its eva_clip .pt; sizes from the shapes
+        model.save_pretrained("llm2clip-eva02-image-side")
+        ```
     """
     model, _ = convert_checkpoint_with_report(source, vision_num_heads=vision_num_heads,
                                               text_embedding_dim=text_embedding_dim, revision=revision, token=token,

@@ -57,6 +57,16 @@ def load_text_model(
     ``sentence-transformers/all-MiniLM-L6-v2`` is the offline asset's folder when installed. The pooling,
     template and length options apply when wrapping a plain LLM; a saved text encoder keeps its own, and giving a
     different value is an error rather than a silent change of its embeddings.
+
+    Example:
+        ```python
+        from llm2clip_hf import load_text_model
+
+        text_model = load_text_model(
+            "McGill-NLP/LLM2Vec-Meta-Llama-3-8B-Instruct-mntp",
+            peft_model_name_or_path="McGill-NLP/LLM2Vec-Meta-Llama-3-8B-Instruct-mntp-supervised")
+        saved = load_text_model("my-text-encoder")  # a saved encoder keeps its own settings
+        ```
     """
     if name_or_path in (None, DEFAULT_TEXT_MODEL):
         try:
@@ -106,7 +116,15 @@ def load_text_model(
 
 
 def load_clip_model(name_or_path: str, **from_pretrained_kwargs: Any) -> LLM2CLIPModel:
-    """A saved :class:`LLM2CLIPModel` (a folder or Hub id written by ``save_pretrained`` or ``llm2clip-hf convert``)."""
+    """A saved :class:`LLM2CLIPModel` (a folder or Hub id written by ``save_pretrained`` or ``llm2clip-hf convert``).
+
+    Example:
+        ```python
+        from llm2clip_hf.conversion import load_clip_model
+
+        model = load_clip_model("my-llm2clip", dtype="bfloat16")
+        ```
+    """
     try:
         config = AutoConfig.from_pretrained(name_or_path)
     except (OSError, ValueError) as error:

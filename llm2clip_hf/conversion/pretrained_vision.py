@@ -102,6 +102,15 @@ def llm2clip_from_pretrained_vision(
     transformers sources and to the converter for checkpoint files. The image processor saved with the result
     follows the tower family; a transformers source's own ``preprocessor_config.json`` is compared with it and a
     difference is logged as a warning (never applied silently).
+
+    Example:
+        ```python
+        from llm2clip_hf import LLM2CLIPTextModel, llm2clip_from_pretrained_vision
+
+        text_model = LLM2CLIPTextModel.from_pretrained("my-text-encoder")
+        model = llm2clip_from_pretrained_vision("openai/clip-vit-base-patch16", text_model, embed_text_model=False)
+        print(model.config.text_embedding_dim == text_model.config.hidden_size)  # a new adapter for this LLM
+        ```
     """
     return build_from_pretrained_vision(
         source, text_model, text_embedding_dim=text_embedding_dim, embed_text_model=embed_text_model,
@@ -181,7 +190,17 @@ def assemble(source: str | os.PathLike, text_model: LLM2CLIPTextModel, output_di
     ``output_dir`` (remote code, processor: ready for ``pipeline("zero-shot-image-classification")``).
 
     The source's adapter is kept: a width that differs from the LLM's is an error naming both. A source without an
-    adapter (a plain CLIP / SigLIP) gets a new, untrained one, with a warning. Returns a summary."""
+    adapter (a plain CLIP / SigLIP) gets a new, untrained one, with a warning. Returns a summary.
+
+    Example:
+        ```python
+        from llm2clip_hf import load_text_model
+        from llm2clip_hf.conversion import assemble
+
+        text_model = load_text_model("microsoft/LLM2CLIP-Llama-3-8B-Instruct-CC-Finetuned")
+        print(assemble("microsoft/LLM2CLIP-Openai-L-14-336", text_model, "llm2clip-openai-l14-336"))
+        ```
+    """
     model, info = build_from_pretrained_vision(source, text_model, adapter="keep", **kwargs)
     if info["adapter"] == "new":
         logger.warning("%s has no text adapter: the assembled model's adapter is new and untrained, so its text "

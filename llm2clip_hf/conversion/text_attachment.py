@@ -33,6 +33,16 @@ def attach_text_model(model: LLM2CLIPModel, text_model: LLM2CLIPTextModel) -> LL
     The adapter's input width must equal the LLM's hidden size (``ValueError`` naming both otherwise). When the
     model records the fingerprint of the text model its adapter was trained with and ``text_model`` differs, a
     warning says so (the adapter expects that model's embeddings).
+
+    Example:
+        ```python
+        from llm2clip_hf import LLM2CLIPTextModel, attach_text_model
+        from llm2clip_hf.conversion import convert_checkpoint
+
+        image_side = convert_checkpoint("microsoft/LLM2CLIP-Openai-L-14-336")
+        text_model = LLM2CLIPTextModel.from_llm("microsoft/LLM2CLIP-Llama-3-8B-Instruct-CC-Finetuned")
+        attach_text_model(image_side, text_model).save_pretrained("llm2clip-openai-l14-336")
+        ```
     """
     if not isinstance(model, LLM2CLIPModel):
         raise TypeError(f"attach_text_model takes an LLM2CLIPModel, got {type(model).__name__}.")

@@ -25,7 +25,17 @@ from .model_loading import load_clip_model
 def export_vision_tower(model: LLM2CLIPModel | str | os.PathLike, output_dir: str | os.PathLike) -> dict[str, Any]:
     """Save ``model``'s vision tower (an :class:`LLM2CLIPModel` or a folder / Hub id of one) with the image
     processor it was trained with to ``output_dir``; return a summary (family, class, whether it needs remote code,
-    number of hidden-state layers, image size)."""
+    number of hidden-state layers, image size).
+
+    Example:
+        ```python
+        from transformers import AutoConfig
+        from llm2clip_hf.conversion import export_vision_tower
+
+        export_vision_tower("my-llm2clip", "tower")
+        vision_config = AutoConfig.from_pretrained("tower")  # for LlavaConfig(vision_config=..., text_config=...)
+        ```
+    """
     if not isinstance(model, LLM2CLIPModel):
         model = load_clip_model(str(model))
     tower, config = model.vision_model, model.config.vision_config

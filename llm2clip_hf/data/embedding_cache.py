@@ -192,7 +192,19 @@ def join_embeddings(dataset: Dataset, cache: Dataset) -> Dataset:
     copied); the cache's metadata travels with the result for the checks of stage 2.
 
     The rows are verified with :func:`check_cache_rows`: a cache is joined only to the rows it was made from, in
-    the same order (a cache without row hashes: the same captions, by data fingerprint)."""
+    the same order (a cache without row hashes: the same captions, by data fingerprint).
+
+    Example:
+        ```python
+        from llm2clip_hf import LLM2CLIPTextModel
+        from llm2clip_hf.data import build_embedding_cache, join_embeddings, load_dataset_from_spec
+
+        images = load_dataset_from_spec("my_images/")
+        cache = build_embedding_cache(images, LLM2CLIPTextModel.from_pretrained("my-text-encoder"), ["short_caption"],
+                                      "short-caption-cache")
+        rows = join_embeddings(images, cache)  # the image rows with their short_caption_llm_embedding
+        ```
+    """
     metadata = read_cache_metadata(cache)
     if metadata is None:
         raise ValueError("The cache dataset carries no LLM2CLIP embedding metadata; make it with "

@@ -80,6 +80,17 @@ def precompute_text_embeddings(
     trainer and :func:`~llm2clip_hf.data.embeddings_as_float32` decode them). Each process holds
     ``rows_per_shard`` rows at a time. ``key_column`` copies that column of ``dataset`` into the cache, so a stream
     of the same rows can join the embeddings by key (:func:`~llm2clip_hf.data.join_stream_embeddings`).
+
+    Example:
+        ```python
+        from llm2clip_hf import LLM2CLIPTextModel
+        from llm2clip_hf.data import load_dataset_from_spec, precompute_text_embeddings
+
+        images = load_dataset_from_spec("my_images/")
+        text_model = LLM2CLIPTextModel.from_pretrained("my-text-encoder")
+        cached = precompute_text_embeddings(images, text_model, ["short_caption", "long_caption"], output_dir="cache")
+        print(cached.column_names)  # ..., short_caption_llm_embedding, long_caption_llm_embedding
+        ```
     """
     require_columns(dataset, caption_columns, "Embedding captions")
     if output_dir is None:  # removed when the process exits; pass output_dir to keep it or share it between processes

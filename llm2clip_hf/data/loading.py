@@ -28,6 +28,14 @@ def load_dataset_from_spec(spec: str, split: str = "train", image_column: str | 
     dataset name. String values of ``image_column`` in data files are paths relative to the file and are decoded as
     images. ``streaming=True`` returns a ``datasets.IterableDataset`` read shard by shard (not for ``save_to_disk``
     folders).
+
+    Example:
+        ```python
+        from llm2clip_hf.data import load_dataset_from_spec
+
+        images = load_dataset_from_spec("my_images/")  # imagefolder: image, short_caption, long_caption, label
+        pairs = load_dataset_from_spec("pairs.jsonl")
+        ```
     """
     path = Path(spec).expanduser()
     if path.is_dir():

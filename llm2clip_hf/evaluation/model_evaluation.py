@@ -123,6 +123,18 @@ def evaluate_retrieval(
     each, as in cross-lingual retrieval XM3600-style, or short vs long captions): the metrics of column ``c`` as
     ``"<c>/<metric>"`` and their mean over the columns as ``"mean/<metric>"``, beside the metrics of all columns'
     captions together; the images are embedded once.
+
+    Example:
+        ```python
+        from llm2clip_hf import LLM2CLIPModel
+        from llm2clip_hf.data import load_dataset_from_spec
+        from llm2clip_hf.evaluation import evaluate_retrieval
+
+        model = LLM2CLIPModel.from_pretrained("my-llm2clip")
+        test = load_dataset_from_spec("my_test/")
+        metrics = evaluate_retrieval(model, test, "image", ["short_caption", "long_caption"])
+        print(metrics["image_to_text_R@5"], metrics["text_to_image_R@5"])
+        ```
     """
     require_columns(dataset, [image_column, *caption_columns], "Retrieval evaluation")
     image_features = embed_images(model, dataset[image_column], batch_size, show_progress_bar)
@@ -195,6 +207,16 @@ def evaluate_zero_shot(
     ``label_column`` holds class indices (a ``ClassLabel``, whose names are used by default: the folder names of an
     imagefolder of class subfolders) or class-name strings. ``class_names`` replaces a ``ClassLabel``'s names one for
     one, in its order (e.g. readable names for ImageNet's WordNet-id folders).
+
+    Example:
+        ```python
+        from llm2clip_hf import LLM2CLIPModel
+        from llm2clip_hf.data import load_dataset_from_spec
+        from llm2clip_hf.evaluation import evaluate_zero_shot
+
+        model = LLM2CLIPModel.from_pretrained("my-llm2clip")
+        print(evaluate_zero_shot(model, load_dataset_from_spec("my_test/"), "image", "label")["zeroshot_top1"])
+        ```
     """
     require_columns(dataset, [image_column, label_column], "Zero-shot evaluation")
     class_names, labels = zero_shot_labels(dataset, label_column, class_names)
@@ -243,6 +265,17 @@ def evaluate_caption_retrieval(
     """Caption retrieval accuracy (CRA) between two caption columns of the same rows, both directions, in percent.
 
     ``query_instruction`` (excluded from pooling) is put on the query side of each direction, as stage 1 trains.
+
+    Example:
+        ```python
+        from llm2clip_hf import LLM2CLIPTextModel
+        from llm2clip_hf.data import load_dataset_from_spec
+        from llm2clip_hf.evaluation import evaluate_caption_retrieval
+
+        text_model = LLM2CLIPTextModel.from_pretrained("my-text-encoder")
+        pairs = load_dataset_from_spec("pairs.jsonl")
+        print(evaluate_caption_retrieval(text_model, pairs, ["short_caption", "long_caption"]))
+        ```
     """
     if len(caption_columns) != 2:
         raise ValueError(f"Caption retrieval needs exactly two caption columns, got {list(caption_columns)}.")

@@ -185,6 +185,14 @@ def mteb_encoder(
         batch_size: texts / images per forward pass; default: MTEB's ``encode_kwargs["batch_size"]`` (32).
         show_progress_bar: default: MTEB's ``encode_kwargs["show_progress_bar"]``, else when there are 2+ batches.
         load_kwargs: more ``from_pretrained`` arguments (``attn_implementation``, ``revision`` of a Hub id, ...).
+
+    Example:
+        ```python
+        from llm2clip_hf.evaluation import mteb_encoder
+
+        encoder = mteb_encoder("my-llm2clip")  # then mteb.evaluate(encoder, tasks)
+        print(encoder.mteb_model_meta.modalities)
+        ```
     """
     encoder_cls = encoder_class()
     if isinstance(dtype, str):

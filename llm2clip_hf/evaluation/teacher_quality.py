@@ -274,7 +274,19 @@ def evaluate_teacher(text_model, dataset, caption_columns: Sequence[str], max_ro
     ``caption_columns`` of up to ``max_rows`` random rows of ``dataset`` with ``text_model`` (an
     :class:`~llm2clip_hf.LLM2CLIPTextModel`; its dtype sets the precision) and reports :class:`TeacherStatistics`
     and, with two caption columns (two captions of each image), caption retrieval accuracy between them raw and on
-    centered embeddings."""
+    centered embeddings.
+
+    Example:
+        ```python
+        from llm2clip_hf import LLM2CLIPTextModel
+        from llm2clip_hf.data import load_dataset_from_spec
+        from llm2clip_hf.evaluation import evaluate_teacher
+
+        text_model = LLM2CLIPTextModel.from_pretrained("my-text-encoder")
+        report = evaluate_teacher(text_model, load_dataset_from_spec("pairs.jsonl"), ["short_caption", "long_caption"])
+        print(report["verdict"], report["cra"])
+        ```
+    """
     if len(dataset) > max_rows:
         dataset = dataset.shuffle(seed=seed).select(range(max_rows))
     columns = []

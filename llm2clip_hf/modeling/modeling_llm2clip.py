@@ -120,6 +120,17 @@ class LLM2CLIPModel(LLM2CLIPPreTrainedModel):
     Texts enter either as LLM sentence embeddings (``get_text_features(llm_embeddings)``, as the official model
     card calls it, and as stage 2 trains on cached embeddings) or, when ``config.text_config`` embeds a text
     encoder, as tokens (``input_ids`` / ``attention_mask`` / ``pooling_mask``).
+
+    Example:
+        ```python
+        import torch
+        from llm2clip_hf import LLM2CLIPModel, LLM2CLIPProcessor
+
+        model = LLM2CLIPModel.from_pretrained("my-llm2clip")  # a saved model with its text encoder embedded
+        processor = LLM2CLIPProcessor.from_pretrained("my-llm2clip")
+        with torch.no_grad():
+            text_features = model.get_text_features(**processor(text=["a red square", "a blue circle"]))
+        ```
     """
 
     def __init__(self, config: LLM2CLIPConfig) -> None:

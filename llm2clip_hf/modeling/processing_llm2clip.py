@@ -62,6 +62,16 @@ class LLM2CLIPProcessor(ProcessorMixin):
     CLIPProcessor's text keywords are accepted: ``padding`` (``True`` / ``"longest"``, the default, or
     ``"max_length"``), ``truncation`` (inputs are always cut at ``max_length``) and ``max_length`` (this call's
     limit); other keywords go to the image processor.
+
+    Example:
+        ```python
+        from PIL import Image
+        from llm2clip_hf import LLM2CLIPProcessor
+
+        processor = LLM2CLIPProcessor.from_pretrained("my-llm2clip")
+        inputs = processor(text=["a red square"], images=[Image.open("cat.png")])
+        print(sorted(inputs))  # attention_mask, input_ids, pixel_values, pooling_mask
+        ```
     """
 
     def __init__(

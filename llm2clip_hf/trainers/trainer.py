@@ -71,6 +71,21 @@ class LLM2CLIPTrainer(Trainer):
     (:meth:`LLM2CLIPTrainingArguments.resolved`). ``trainer.save_model()`` and ``push_to_hub()`` write a loadable
     model (LoRA merged) with remote code and a model card; checkpoints keep the LoRA adapter and optimizer state for
     ``resume_from_checkpoint``.
+
+    Example:
+        ```python
+        from datasets import load_dataset
+        from llm2clip_hf import LLM2CLIPTextModel
+        from llm2clip_hf.trainers import LLM2CLIPTrainer, LLM2CLIPTrainingArguments
+
+        pairs = load_dataset("json", data_files="pairs.jsonl", split="train")  # short_caption, long_caption
+        text_model = LLM2CLIPTextModel.from_pretrained("my-text-encoder")
+        args = LLM2CLIPTrainingArguments("stage1", stage="caption", caption_columns=["short_caption", "long_caption"],
+                                         max_steps=2, per_device_train_batch_size=8)
+        trainer = LLM2CLIPTrainer(model=text_model, args=args, train_dataset=pairs)
+        trainer.train()
+        trainer.save_model()  # the merged text encoder, with remote code and a model card
+        ```
     """
 
     def __init__(

@@ -52,6 +52,14 @@ class LLM2CLIPTrainingArguments(TrainingArguments):
     trains an :class:`LLM2CLIPModel`'s vision tower, adapter and ``logit_scale``. Learning rate, warmup,
     weight decay, gradient clipping and schedule default to the official values of the chosen stage when left
     unset.
+
+    Example:
+        ```python
+        from llm2clip_hf.trainers import LLM2CLIPTrainingArguments
+
+        args = LLM2CLIPTrainingArguments("stage2", stage="clip")  # the official stage-2 settings where left unset
+        print(args.learning_rate, args.weight_decay, args.max_grad_norm, args.layer_decay)
+        ```
     """
 
     stage: Literal["mntp", "caption", "clip"] = field(default=CAPTION_STAGE, metadata={
