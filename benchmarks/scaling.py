@@ -80,7 +80,7 @@ def stage1_trainer(text_model: LLM2CLIPTextModel, batch: int, tokens: int, steps
     args = LLM2CLIPTrainingArguments(
         output_dir=str(bench.scratch_dir()), stage="caption", per_device_train_batch_size=batch, max_steps=steps,
         gradcache_chunk_size=chunk, use_cpu=True, save_strategy="no", disable_tqdm=True, report_to="none",
-        activation_checkpointing=False)  # the README's figures; text_checkpointing.py measures it on
+        activation_checkpointing=False)  # docs/results.md's figures; text_checkpointing.py measures it on
     return LLM2CLIPTrainer(model=text_model, args=args, train_dataset=caption_rows(text_model, batch * steps, tokens))
 
 

@@ -156,7 +156,7 @@ def test_trainer_applies_and_logs_the_small_llm_defaults(text_model, tmp_path, c
 @pytest.mark.slow
 def test_demo_stage1_lifts_held_out_cra_of_smollm2_on_emoji(tmp_path):
     """The demo's stage 1 (the small-LLM defaults: lr 2e-3, warmup a quarter of the run, no instruction; 40 steps of
-    16 pairs): measured 6.0 -> 56.6 (README)."""
+    16 pairs): measured 6.0 -> 56.6 (docs/results.md)."""
     torch.manual_seed(0)
     train, test = emoji_splits(smoke=False)
     model = load_text_model(None, max_length=64)

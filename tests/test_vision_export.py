@@ -1,5 +1,5 @@
 """`llm2clip-hf export-vision`: an LLM2CLIP model's tower as a standalone folder (every hidden-state layer equal to the
-model's tower; CLIP / SigLIP towers as transformers' own classes, loadable without this package), and the README's
+model's tower; CLIP / SigLIP towers as transformers' own classes, loadable without this package), and docs/llava.md's
 Llava recipe on it: LlavaForConditionalGeneration with the exported tower, forward, generate, save and reload."""
 
 from __future__ import annotations
@@ -89,7 +89,7 @@ def test_the_image_processor_is_the_one_the_tower_was_trained_with(exported):
 
 
 def tiny_llava(tower_dir, family):
-    """The README recipe: LlavaConfig around the exported tower's config and any causal LM's."""
+    """The docs/llava.md recipe: LlavaConfig around the exported tower's config and any causal LM's."""
     vision_config = AutoConfig.from_pretrained(tower_dir)
     text_config = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                               num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256)

@@ -45,24 +45,24 @@ class DemoArguments:
     stage1_batch_size: int = field(default=16, metadata={"help": "Caption pairs per stage-1 step."})
     stage1_learning_rate: float | None = field(default=None, metadata={
         "help": "Stage-1 learning rate (LoRA). Default: the trainer's (2e-3 for LLMs under 1B parameters). 4e-3 "
-                "for 20 steps, the previous demo's choice, made a teacher worse than the raw LLM (README)."})
+                "for 20 steps, the previous demo's choice, made a teacher worse than the raw LLM (docs/results.md)."})
     stage1_loss_centering: bool = field(default=False, metadata={
         "help": "Center the stage-1 loss (the trainer's small-LLM default since it prevented the collapse of raw "
                 "SmolLM2 on WordNet pairs). Off here: the demo's published figures were measured with the plain "
-                "loss, and the centered loss has not been re-measured on the demo yet (README)."})
+                "loss, and the centered loss has not been re-measured on the demo yet (docs/results.md)."})
     stage2_steps: int = field(default=300, metadata={"help": "Stage-2 optimizer steps (each teacher, each seed)."})
     stage2_batch_size: int = field(default=64, metadata={"help": "Images per stage-2 step."})
     stage2_learning_rate: float = field(default=5e-4, metadata={"help": "Stage-2 learning rate (tiny EVA02)."})
     adapter_input_normalization: str | None = field(default="center", metadata={
         "help": "The new adapter's input normalisation: center (subtract the training embeddings' mean; measured "
-                "better for both teachers, README), standardize, or none (the official adapter)."})
+                "better for both teachers, docs/results.md), standardize, or none (the official adapter)."})
     stage2_seeds: list[int] = field(default_factory=lambda: [0, 1, 2], metadata={
         "help": "Seeds of the stage-2 runs: each trains one CLIP on the raw LLM's and one on the stage-1 LLM's "
                 "embeddings (same tower init, batches and crops), so the teachers are compared seed by seed."})
     max_length: int = field(default=192, metadata={"help": "Token budget per caption (the dense captions need ~150)."})
     llava_alignment: bool = field(default=False, metadata={
         "help": "Also run LLaVA's feature alignment (projector only, frozen tower and LLM) on every stage-2 tower and "
-                "an untrained one, seed by seed: held-out name perplexity and choice accuracy (README)."})
+                "an untrained one, seed by seed: held-out name perplexity and choice accuracy (docs/llava.md)."})
     llava_steps: int = field(default=150, metadata={"help": "Feature-alignment steps per tower and seed."})
     llava_batch_size: int = field(default=16, metadata={"help": "Images per feature-alignment step."})
     llava_learning_rate: float = field(default=1e-3, metadata={"help": "Projector learning rate (LLaVA-1.5's)."})

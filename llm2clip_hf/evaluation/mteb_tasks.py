@@ -3,8 +3,8 @@ classification task, built from a ``datasets`` split, for ``mteb.evaluate`` (mte
 
 The tasks hold the same rows, captions and class names that ``evaluate --task retrieval`` / ``zero-shot`` read
 (:func:`~llm2clip_hf.data.caption_texts`, :func:`zero_shot_labels`), so MTEB's scores can be set beside the
-package's. How the two count (README, "MTEB"): our image->text R@k counts an image as found when *any* of its
-captions is in the top k, which is MTEB's ``hit_rate_at_k``; MTEB's ``recall_at_k`` is the share of the image's
+package's. How the two count (docs/evaluation.md, "MTEB"): our image->text R@k counts an image as found when *any*
+of its captions is in the top k, which is MTEB's ``hit_rate_at_k``; MTEB's ``recall_at_k`` is the share of the image's
 captions in the top k (equal only with one caption per image). Text->image: one relevant image, so
 ``recall_at_k == hit_rate_at_k == R@k / 100``. Exact score ties: ours count by the expected hit under random
 tie-breaking, MTEB's (pytrec_eval) rank tied documents by their id, so the two differ only on tied scores.

@@ -36,7 +36,7 @@ class CaptionContrastiveLoss(_GatheringLoss):
     ``center``: subtract the mean of every embedding of the global batch (queries, positives and negatives of all
     processes, gathered with gradient) before the cosines. The loss is then blind to a component all embeddings
     share, so mapping every caption to nearly one point no longer lowers it: the collapse a raw LLM falls into at
-    scale 50 (README, "Stage 1 on small LLMs") is not a way down.
+    scale 50 (docs/results.md, "Stage 1 on small LLMs") is not a way down.
     """
 
     def __init__(self, scale: float = 50.0, world_size: int = 1, rank: int = 0, gather: Gather | None = None,

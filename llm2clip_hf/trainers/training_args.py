@@ -31,10 +31,10 @@ STAGE_DEFAULTS = {
 }
 # A default warmup never takes more than this share of the run (the official 300 steps are ~5 % of its one epoch;
 # a 150-step run would otherwise never reach its learning rate). A quarter, not less: 2 warmup steps of a 20-step
-# run at lr 4e-3 collapsed SmolLM2's embeddings to one point (loss ln(batch)), 5 did not (README; at 4e-3 a
+# run at lr 4e-3 collapsed SmolLM2's embeddings to one point (loss ln(batch)), 5 did not (docs/results.md; at 4e-3 a
 # collapse also came with 10 of 40, hence 2e-3 for small LLMs).
 MAX_DEFAULT_WARMUP_SHARE = 0.25
-# The text stages on LLMs under SMALL_LLM_PARAMETERS: measured on SmolLM2-135M (README, "Stage 1 on small LLMs");
+# The text stages on LLMs under SMALL_LLM_PARAMETERS: measured on SmolLM2-135M (docs/results.md, docs/stage1.md);
 # they replace the official values only where those were left unset.
 SMALL_LLM_PARAMETERS = 1_000_000_000
 SMALL_LLM_DEFAULTS = {
@@ -192,7 +192,8 @@ class LLM2CLIPTrainingArguments(TrainingArguments):
         self.defaulted_settings = sorted(name for name in STAGE_DEFAULTS[self.stage] if getattr(self, name) is None)
         if self.stage in TEXT_STAGES and self.activation_checkpointing is None and self.gradient_checkpointing is None:
             # The official stage 1 and llm2vec's MNTP train with it: an LLM's activations are the step's largest
-            # memory (README "Performance"); transformers' deprecated alias gradient_checkpointing counts as set.
+            # memory (docs/results.md, "Benchmarks"); transformers' deprecated alias gradient_checkpointing counts
+            # as set.
             self.activation_checkpointing = True
             self.defaulted_settings.append("activation_checkpointing")
         for name, value in STAGE_DEFAULTS[self.stage].items():
@@ -266,8 +267,8 @@ class LLM2CLIPTrainingArguments(TrainingArguments):
         if small:
             logger.warning(
                 f"stage={self.stage!r} on a {num_parameters / 1e6:.0f}M-parameter LLM: using the small-LLM defaults "
-                f"{small} instead of the official values for 1B+ LLMs (measured on SmolLM2-135M, see README 'Stage 1 "
-                "on small LLMs'); set them explicitly to override."
+                f"{small} instead of the official values for 1B+ LLMs (measured on SmolLM2-135M, see docs/stage1.md "
+                "and docs/results.md); set them explicitly to override."
             )
         return resolved
 
