@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""One stage-1 run of the README's collapse grid: SmolLM2-135M on a caption-pair DatasetDict (train / test, columns
+"""One stage-1 run of the collapse grid (docs/results.md): SmolLM2-135M on a caption-pair DatasetDict (train / test, columns
 short_caption / long_caption, e.g. from scripts/build_caption_pairs.py), every trainer default unless given; logs
 the loss and gradient norm per step, held-out CRA raw and on centered embeddings, the mean pairwise cosine after
 training, minutes and peak RSS to OUT.json, and saves the encoder in OUT/final (a stopped, collapsed run: its
@@ -50,12 +50,14 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--set", type=setting, action="append", default=[],
                         help="NAME=JSON_VALUE, an LLM2CLIPTrainingArguments setting (e.g. loss_scale=20).")
+    parser.add_argument("--text-model", default=None,
+                        help="Base text model (default SmolLM2-135M): an LLM, or a sentence-transformers model.")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     torch.manual_seed(args.seed)
     data = load_from_disk(args.data)
     test = data["test"].select(range(min(args.test_rows, len(data["test"]))))
-    model = load_text_model(None, max_length=args.max_length)
+    model = load_text_model(args.text_model, max_length=args.max_length)
     result = {"args": {**vars(args), "set": dict(args.set)}, "raw": held_out(model, test)}
     settings = {"gradient_checkpointing": True, **dict(args.set)}  # --set may override the checkpointing
     training_args = LLM2CLIPTrainingArguments(
