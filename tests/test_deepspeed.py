@@ -50,7 +50,9 @@ def test_two_process_zero_run_equals_the_plain_one_process_run(stage, zero_stage
     plain = json.loads((plain_dir / "result.json").read_text())
     zero = json.loads((tmp_path / "result.json").read_text())
     assert len(zero["losses"]) == deepspeed_worker.STEPS
-    assert zero["losses"] == pytest.approx(plain["losses"], rel=1e-5)
+    # rel 5e-5: the third step's loss (after two optimizer steps) differs by up to 1.7e-5 relative with transformers
+    # 5.25 / torch 2.13 on 2 cores (another reduction order); a loss over local candidates only is ~20 % off
+    assert zero["losses"] == pytest.approx(plain["losses"], rel=5e-5)
     # The final save: consolidated from every process's partitions (ZeRO-3), LoRA merged (stage "caption").
     expected = load_file(plain_dir / "saved" / "model.safetensors")
     actual = load_file(tmp_path / "saved" / "model.safetensors")

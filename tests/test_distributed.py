@@ -36,7 +36,9 @@ def test_two_process_run_equals_one_process_on_the_global_batch(stage, gradcache
     assert len(one_losses) == len(two_losses) == distributed_worker.STEPS
     # The loss does not scale with the number of processes: it is the global-batch loss in both runs (a loss over
     # each process's local candidates only is ~20% off here).
-    assert two_losses == pytest.approx(one_losses, rel=1e-5)
+    # rel 5e-5: the third step's loss (after two optimizer steps) differs by up to 1.7e-5 relative with transformers
+    # 5.25 / torch 2.13 on 2 cores (another reduction order), far below that ~20 %
+    assert two_losses == pytest.approx(one_losses, rel=5e-5)
 
     one = load_file(tmp_path / "one" / "tensors.safetensors")
     two = load_file(tmp_path / "two" / "tensors.safetensors")
