@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # several processes or whole runs: CI runs it, the fast loop (-m "not slow") does not
+
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 SCRIPTS = ["stage2_throughput.py", "eva02_speed.py", "encode_speed.py", "trainer_overhead.py", "scaling.py",
            "embedding_cache.py", "stream_vs_map.py", "caption_step.py", "text_checkpointing.py"]

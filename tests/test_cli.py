@@ -358,6 +358,7 @@ def test_embed_on_one_or_two_captions_writes_the_cache_and_skips_the_teacher_che
     assert len(cached) == rows and read_cache_metadata(cached)["num_rows"] == rows
 
 
+@pytest.mark.slow
 def test_embed_under_accelerate_launch_splits_the_work_and_equals_one_process(capsys, data_dir, tiny_llm_dir,
                                                                                tmp_path):
     """Two gloo processes (`--multi_gpu` on a CPU machine is torchrun with gloo: `--cpu` would start one)."""
@@ -408,6 +409,7 @@ def test_bad_inputs_end_with_a_clear_error(capsys, data_dir, tiny_llm_dir, argv,
     assert message in err
 
 
+@pytest.mark.slow
 def test_demo_smoke_mode_runs_every_step_and_writes_the_report(capsys, tmp_path):
     code, out, _ = run_cli(capsys, "demo", "--smoke", "--stage2-seeds", "0", "1", "--output-dir", tmp_path)
     assert code == 0
@@ -433,6 +435,7 @@ def test_demo_smoke_mode_runs_every_step_and_writes_the_report(capsys, tmp_path)
     assert "CRA, held-out pairs" in out and "dense, >77 words" in out and "fr/de/es/zh mean" in out
 
 
+@pytest.mark.slow
 def test_train_clip_stage_streaming_parquet_shards_with_a_keyed_cache(capsys, data_dir, tiny_llm_dir, tmp_path):
     table = pd.read_parquet(data_dir / "captions.parquet")
     table["image"] = [str(data_dir / path) for path in table["image"]]
@@ -461,6 +464,7 @@ def test_train_clip_stage_streaming_parquet_shards_with_a_keyed_cache(capsys, da
     assert code == 1 and "give --max-steps" in err and "evaluation during a streamed run" in err
 
 
+@pytest.mark.slow
 def test_the_demo_holds_one_llm_at_a_time(tmp_path, monkeypatch):
     """Every training (stage 1 and each stage 2) starts with at most one text encoder alive: the demo's peak is stage
     1's, not that plus a raw copy and the saved encoder (4.57 vs 3.3 GiB on SmolLM2 before)."""

@@ -71,6 +71,7 @@ def test_persistent_workers_draw_new_captions_and_crops_each_epoch(text_model, t
     assert sum(crops_differ) >= 9 and any(captions_differ)  # a 0.9-1.0 crop of 40 px may repeat by chance
 
 
+@pytest.mark.slow
 def test_skipped_rows_and_truncated_captions_are_counted_across_workers(tiny_llm_dir, tmp_path):
     text_model = LLM2CLIPTextModel.from_llm(tiny_llm_dir, max_length=10)  # long captions get truncated
     rows = [{**row, "image": {"bytes": png_bytes(row["image"]), "path": None}}

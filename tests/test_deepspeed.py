@@ -41,6 +41,7 @@ def plain_runs(tiny_llm_dir, tmp_path_factory):
 
 
 # ZeRO-1 runs the same optimizer code as ZeRO-2 (deepspeed/runtime/zero/stage_1_and_2.py), sharding less.
+@pytest.mark.slow  # subprocesses running DeepSpeed
 @pytest.mark.parametrize("stage, zero_stage", [("clip", "2"), ("clip", "3"), ("caption", "2"), ("caption", "3")])
 def test_two_process_zero_run_equals_the_plain_one_process_run(stage, zero_stage, plain_runs, tiny_llm_dir,
                                                                tmp_path):
@@ -106,6 +107,7 @@ except ValueError as error:
 """
 
 
+@pytest.mark.slow  # subprocesses running DeepSpeed
 def test_the_trainer_checks_the_deepspeed_config_it_runs_with(tiny_llm_dir, tmp_path):
     """In a subprocess set up as one launched process: DeepSpeed leaves process-wide state behind."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
@@ -116,6 +118,7 @@ def test_the_trainer_checks_the_deepspeed_config_it_runs_with(tiny_llm_dir, tmp_
     assert 'REFUSED The DeepSpeed config has an "optimizer" section' in result.stdout
 
 
+@pytest.mark.slow  # subprocesses running DeepSpeed
 def test_cli_trains_stage2_under_zero3_and_embeds_the_llm_whole_at_the_final_save(tiny_llm_dir, tmp_path):
     """`accelerate launch --use_deepspeed --zero_stage 3 -m llm2clip_hf.cli train --stage clip`: the CLI builds the
     LLM and the new CLIP outside ZeRO-3's zero.Init (which cannot build them), the Trainer partitions them, and the

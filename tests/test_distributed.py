@@ -12,6 +12,8 @@ import distributed_worker  # noqa: E402
 from launching import accelerate_launch  # noqa: E402
 from numerics import assert_same_tensor  # noqa: E402
 
+pytestmark = pytest.mark.slow  # several processes or whole runs: CI runs it, the fast loop (-m "not slow") does not
+
 WORKER = Path(__file__).with_name("distributed_worker.py")
 
 

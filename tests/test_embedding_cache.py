@@ -56,6 +56,7 @@ def test_a_cache_folder_is_never_reused_for_other_data(text_model, tmp_path):
     assert again["short_caption_llm_embedding"] == first["short_caption_llm_embedding"]
 
 
+@pytest.mark.slow
 def test_stage1_encoder_in_memory_and_saved_have_one_fingerprint(tiny_llm_dir, tmp_path):
     """After stage 1 the user's model holds LoRA layers; its fingerprint is that of the merged, saved encoder."""
     torch.manual_seed(0)
@@ -160,6 +161,7 @@ def run_writer(script, llm_dir, folder, delay):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
 
+@pytest.mark.slow
 def test_a_killed_job_keeps_its_shards_and_a_rerun_computes_only_the_missing_ones(tiny_llm_dir, tmp_path):
     script = tmp_path / "writer.py"
     script.write_text(SLOW_WRITER)
@@ -186,6 +188,7 @@ def test_a_killed_job_keeps_its_shards_and_a_rerun_computes_only_the_missing_one
         torch.testing.assert_close(torch.tensor(resumed[column]), torch.tensor(fresh[column]), atol=1e-6, rtol=0)
 
 
+@pytest.mark.slow
 def test_processes_sharing_a_folder_split_the_shards_between_them(tiny_llm_dir, tmp_path):
     script = tmp_path / "writer.py"
     script.write_text(SLOW_WRITER)

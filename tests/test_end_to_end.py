@@ -18,6 +18,8 @@ from llm2clip_hf.conversion.model_loading import load_text_model
 from llm2clip_hf.testing import tiny_caption_pair_rows, tiny_image_caption_rows, tiny_vision_config
 from llm2clip_hf.trainers import LLM2CLIPTrainer, LLM2CLIPTrainingArguments
 
+pytestmark = pytest.mark.slow  # several processes or whole runs: CI runs it, the fast loop (-m "not slow") does not
+
 CAPTIONS = ["short_caption", "long_caption"]
 
 RELOAD = textwrap.dedent("""

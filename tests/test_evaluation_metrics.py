@@ -446,6 +446,7 @@ def test_metric_path():
         metric_path("no_such_metric")
 
 
+@pytest.mark.slow
 def test_evaluate_module_offline(tmp_path):
     images, texts, text_to_image = random_retrieval(seed=5)
     captions_per_image = [1, 2, 3, 1]

@@ -37,6 +37,8 @@ from llm2clip_hf.trainers import CLIPContrastiveLoss, LLM2CLIPTrainer, LLM2CLIPT
 from llm2clip_hf.trainers.callbacks import LogitScaleClampCallback  # noqa: E402
 from llm2clip_hf.trainers.stages import default_lora_config  # noqa: E402
 
+pytestmark = pytest.mark.slow  # several processes or whole runs: CI runs it, the fast loop (-m "not slow") does not
+
 ROOT = Path(__file__).parents[1]
 CONFIGS = ROOT / "examples" / "accelerate"
 WORKER = Path(__file__).with_name("fsdp_worker.py")

@@ -7,6 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # several processes or whole runs: CI runs it, the fast loop (-m "not slow") does not
+
 SUITE = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_suite.py"
 PARTS = ["check_tower", "check_text", "check_steps", "stage2", "stage1_1b", "cache_1b", "stage2_lora_1b",
          "stage1_8b", "cache_8b", "stage2_data", "check_compile", "plan"]

@@ -48,6 +48,7 @@ def test_a_model_that_knows_nothing_gets_vocabulary_perplexity_and_no_choice_hit
     assert metrics["choice_accuracy"] == 0.0
 
 
+@pytest.mark.slow
 def test_the_demo_reports_alignment_per_tower_and_seed(tmp_path):
     import json
 

@@ -162,6 +162,7 @@ save_file({k: v.contiguous() for k, v in model.state_dict().items()}, out + "/fi
 """
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_ends_with_the_weights_of_an_uninterrupted_run(tiny_llm_dir, tmp_path):
     script = tmp_path / "run.py"
     script.write_text(RUN)
@@ -256,6 +257,7 @@ def test_non_finite_loss_is_checked_once_per_optimizer_step_and_names_the_micro_
     assert len(rows) == 2 and rows != [0, 1]  # the second micro-batch of step 2, not the step's first
 
 
+@pytest.mark.slow
 def test_non_finite_loss_on_one_process_stops_every_process_after_a_joint_save(tiny_llm_dir, tmp_path):
     """2 gloo processes; only process 1 sees a NaN loss (at step 2). Both stop at that step with the same message
     naming process 1 and its rows, after saving checkpoint-1 together (model state and both processes' RNG files);

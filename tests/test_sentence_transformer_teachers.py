@@ -134,6 +134,7 @@ REMOTE = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_saved_models_keep_it_through_remote_code_and_sentence_transformers(minilm_dir, minilm_st, decoder_dir,
                                                                           tmp_path):
     """The saved text encoder and a CLIP model embedding it, loaded where llm2clip_hf cannot be imported

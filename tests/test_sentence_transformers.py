@@ -50,6 +50,7 @@ def stage1_dir(tiny_llm_dir, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_sentence_transformers_encode_equals_ours_with_and_without_an_instruction(stage1_dir):
     assert (stage1_dir / "modules.json").is_file() and (stage1_dir / "sentence_transformers_llm2clip.py").is_file()
     result = subprocess.run([sys.executable, "-c", ENCODE, str(stage1_dir), json.dumps(TEXTS), INSTRUCTION],

@@ -114,6 +114,7 @@ print(json.dumps({"before": before, "trainer": trainer.args.hf_deepspeed_config.
 """
 
 
+@pytest.mark.slow
 def test_deepspeed_auto_learning_rate_takes_the_resolved_default(tiny_llm_dir, tmp_path):
     """DeepSpeed's "auto" lr is filled when the arguments are made, before the LLM's size is known: the trainer's
     copy fills it again, so DeepSpeed trains at the logged small-LLM default, not at the official value. (In a

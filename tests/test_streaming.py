@@ -289,6 +289,7 @@ def test_each_process_reads_its_own_part_of_every_epoch(num_shards, source, tmp_
         assert (read[0].isdisjoint(read[1]) and len(read[0]) == 2) if num_shards == 4 else read[0] == read[1]
 
 
+@pytest.mark.slow
 def test_two_processes_read_disjoint_shards_covering_the_data_each_epoch(shards, cache, tiny_llm_dir, tmp_path):
     cache.save_to_disk(str(tmp_path / "cache"))
     accelerate_launch([WORKER, tiny_llm_dir, shards / "parquet", tmp_path / "cache", tmp_path])
@@ -312,6 +313,7 @@ class StopAfter(TrainerCallback):
         control.should_training_stop = state.global_step >= self.steps
 
 
+@pytest.mark.slow
 def test_a_resumed_stream_run_rereads_and_skips_the_trained_batches(shards, cache, module_text_model, tmp_path):
     """Resuming re-reads the stream from the start of its first (seeded) pass and skips as many batches as steps
     were trained: within that pass, the rest of the run sees what the uninterrupted run saw. From a checkpoint in

@@ -41,6 +41,7 @@ def documented_options(command: str) -> set[str]:
     return set(re.findall(r"(--[a-z-]+)", used.replace("$TEMPLATE", template)))
 
 
+@pytest.mark.slow
 def test_the_documented_teacher_comparison_runs_as_written(tiny_llm_dir, tmp_path):
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text("".join(json.dumps(row) + "\n" for row in tiny_caption_pair_rows()))

@@ -138,6 +138,7 @@ LLAVA_RELOAD = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_a_saved_llava_rebuilds_an_eva02_tower_only_where_llm2clip_hf_is_imported(exported, tmp_path):
     family, _, output, _ = exported
     tiny_llava(output, family).save_pretrained(tmp_path / "llava")

@@ -111,6 +111,7 @@ def reload_image_features(model_dir, pixels, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ CLI, lr 0
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["clip", "siglip"])
 def test_cli_post_training_with_lr0_keeps_transformers_image_features_exactly(family, sources, image_folder,
                                                                                 tiny_llm_dir, tmp_path):

@@ -66,6 +66,7 @@ def reference_image_features(reference, pixels):
     return getattr(features, "pooler_output", features)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family, vision", [("clip", {}), ("clip", {"hidden_act": "gelu"}), ("siglip", {}),
                                             ("siglip", {"hidden_act": "gelu"})])
 def test_image_features_equal_transformers_own_model_and_the_remote_code_reload(family, vision, tmp_path):
