@@ -6,6 +6,7 @@ import json
 import re
 from pathlib import Path
 
+import pytest
 import torch
 
 from llm2clip_hf import LLM2CLIPModel, LLM2CLIPTextModel
