@@ -28,14 +28,6 @@ class EVA02VisionConfig(PretrainedConfig):
     projection head (``LLM2CLIPModel.visual_projection``, eva_clip's ``visual.head``) starts as a truncated normal of
     std ``initializer_range`` multiplied by it, with a zero bias. EVA02-CLIP builds its towers with the
     constructor's default, 0.001. Neither setting matters for weights loaded from a checkpoint.
-
-    Example:
-        ```python
-        from llm2clip_hf import EVA02VisionConfig
-
-        config = EVA02VisionConfig.from_preset("L/14-336")  # EVA02-L/14 at 336 px, as LLM2CLIP-EVA02-L-14-336
-        print(config.hidden_size, config.num_hidden_layers, config.image_size)
-        ```
     """
 
     model_type = "llm2clip_eva02_vision"

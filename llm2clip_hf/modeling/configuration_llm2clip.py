@@ -95,14 +95,6 @@ class LLM2CLIPConfig(PretrainedConfig):
             subtracts the mean of the training embeddings (and divides by their per-dimension standard deviation),
             statistics fitted once by stage-2 training on its cached embeddings (see ``TextAdapter``).
         adapter_input_statistics_rows: embeddings those statistics were fitted on (0: not fitted yet).
-
-    Example:
-        ```python
-        from llm2clip_hf import EVA02VisionConfig, LLM2CLIPConfig, LLM2CLIPModel
-
-        config = LLM2CLIPConfig(vision_config=EVA02VisionConfig.from_preset("B/16"), text_embedding_dim=4096)
-        model = LLM2CLIPModel(config)  # a new EVA02-B/16 and adapter for 4096-d LLM embeddings (Llama-3-8B)
-        ```
     """
 
     model_type = "llm2clip"

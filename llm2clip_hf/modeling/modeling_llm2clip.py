@@ -124,10 +124,11 @@ class LLM2CLIPModel(LLM2CLIPPreTrainedModel):
     Example:
         ```python
         import torch
-        from llm2clip_hf import LLM2CLIPModel, LLM2CLIPProcessor
+        from transformers import AutoModel, AutoProcessor
 
-        model = LLM2CLIPModel.from_pretrained("my-llm2clip")  # a saved model with its text encoder embedded
-        processor = LLM2CLIPProcessor.from_pretrained("my-llm2clip")
+        # a saved model with its text encoder embedded; its remote code needs no llm2clip-hf
+        model = AutoModel.from_pretrained("my-llm2clip", trust_remote_code=True)
+        processor = AutoProcessor.from_pretrained("my-llm2clip", trust_remote_code=True)
         with torch.no_grad():
             text_features = model.get_text_features(**processor(text=["a red square", "a blue circle"]))
         ```

@@ -59,15 +59,6 @@ class LLM2CLIPTextModel(PreTrainedModel):
     Build one around a plain LLM checkpoint with :meth:`from_llm`; reload a saved one with ``from_pretrained``
     (or ``AutoModel.from_pretrained(..., trust_remote_code=True)``). The tokenizer travels with the model
     (``model.tokenizer``), so :meth:`encode` works on raw strings.
-
-    Example:
-        ```python
-        from llm2clip_hf import LLM2CLIPTextModel
-
-        text_model = LLM2CLIPTextModel.from_llm("microsoft/LLM2CLIP-Llama-3.2-1B-Instruct-CC-Finetuned")
-        embeddings = text_model.encode(["a red square", "a blue circle"])  # (2, hidden_size), float32
-        text_model.save_pretrained("my-encoder")
-        ```
     """
 
     config_class = LLM2CLIPTextConfig

@@ -66,9 +66,9 @@ class LLM2CLIPProcessor(ProcessorMixin):
     Example:
         ```python
         from PIL import Image
-        from llm2clip_hf import LLM2CLIPProcessor
+        from transformers import AutoProcessor
 
-        processor = LLM2CLIPProcessor.from_pretrained("my-llm2clip")
+        processor = AutoProcessor.from_pretrained("my-llm2clip", trust_remote_code=True)
         inputs = processor(text=["a red square"], images=[Image.open("cat.png")])
         print(sorted(inputs))  # attention_mask, input_ids, pixel_values, pooling_mask
         ```
