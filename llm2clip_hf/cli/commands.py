@@ -346,11 +346,20 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def release_process_group() -> None:
-    """Shut down the process group a launcher started (``accelerate launch``) once a command has succeeded: left to
-    the interpreter's exit, torch warns and the threads it still holds can abort the process after the work is
-    done. After an error it is left as it is, since another process may still be waiting in a collective."""
+    """Shut down the process group a launcher started (``accelerate launch``) once a command has succeeded, with
+    every process at the same point: a barrier first (a process whose work ended early, such as a rank other than 0
+    while rank 0 writes the final model, waits for the others), then the objects still holding the group (a finished
+    Trainer, DeepSpeed's engine: reference cycles) are collected, then the group is destroyed. Left to the
+    interpreter's exit, gloo's worker threads were torn down during finalization and aborted a process whose work
+    had succeeded (SIGABRT, "terminate called without an active exception": 1 run in 8 of the ZeRO-3 CLI test).
+    After an error the group is left as it is, since another process may still be waiting in a collective."""
+    import gc
+
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        gc.collect()
         dist.destroy_process_group()
+        gc.collect()
 
