@@ -383,6 +383,33 @@ def fd_stdout_silenced() -> Iterator[None]:
         os.close(saved)
 
 
+_PEAK_WRAPPER = ("import resource, subprocess, sys\n"
+                 "code = subprocess.call(sys.argv[1:])\n"
+                 "print('PEAK_KIB', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, flush=True)\n"
+                 "sys.exit(code)\n")
+
+
+def run_embed(text_model: str | Path, captions: Path, output: Path, rows_per_shard: int = 4096, processes: int = 1,
+              caption_columns: Sequence[str] = ("caption",), extra: Sequence[str] = ()) -> tuple[float, int]:
+    """Seconds and peak KiB (the largest process) of one ``llm2clip-hf embed`` run as a user starts it: a fresh
+    process (``accelerate launch --multi_gpu`` with gloo for ``processes`` > 1) behind a small wrapper that reads
+    its children's peak resident set with ``getrusage``. Exits with the job's stderr if it fails."""
+    embed = [sys.executable, "-m", "llm2clip_hf.cli", "embed", "--text-model", str(text_model), "--dataset",
+             str(captions), "--caption-columns", *caption_columns, "--output-dir", str(output), "--rows-per-shard",
+             str(rows_per_shard), *extra]
+    if processes > 1:
+        # --multi_gpu on a machine without GPUs is torchrun with gloo (--cpu would start a single process)
+        embed = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+                 "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", *embed[1:]]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TQDM_DISABLE="1")
+    started = time.perf_counter()
+    done = subprocess.run([sys.executable, "-c", _PEAK_WRAPPER, *embed], env=env, capture_output=True, text=True)
+    seconds = time.perf_counter() - started
+    if done.returncode != 0:
+        raise SystemExit(f"embed failed:\n{done.stderr[-3000:]}")
+    return seconds, int(done.stdout.rsplit("PEAK_KIB", 1)[1].split()[0])
+
+
 @functools.lru_cache(maxsize=None)
 def tiny_llm_dir(hidden_size: int = 64, num_hidden_layers: int = 2, num_attention_heads: int = 4) -> Path:
     """A random tiny Llama checkpoint (``make_tiny_llm``, seed 0), written once per process and size."""

@@ -21,23 +21,13 @@ rows.
 from __future__ import annotations
 
 import json
-import os
 import random
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import _common as bench
 
 WORDS = ("a the cat dog red blue small large photo of on in with near under sofa park window tree car house "
          "river mountain street two people child playing running old bright dark wooden").split()
-WRAPPER = ("import resource, subprocess, sys\n"
-           "code = subprocess.call(sys.argv[1:])\n"
-           "print('PEAK_KIB', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, flush=True)\n"
-           "sys.exit(code)\n")
-
-
 def write_captions(path: Path, rows: int) -> Path:
     rng = random.Random(0)
     with path.open("w") as handle:
@@ -45,24 +35,6 @@ def write_captions(path: Path, rows: int) -> Path:
             words = " ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 30)))
             handle.write(json.dumps({"id": index, "caption": words}) + "\n")
     return path
-
-
-def run_embed(llm: Path, captions: Path, output: Path, rows_per_shard: int, processes: int = 1) -> tuple[float, int]:
-    """Seconds and peak KiB (largest process) of one ``llm2clip-hf embed`` run."""
-    embed = [sys.executable, "-m", "llm2clip_hf.cli", "embed", "--text-model", str(llm), "--dataset", str(captions),
-             "--caption-columns", "caption", "--output-dir", str(output), "--rows-per-shard", str(rows_per_shard)]
-    if processes > 1:
-        # --multi_gpu on a machine without GPUs is torchrun with gloo (--cpu would start a single process)
-        embed = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
-                 "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", *embed[1:]]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TQDM_DISABLE="1")
-    started = time.perf_counter()
-    done = subprocess.run([sys.executable, "-c", WRAPPER, *embed], env=env, capture_output=True, text=True)
-    seconds = time.perf_counter() - started
-    if done.returncode != 0:
-        raise SystemExit(f"embed failed:\n{done.stderr[-3000:]}")
-    peak = int(done.stdout.rsplit("PEAK_KIB", 1)[1].split()[0])
-    return seconds, peak
 
 
 def collator_seconds(repeats: int, dim: int = 4096) -> dict[str, float]:
@@ -105,9 +77,9 @@ def main() -> None:
     small = write_captions(work / "small.jsonl", base_rows)
     large = write_captions(work / "large.jsonl", 10 * base_rows)
 
-    _, small_peak = run_embed(llm, small, work / "small_cache", rows_per_shard)
-    one_seconds, large_peak = run_embed(llm, large, work / "large_cache_1", rows_per_shard)
-    two_seconds, _ = run_embed(llm, large, work / "large_cache_2", rows_per_shard, processes=2)
+    _, small_peak = bench.run_embed(llm, small, work / "small_cache", rows_per_shard)
+    one_seconds, large_peak = bench.run_embed(llm, large, work / "large_cache_1", rows_per_shard)
+    two_seconds, _ = bench.run_embed(llm, large, work / "large_cache_2", rows_per_shard, processes=2)
 
     from datasets import load_from_disk
     import numpy as np

@@ -12,7 +12,8 @@ pytestmark = pytest.mark.slow  # several processes or whole runs: CI runs it, th
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 SCRIPTS = ["stage2_throughput.py", "eva02_speed.py", "encode_speed.py", "trainer_overhead.py", "scaling.py",
-           "embedding_cache.py", "stream_vs_map.py", "caption_step.py", "text_checkpointing.py"]
+           "embedding_cache.py", "stream_vs_map.py", "caption_step.py", "text_checkpointing.py",
+           "teacher_cost.py"]
 SUITES = ["gpu_suite.py"]  # JSON lines, not one ratio: tests/test_gpu_suite.py
 
 
