@@ -266,9 +266,10 @@ class LLM2CLIPTrainingArguments(TrainingArguments):
         small = {name: value for name, value in changed.items() if name not in defaults}
         if small:
             logger.warning(
-                f"stage={self.stage!r} on a {num_parameters / 1e6:.0f}M-parameter LLM: using the small-LLM defaults "
-                f"{small} instead of the official values for 1B+ LLMs (measured on SmolLM2-135M, see docs/stage1.md "
-                "and docs/results.md); set them explicitly to override."
+                f"stage={self.stage!r} on a {num_parameters / 1e6:.0f}M-parameter text model (under 1B): using the "
+                f"small-LLM defaults {small} instead of the official values for 1B+ LLMs (measured on SmolLM2-135M, "
+                "see docs/stage1.md and docs/results.md; for an embedding model such as a sentence-transformers "
+                "encoder they are not tuned: docs/choosing-a-teacher.md); set them explicitly to override."
             )
         return resolved
 
