@@ -201,6 +201,16 @@ def test_docstring_examples_are_there_and_compile():
         compile(code, name, "exec")
 
 
+def test_every_public_name_is_used_in_an_example():
+    """Each public class and function (the modules' __all__) is used by name in a run example: a Python or bash block
+    of README / docs (the API pages hold one per module) or a docstring example, all of which the tests run."""
+    code = "\n".join(block.code for block in all_blocks() if block.mode == "run")
+    code += "\n".join(example for _, example in docstring_examples())
+    unused = sorted({f"{module_name}.{name}" for module_name, name, obj in _public_objects()
+                     if (inspect.isclass(obj) or inspect.isfunction(obj)) and not re.search(rf"\b{name}\b", code)})
+    assert not unused, f"public names no example uses: {unused}"
+
+
 def test_api_reference_covers_every_public_module_with_an_example():
     pages = {path: path.read_text() for path in (REPO / "docs" / "reference" / "api").glob("*.md")}
     for module_name in PUBLIC_MODULES:

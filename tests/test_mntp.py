@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from datasets import Dataset
-from transformers import LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from llm2clip_hf import LLM2CLIPTextModel, load_lm_head
 from llm2clip_hf.testing import make_tiny_llm, tiny_caption_pair_rows
@@ -129,6 +129,15 @@ def test_an_untied_llm_needs_its_lm_head_which_load_lm_head_reads(untied_llm_dir
     torch.manual_seed(2)
     batch = trainer.data_collator([{TEXT: t} for t in TEXTS])
     torch.testing.assert_close(our_loss(trainer, batch), reference_loss(untied_llm_dir, batch), rtol=1e-5, atol=1e-6)
+
+
+def test_load_lm_head_refuses_a_checkpoint_without_one(tmp_path):
+    """make_tiny_llm saves the base model (no next-token head) with untied embeddings in its config: transformers
+    would build a random head and only log it; load_lm_head names the problem instead."""
+    folder = make_tiny_llm(tmp_path / "base-only")
+    assert not LlamaConfig.from_pretrained(folder).tie_word_embeddings
+    with pytest.raises(ValueError, match="no lm_head weights"):
+        load_lm_head(str(folder))
 
 
 def test_mntp_trains_lora_only_and_saves_a_text_model_for_stage_caption(tied_llm_dir, tmp_path):

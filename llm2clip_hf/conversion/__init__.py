@@ -9,7 +9,6 @@ computation (:mod:`.fingerprint`)."""
 
 from .core import (
     ConversionReport,
-    build_config,
     convert_checkpoint,
     convert_checkpoint_with_report,
     convert_eva_clip_checkpoint,
@@ -33,11 +32,10 @@ from .vision_export import export_vision_tower
 
 __all__ = [
     "ADAPTER_LAYOUTS", "DEFAULT_TEXT_MODEL", "LAYOUTS", "CheckpointConversionError", "ConversionReport", "assemble",
-    "attach_text_model", "build_config", "convert_checkpoint", "convert_checkpoint_with_report",
+    "attach_text_model", "convert_checkpoint", "convert_checkpoint_with_report",
     "convert_eva_clip_checkpoint", "convert_hf_checkpoint", "convert_state_dict", "default_heads", "detect_layout",
     "export_vision_tower",
     "hub_is_offline", "infer_config", "llm2clip_from_pretrained_vision", "load_checkpoint_source", "load_clip_model",
     "load_lm_head", "load_official_state_dict", "load_text_model", "merge_lora_state_dict", "merged_state_dict",
-    "model_from_state_dict", "resize_grid", "text_model_fingerprint", "text_model_from_adapters",
-    "text_model_from_sentence_transformer", "unwrap_peft",
+    "model_from_state_dict", "resize_grid", "text_model_fingerprint", "unwrap_peft",
 ]

@@ -166,9 +166,14 @@ def load_lm_head(name_or_path: str | None = None, **from_pretrained_kwargs: Any)
                     head = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False, dtype=dtype)
                     head.weight = torch.nn.Parameter(weight, requires_grad=False)
                     return head
-    causal_lm = AutoModelForCausalLM.from_pretrained(name_or_path, **from_pretrained_kwargs)
+    causal_lm, loading = AutoModelForCausalLM.from_pretrained(name_or_path, output_loading_info=True,
+                                                              **from_pretrained_kwargs)
     head = causal_lm.get_output_embeddings()
     if head is None or getattr(causal_lm.config, "tie_word_embeddings", False):
         raise ValueError(f"{name_or_path} has no separate lm_head (its output layer is its input embeddings); "
                          "stage 'mntp' uses those without load_lm_head.")
+    if any(key.endswith("lm_head.weight") for key in loading.get("missing_keys", ())):
+        raise ValueError(f"{name_or_path} holds no lm_head weights (a base model saved without its next-token head), "
+                         "and its config does not tie them to the input embeddings: the head would be random. Give "
+                         "the causal LM's checkpoint (with lm_head.weight), or an lm_head of your own to the trainer.")
     return head.requires_grad_(False)

@@ -39,6 +39,6 @@ __all__ = [
     "embed_images", "evaluate_caption_retrieval", "evaluate_retrieval", "evaluate_zero_shot", "hit_probability",
     "metric_path", "rank_counts", "recall_at_k", "retrieval_recall", "zero_shot_accuracy", "TeacherStatistics",
     "check_teacher", "evaluate_teacher", "teacher_statistics", "zero_shot_labels", "LLM2CLIPMTEBEncoder",
-    "mteb_encoder", "weights_revision", "image_text_retrieval_tasks", "run_mteb_from_cli", "run_mteb_tasks",
+    "mteb_encoder", "weights_revision", "image_text_retrieval_tasks", "run_mteb_tasks",
     "zero_shot_task",
 ]
