@@ -131,13 +131,21 @@ def test_an_untied_llm_needs_its_lm_head_which_load_lm_head_reads(untied_llm_dir
     torch.testing.assert_close(our_loss(trainer, batch), reference_loss(untied_llm_dir, batch), rtol=1e-5, atol=1e-6)
 
 
-def test_load_lm_head_refuses_a_checkpoint_without_one(tmp_path):
+def test_load_lm_head_refuses_a_checkpoint_without_one_from_its_files_alone(tied_llm_dir, tmp_path, monkeypatch):
     """make_tiny_llm saves the base model (no next-token head) with untied embeddings in its config: transformers
-    would build a random head and only log it; load_lm_head names the problem instead."""
+    would build a random head and only log it; load_lm_head names the problem instead, and tells it apart from a
+    tied head, from the safetensors listing and the config without loading the model (an 8B one is 15 GB)."""
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the whole model was loaded")
+
+    monkeypatch.setattr("transformers.AutoModelForCausalLM.from_pretrained", no_loading)
     folder = make_tiny_llm(tmp_path / "base-only")
     assert not LlamaConfig.from_pretrained(folder).tie_word_embeddings
     with pytest.raises(ValueError, match="no lm_head weights"):
         load_lm_head(str(folder))
+    assert LlamaConfig.from_pretrained(tied_llm_dir).tie_word_embeddings
+    with pytest.raises(ValueError, match="no separate lm_head"):
+        load_lm_head(str(tied_llm_dir))
 
 
 def test_mntp_trains_lora_only_and_saves_a_text_model_for_stage_caption(tied_llm_dir, tmp_path):

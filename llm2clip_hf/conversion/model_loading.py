@@ -137,6 +137,16 @@ def load_clip_model(name_or_path: str, **from_pretrained_kwargs: Any) -> LLM2CLI
     return LLM2CLIPModel.from_pretrained(name_or_path, **from_pretrained_kwargs)
 
 
+def _no_lm_head_error(name_or_path: str, tied: bool) -> ValueError:
+    """Why a checkpoint gives no separate next-token head: tied to the input embeddings, or absent."""
+    if tied:
+        return ValueError(f"{name_or_path} has no separate lm_head (its output layer is its input embeddings); "
+                          "stage 'mntp' uses those without load_lm_head.")
+    return ValueError(f"{name_or_path} holds no lm_head weights (a base model saved without its next-token head), "
+                      "and its config does not tie them to the input embeddings: the head would be random. Give "
+                      "the causal LM's checkpoint (with lm_head.weight), or an lm_head of your own to the trainer.")
+
+
 def load_lm_head(name_or_path: str | None = None, **from_pretrained_kwargs: Any) -> torch.nn.Linear:
     """The next-token output layer (``lm_head``) of a causal LLM checkpoint, for ``stage="mntp"`` with an LLM that
     does not tie it to its input embeddings. From safetensors only that tensor is read (an 8B model's other 15 GB
@@ -166,14 +176,13 @@ def load_lm_head(name_or_path: str | None = None, **from_pretrained_kwargs: Any)
                     head = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False, dtype=dtype)
                     head.weight = torch.nn.Parameter(weight, requires_grad=False)
                     return head
+        if index or path is not None:  # safetensors without the head: its config tells why, no weights loaded
+            tied = getattr(AutoConfig.from_pretrained(name_or_path, **hub_kwargs), "tie_word_embeddings", False)
+            raise _no_lm_head_error(name_or_path, tied)
     causal_lm, loading = AutoModelForCausalLM.from_pretrained(name_or_path, output_loading_info=True,
                                                               **from_pretrained_kwargs)
     head = causal_lm.get_output_embeddings()
-    if head is None or getattr(causal_lm.config, "tie_word_embeddings", False):
-        raise ValueError(f"{name_or_path} has no separate lm_head (its output layer is its input embeddings); "
-                         "stage 'mntp' uses those without load_lm_head.")
-    if any(key.endswith("lm_head.weight") for key in loading.get("missing_keys", ())):
-        raise ValueError(f"{name_or_path} holds no lm_head weights (a base model saved without its next-token head), "
-                         "and its config does not tie them to the input embeddings: the head would be random. Give "
-                         "the causal LM's checkpoint (with lm_head.weight), or an lm_head of your own to the trainer.")
+    tied = head is None or getattr(causal_lm.config, "tie_word_embeddings", False)
+    if tied or any(key.endswith("lm_head.weight") for key in loading.get("missing_keys", ())):
+        raise _no_lm_head_error(name_or_path, tied)
     return head.requires_grad_(False)
