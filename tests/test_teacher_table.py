@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 SCRIPT = Path(__file__).parents[1] / "scripts" / "experiments" / "teacher_table.py"
 
 
@@ -43,3 +45,14 @@ def test_means_spreads_and_paired_differences(tmp_path):
     assert "| collapsed runs | 0 | 0 |" in text  # auto's runs (none) did not collapse; the center ones did
     done = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path)], capture_output=True, text=True, check=True)
     assert "| st | none | 0.50 | 10.0 / 12.0 | 1.2 |" in done.stdout
+
+
+def test_a_run_auto_did_not_choose_or_an_unknown_reference_is_refused():
+    table = load_script().table
+    results = {"raw": teacher("center", {"none": run([{"image_to_text_R@5": 1.0}])}),
+               "st": teacher("none", {"none": run([{"image_to_text_R@5": 2.0}])})}
+    with pytest.raises(SystemExit, match="'center', which was not run"):
+        table(results, "st")
+    results["raw"]["center"] = run([{"image_to_text_R@5": 3.0}])
+    with pytest.raises(SystemExit, match="not among the teachers"):
+        table(results, "stage1")

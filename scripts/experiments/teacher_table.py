@@ -27,9 +27,13 @@ METRICS = {  # key in results.json -> row label; rows whose key no run has are l
 
 
 def runs_of(result: dict) -> list[dict]:
-    """The seeds' metrics of the adapter input ``auto`` chose for a teacher (or the only one run)."""
-    lists = {key: value for key, value in result.items() if isinstance(value, list)}
-    return lists[result["auto"]] if result["auto"] in lists else next(iter(lists.values()))
+    """The seeds' metrics of the adapter input ``auto`` chose for a teacher; refused when that one was not run."""
+    runs = result.get(result["auto"])
+    if not isinstance(runs, list):
+        ran = sorted(key for key, value in result.items() if isinstance(value, list))
+        raise SystemExit(f"auto gives this teacher the adapter input {result['auto']!r}, which was not run (runs: "
+                         f"{ran}); rerun teacher_comparison.py with --normalization auto.")
+    return runs
 
 
 def spread(values: list[float]) -> str:
@@ -38,6 +42,8 @@ def spread(values: list[float]) -> str:
 
 def table(results: dict, reference: str) -> str:
     teachers = list(results)
+    if reference not in results:
+        raise SystemExit(f"--reference {reference!r} is not among the teachers {teachers}.")
     others = [name for name in teachers if name != reference]
     header = ["metric", *teachers, *(f"{name} - {reference}: mean (per seed)" for name in others)]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
