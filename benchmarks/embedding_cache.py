@@ -28,6 +28,8 @@ import _common as bench
 
 WORDS = ("a the cat dog red blue small large photo of on in with near under sofa park window tree car house "
          "river mountain street two people child playing running old bright dark wooden").split()
+
+
 def write_captions(path: Path, rows: int) -> Path:
     rng = random.Random(0)
     with path.open("w") as handle:

@@ -41,10 +41,13 @@ def write_captions(path: Path, quick: bool) -> tuple[Path, list[str]]:
     return path, columns
 
 
-def cache_width(cache: Path, columns: list[str]) -> int:
+def cache_width(cache: Path, column: str) -> int:
+    """Width of the embeddings a cache holds for ``column``."""
     from datasets import load_from_disk
 
-    return len(load_from_disk(str(cache))[0][f"{columns[0]}_llm_embedding"])
+    from llm2clip_hf.data import embedding_column
+
+    return len(load_from_disk(str(cache))[0][embedding_column(column)])
 
 
 def main() -> None:
@@ -57,20 +60,21 @@ def main() -> None:
     captions, columns = write_captions(work / "captions.jsonl", args.quick)
     count = sum(1 for _ in captions.open()) * len(columns)
     base = bench.tiny_llm_dir() if args.quick else "smollm2"
-    teachers = {"raw LLM": str(base), "all-MiniLM-L6-v2": MINILM, **dict(t.split("=", 1) for t in args.teachers)}
-    budget = {name: ["--max-length", "192"] if index < 2 else [] for index, name in enumerate(teachers)}
+    budget = ["--max-length", "192"]  # the defaults' token budget; a saved encoder keeps its own
+    teachers = {"raw LLM": (str(base), budget), "all-MiniLM-L6-v2": (MINILM, budget),
+                **{name: (path, []) for name, path in (t.split("=", 1) for t in args.teachers)}}
     rounds = 1 if args.quick else args.rounds
     seconds: dict[str, list[float]] = {name: [] for name in teachers}
     peaks: dict[str, int] = {name: 0 for name in teachers}
+    caches = {name: work / f"cache_{index}" for index, name in enumerate(teachers)}
     for round_index in range(rounds):
-        order = list(teachers) if round_index % 2 == 0 else list(reversed(teachers))
-        for name in order:
-            cache = work / f"cache_{list(teachers).index(name)}_{round_index}"
-            took, peak = bench.run_embed(teachers[name], captions, cache, caption_columns=columns,
-                                         extra=budget[name])
+        for name in list(teachers) if round_index % 2 == 0 else list(reversed(teachers)):
+            path, extra = teachers[name]
+            took, peak = bench.run_embed(path, captions, caches[name] / str(round_index), caption_columns=columns,
+                                         extra=extra)
             seconds[name].append(took)
             peaks[name] = max(peaks[name], peak)
-    widths = {name: cache_width(work / f"cache_{index}_0", columns) for index, name in enumerate(teachers)}
+    widths = {name: cache_width(caches[name] / "0", columns[0]) for name in teachers}
     medians = {name: bench.median(values) for name, values in seconds.items()}
     baseline = next(iter(teachers))
     bench.print_table(f"Teacher cost: llm2clip-hf embed on {count} captions ({rounds} rounds, CPU)",
@@ -82,7 +86,8 @@ def main() -> None:
     speedup = medians[baseline] / medians["all-MiniLM-L6-v2"]
     bench.print_ratio(bench.ratio_text(f"embedding time {baseline} / all-MiniLM-L6-v2", speedup, 1.0,
                                        quick=args.quick))
-    bench.write_json(args.output, {"quick": args.quick, "captions": count, "teachers": teachers,
+    bench.write_json(args.output, {"quick": args.quick, "captions": count,
+                                   "teachers": {name: path for name, (path, _) in teachers.items()},
                                    "seconds": seconds, "peak_kib": peaks, "width": widths})
 
 
