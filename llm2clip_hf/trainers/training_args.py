@@ -268,8 +268,8 @@ class LLM2CLIPTrainingArguments(TrainingArguments):
             logger.warning(
                 f"stage={self.stage!r} on a {num_parameters / 1e6:.0f}M-parameter text model (under 1B): using the "
                 f"small-LLM defaults {small} instead of the official values for 1B+ LLMs (measured on SmolLM2-135M, "
-                "see docs/stage1.md and docs/results.md; for an embedding model such as a sentence-transformers "
-                "encoder they are not tuned: docs/choosing-a-teacher.md); set them explicitly to override."
+                "see docs/stage1.md; on the sentence encoder all-MiniLM-L6-v2 no single learning rate won on three "
+                "caption-pair sets: docs/results.md); set them explicitly to override."
             )
         return resolved
 
